@@ -1,0 +1,94 @@
+"""
+Pure-PyTorch conditional cross-attention: the runtime fallback of the compiled
+ops and the oracle they are tested against.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sine_embedding(reference_points, dim=256, temperature=10000.0):
+    """
+    The official `gen_sineembed_for_position`: each of y and x gets dim / 2 channels,
+    sin and cos interleaved, y first.
+
+    Args:
+        reference_points: [..., 2] normalized (x, y).
+    Returns:
+        [..., dim]
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sine embedding dim must be a multiple of 4, got {dim}")
+    half = dim // 2
+    dim_t = torch.arange(half, dtype=torch.float32, device=reference_points.device)
+    dim_t = temperature ** (2 * (dim_t // 2) / half)
+    scaled = reference_points.float() * (2 * math.pi)
+    pos_x = scaled[..., 0, None] / dim_t
+    pos_y = scaled[..., 1, None] / dim_t
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=-1).flatten(-2)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=-1).flatten(-2)
+    return torch.cat((pos_y, pos_x), dim=-1).to(reference_points.dtype)
+
+
+def conditional_spatial_query(reference_points, query_scale):
+    """
+    λq ⊙ sinusoidal(reference points), the conditional spatial query before its
+    projection (paper eq. 3).
+
+    Args:
+        reference_points: [num_queries, batch, 2] normalized (x, y).
+        query_scale: [num_queries, batch, dim] λq, or None for identity (first layer).
+    """
+    if query_scale is None:
+        return sine_embedding(reference_points)
+    return sine_embedding(reference_points, query_scale.shape[-1]) * query_scale
+
+
+def conditional_cross_attention(
+    q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, num_heads,
+    dropout_p=0.0, training=False,
+):
+    """
+    Per head: softmax(scale * (q_c . k_c + q_p . k_p) + mask) . v, which equals the
+    official attention over per-head concatenations [q_c, q_p] and [k_c, k_p].
+
+    Args:
+        q_content, q_spatial: [num_queries, batch, dim]
+        k_content, k_spatial: [num_keys, batch, dim]
+        value: [num_keys, batch, value_dim]
+        key_padding_mask: [batch, num_keys] bool, True at padding, or None.
+    Returns:
+        [num_queries, batch, value_dim], the heads concatenated (before out_proj).
+    """
+    num_queries, batch, dim = q_content.shape
+    num_keys = k_content.shape[0]
+    head_dim = dim // num_heads
+    value_head_dim = value.shape[-1] // num_heads
+    # the concatenated query per head has 2 * head_dim channels, as in the official code
+    scale = (2 * head_dim) ** -0.5
+
+    def heads(x, length, channels):
+        # [length, batch, heads * channels] -> [batch * heads, length, channels]
+        return x.reshape(length, batch * num_heads, channels).transpose(0, 1)
+
+    q = torch.cat(
+        [heads(q_content, num_queries, head_dim), heads(q_spatial, num_queries, head_dim)], dim=-1
+    ) * scale
+    k = torch.cat([heads(k_content, num_keys, head_dim), heads(k_spatial, num_keys, head_dim)], dim=-1)
+    v = heads(value, num_keys, value_head_dim)
+
+    logits = torch.bmm(q, k.transpose(1, 2))  # [batch * heads, num_queries, num_keys]
+    if key_padding_mask is not None:
+        logits = logits.view(batch, num_heads, num_queries, num_keys)
+        logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        logits = logits.view(batch * num_heads, num_queries, num_keys)
+    weights = torch.softmax(logits, dim=-1)
+    if key_padding_mask is not None:
+        # a batch element whose keys are all padding attends to nothing (zeros, not NaN)
+        fully_padded = key_padding_mask.all(dim=1).repeat_interleave(num_heads)
+        weights = weights.masked_fill(fully_padded[:, None, None], 0.0)
+    weights = F.dropout(weights, p=dropout_p, training=training)
+
+    out = torch.bmm(weights, v)  # [batch * heads, num_queries, value_head_dim]
+    return out.transpose(0, 1).reshape(num_queries, batch, num_heads * value_head_dim)
