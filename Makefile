@@ -1,0 +1,54 @@
+# Set-up, demo and tests. `make demo` and `make test` each run `make setup` first,
+# which creates .venv/ on a fresh machine and is a no-op on a second run.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+TORCHVISION_VERSION ?= 0.28.0
+DETECTRON2_REPUBLISH ?= sal-detectron2==0.7.2
+# --isolated keeps pip away from machine-local find-links holding CPU-only torch
+# wheels, which the PyPI torchvision cannot load; it also drops the configured
+# certificate bundle, so the system one is passed back where it exists.
+SYSTEM_CERTS := $(wildcard /etc/ssl/certs/ca-certificates.crt)
+TORCH_PIP_FLAGS ?= --isolated $(if $(SYSTEM_CERTS),--cert $(SYSTEM_CERTS))
+STAMPS := $(VENV)/.stamps
+
+.PHONY: setup demo test clean-build
+
+setup: $(STAMPS)/project
+
+$(STAMPS)/venv:
+	$(PYTHON) -m venv $(VENV)
+	mkdir -p $(STAMPS) && touch $@
+
+# torch/torchvision: an already importable pair is left alone.
+$(STAMPS)/torch: $(STAMPS)/venv
+	$(PY) -c "import torch, torchvision" 2>/dev/null || \
+		$(PIP) install $(TORCH_PIP_FLAGS) "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
+	touch $@
+
+# detectron2: an importable one is left alone; otherwise upstream from GitHub, and
+# where GitHub is out of reach the pure-Python PyPI republish (see README).
+$(STAMPS)/detectron2: $(STAMPS)/torch scripts/repack_detectron2.py
+	$(PIP) install "numpy<2" "setuptools<81" fvcore iopath pycocotools scipy ninja "Pillow>=9"
+	$(PY) -c "import detectron2" 2>/dev/null || bash scripts/install_detectron2.sh $(PY) "$(DETECTRON2_REPUBLISH)"
+	touch $@
+
+$(STAMPS)/test-deps: $(STAMPS)/venv
+	$(PIP) install pytest
+	touch $@
+
+$(STAMPS)/project: $(STAMPS)/detectron2 $(STAMPS)/test-deps setup.py $(wildcard csrc/*.* csrc/*/*.*)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e .
+	touch $@
+
+demo: setup
+	$(PY) -m conditional_detr.tools.shapes_demo --output-dir output/demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean-build:
+	rm -rf build conditional_detr/_C*.so $(STAMPS)/project
