@@ -1,0 +1,4 @@
+from .criterion import SetCriterion
+from .matcher import HungarianMatcher
+from .meta_arch import ConditionalDETR
+from .transformer import Transformer

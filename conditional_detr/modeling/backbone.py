@@ -1,0 +1,52 @@
+"""
+detectron2's ResNet made to compute exactly what the official implementation's
+torchvision ResNet computes, and the padding masks of its feature maps.
+"""
+import torch
+import torch.nn.functional as F
+from detectron2.modeling import build_backbone
+from detectron2.modeling.backbone.resnet import BottleneckBlock
+
+
+def build_resnet_like_torchvision(cfg, input_shape=None):
+    """
+    Build the backbone of `cfg` (detectron2's own keys) and return it with the
+    name of the single feature map the transformer reads.
+
+    With `RES5_DILATION` 2 (DC5), torchvision keeps dilation 1 in the 3x3 conv of
+    the first res5 block and dilates only the later blocks, while detectron2 dilates
+    every block; the first block is set back to torchvision's definition so that
+    official DC5 weights give official outputs.
+    """
+    backbone = build_backbone(cfg, input_shape)
+    out_features = backbone.output_shape()
+    if len(out_features) != 1:
+        raise ValueError(
+            "Conditional DETR reads one feature map; MODEL.RESNETS.OUT_FEATURES must name one "
+            f"stage, got {list(out_features)}"
+        )
+    if cfg.MODEL.RESNETS.RES5_DILATION > 1:
+        first_block = backbone.res5[0]
+        if isinstance(first_block, BottleneckBlock):
+            first_block.conv2.dilation = (1, 1)
+            first_block.conv2.padding = (1, 1)
+    (feature_name,) = out_features
+    return backbone, feature_name
+
+
+def feature_padding_mask(image_sizes, padded_size, feature_size, device):
+    """
+    The official mask: True at padded pixels of the batch tensor, brought to the
+    feature map's size by nearest-neighbour interpolation.
+
+    Args:
+        image_sizes: list of (h, w) of the unpadded images.
+        padded_size: (H, W) of the padded batch tensor.
+        feature_size: (h, w) of the feature map.
+    Returns:
+        [batch, h, w] bool
+    """
+    mask = torch.ones((len(image_sizes), *padded_size), dtype=torch.bool, device=device)
+    for i, (h, w) in enumerate(image_sizes):
+        mask[i, :h, :w] = False
+    return F.interpolate(mask[None].float(), size=feature_size).to(torch.bool)[0]

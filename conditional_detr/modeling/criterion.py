@@ -1,0 +1,74 @@
+import torch
+import torch.nn.functional as F
+from detectron2.utils import comm
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+
+class SetCriterion(nn.Module):
+    """
+    Conditional DETR's losses: match predictions to targets, then a sigmoid focal
+    loss over all queries and classes and L1 + GIoU losses on matched boxes, each
+    normalized by the number of target boxes averaged over workers. With
+    auxiliary outputs, every decoder layer is matched and supervised the same way.
+    """
+
+    def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weight_dict = weight_dict
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def loss_labels(self, outputs, targets, indices, num_boxes):
+        logits = outputs["pred_logits"]
+        batch_idx, src_idx = _prediction_index(indices, logits.device)
+        onehot = torch.zeros_like(logits)
+        matched_classes = torch.cat([t["labels"][j.to(logits.device)] for t, (_, j) in zip(targets, indices)])
+        onehot[batch_idx, src_idx, matched_classes] = 1
+        loss = sigmoid_focal_loss(
+            logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+        )
+        return {"loss_ce": loss / num_boxes}
+
+    def loss_boxes(self, outputs, targets, indices, num_boxes):
+        batch_idx, src_idx = _prediction_index(indices, outputs["pred_boxes"].device)
+        src_boxes = outputs["pred_boxes"][batch_idx, src_idx]
+        target_boxes = torch.cat([t["boxes"][j.to(src_boxes.device)] for t, (_, j) in zip(targets, indices)], dim=0)
+        loss_bbox = F.l1_loss(src_boxes, target_boxes, reduction="none")
+        giou = torch.diag(
+            generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
+        )
+        return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
+
+    def _losses_of_layer(self, outputs, targets, num_boxes, suffix=""):
+        indices = self.matcher(outputs, targets)
+        losses = {}
+        losses.update(self.loss_labels(outputs, targets, indices, num_boxes))
+        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        return {k + suffix: v for k, v in losses.items()}
+
+    def forward(self, outputs, targets):
+        """
+        Returns the unweighted loss terms: "loss_ce", "loss_bbox", "loss_giou" for
+        the last layer and the same with "_{i}" for auxiliary layer i.
+        """
+        num_boxes = sum(len(t["labels"]) for t in targets)
+        num_boxes = torch.as_tensor([num_boxes], dtype=torch.float, device=outputs["pred_logits"].device)
+        if comm.get_world_size() > 1:
+            torch.distributed.all_reduce(num_boxes)
+        num_boxes = torch.clamp(num_boxes / comm.get_world_size(), min=1).item()
+
+        losses = self._losses_of_layer(outputs, targets, num_boxes)
+        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
+            losses.update(self._losses_of_layer(aux_outputs, targets, num_boxes, f"_{i}"))
+        return losses
+
+
+def _prediction_index(indices, device):
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
+    src_idx = torch.cat([src for src, _ in indices])
+    return batch_idx.to(device), src_idx.to(device)

@@ -1,0 +1,66 @@
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+
+def focal_class_cost(logits, target_classes, alpha, gamma):
+    """
+    The focal loss of labelling each prediction with each target class, minus that of
+    labelling it background: [num_predictions, num_targets].
+    """
+    prob = logits.sigmoid()
+    neg_cost = (1 - alpha) * (prob**gamma) * (-(1 - prob + 1e-8).log())
+    pos_cost = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
+    return pos_cost[:, target_classes] - neg_cost[:, target_classes]
+
+
+class HungarianMatcher(nn.Module):
+    """
+    One-to-one assignment of predictions to targets minimizing a weighted sum of the
+    focal class cost, the L1 distance of boxes and their negative GIoU. Predictions
+    left unmatched are background.
+    """
+
+    def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0):
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("at least one matching cost must be non-zero")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    @torch.no_grad()
+    def forward(self, outputs, targets):
+        """
+        Args:
+            outputs: "pred_logits" [batch, num_queries, num_classes] and
+                "pred_boxes" [batch, num_queries, 4] normalized cxcywh.
+            targets: per image, "labels" [num_targets] and "boxes" [num_targets, 4].
+        Returns:
+            per image, (prediction indices, target indices), both int64 of equal length.
+        """
+        batch, num_queries = outputs["pred_logits"].shape[:2]
+        logits = outputs["pred_logits"].flatten(0, 1)  # [batch * num_queries, num_classes]
+        pred_boxes = outputs["pred_boxes"].flatten(0, 1)
+        target_classes = torch.cat([t["labels"] for t in targets])
+        target_boxes = torch.cat([t["boxes"] for t in targets])
+
+        cost = (
+            self.cost_class
+            * focal_class_cost(logits, target_classes, self.focal_alpha, self.focal_gamma)
+            + self.cost_bbox * torch.cdist(pred_boxes, target_boxes, p=1)
+            - self.cost_giou
+            * generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
+        )
+        cost = cost.view(batch, num_queries, -1).cpu()
+
+        sizes = [len(t["boxes"]) for t in targets]
+        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
+        return [
+            (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
+            for i, j in indices
+        ]

@@ -1,0 +1,159 @@
+import math
+
+import torch
+from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import nn
+
+from .backbone import build_resnet_like_torchvision, feature_padding_mask
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from .criterion import SetCriterion
+from .matcher import HungarianMatcher
+from .position_encoding import PositionEmbeddingSine
+from .transformer import MLP, Transformer
+
+
+@META_ARCH_REGISTRY.register()
+class ConditionalDETR(nn.Module):
+    """
+    Conditional DETR: a ResNet, DETR's encoder, the conditional decoder, and shared
+    class and box heads. Boxes are predicted as offsets from each query's reference
+    point in the sigmoid-inverse space (the paper's equation 1).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        args = cfg.MODEL.CONDITIONAL_DETR
+        hidden_dim = args.HIDDEN_DIM
+        self.num_classes = args.NUM_CLASSES
+        self.num_queries = args.NUM_OBJECT_QUERIES
+        self.num_topk = args.NUM_TOPK
+        self.deep_supervision = args.DEEP_SUPERVISION
+
+        self.backbone, self.feature_name = build_resnet_like_torchvision(cfg)
+        feature_channels = self.backbone.output_shape()[self.feature_name].channels
+        self.input_proj = nn.Conv2d(feature_channels, hidden_dim, kernel_size=1)
+        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
+        self.transformer = Transformer(
+            d_model=hidden_dim,
+            nhead=args.NHEADS,
+            num_encoder_layers=args.ENC_LAYERS,
+            num_decoder_layers=args.DEC_LAYERS,
+            dim_feedforward=args.DIM_FEEDFORWARD,
+            dropout=args.DROPOUT,
+            attention_impl=args.ATTENTION_IMPL,
+        )
+        self.query_embed = nn.Embedding(self.num_queries, hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, self.num_classes)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+
+        # focal-loss prior: every class starts at probability 0.01
+        prior_prob = 0.01
+        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+        # boxes start at the reference points
+        nn.init.constant_(self.bbox_embed.layers[-1].weight, 0)
+        nn.init.constant_(self.bbox_embed.layers[-1].bias, 0)
+
+        matcher = HungarianMatcher(
+            cost_class=args.COST_CLASS, cost_bbox=args.COST_BBOX, cost_giou=args.COST_GIOU,
+            focal_alpha=args.FOCAL_ALPHA, focal_gamma=args.FOCAL_GAMMA,
+        )
+        weight_dict = {"loss_ce": args.CLASS_WEIGHT, "loss_bbox": args.L1_WEIGHT, "loss_giou": args.GIOU_WEIGHT}
+        if self.deep_supervision:
+            for i in range(args.DEC_LAYERS - 1):
+                weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
+        self.criterion = SetCriterion(
+            self.num_classes, matcher, weight_dict, args.FOCAL_ALPHA, args.FOCAL_GAMMA
+        )
+
+        self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs):
+        # the official model pads to the batch's largest size with zeros after
+        # normalization, with no size divisibility
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images)
+
+    def forward_outputs(self, images: ImageList):
+        """
+        Returns the official output dict: "pred_logits" [batch, num_queries, num_classes],
+        "pred_boxes" [batch, num_queries, 4] normalized cxcywh, and "aux_outputs",
+        the same for every decoder layer but the last.
+        """
+        features = self.backbone(images.tensor)[self.feature_name]
+        mask = feature_padding_mask(
+            images.image_sizes, images.tensor.shape[-2:], features.shape[-2:], features.device
+        )
+        pos = self.position_embedding(mask).to(features.dtype)
+        hs, reference = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
+
+        outputs_class = self.class_embed(hs)  # [num_layers, batch, num_queries, num_classes]
+        box_offsets = self.bbox_embed(hs)
+        outputs_coord = torch.cat(
+            [box_offsets[..., :2] + inverse_sigmoid(reference), box_offsets[..., 2:]], dim=-1
+        ).sigmoid()
+        return {
+            "pred_logits": outputs_class[-1],
+            "pred_boxes": outputs_coord[-1],
+            "aux_outputs": [
+                {"pred_logits": c, "pred_boxes": b}
+                for c, b in zip(outputs_class[:-1], outputs_coord[:-1])
+            ],
+        }
+
+    def forward(self, batched_inputs):
+        images = self.preprocess_image(batched_inputs)
+        outputs = self.forward_outputs(images)
+
+        if self.training:
+            if not self.deep_supervision:
+                outputs.pop("aux_outputs")
+            targets = self.prepare_targets(batched_inputs, images.image_sizes)
+            losses = self.criterion(outputs, targets)
+            return {k: v * self.criterion.weight_dict[k] for k, v in losses.items()}
+
+        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+        processed = []
+        for result, input_per_image, image_size in zip(results, batched_inputs, images.image_sizes):
+            height = input_per_image.get("height", image_size[0])
+            width = input_per_image.get("width", image_size[1])
+            processed.append({"instances": detector_postprocess(result, height, width)})
+        return processed
+
+    def prepare_targets(self, batched_inputs, image_sizes):
+        """detectron2 instances -> labels and normalized cxcywh boxes."""
+        targets = []
+        for x, (h, w) in zip(batched_inputs, image_sizes):
+            instances = x["instances"].to(self.device)
+            scale = torch.as_tensor([w, h, w, h], dtype=torch.float, device=self.device)
+            boxes = box_xyxy_to_cxcywh(instances.gt_boxes.tensor / scale)
+            targets.append({"labels": instances.gt_classes, "boxes": boxes})
+        return targets
+
+    def inference(self, pred_logits, pred_boxes, image_sizes):
+        """
+        The official post-processing: the top-k (query, class) pairs of sigmoid scores
+        per image, so one query can give several detections.
+        """
+        batch, num_queries, num_classes = pred_logits.shape
+        prob = pred_logits.sigmoid().view(batch, -1)
+        k = min(self.num_topk, num_queries * num_classes)
+        scores, flat_index = torch.topk(prob, k, dim=1)
+        query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+        labels = flat_index % num_classes
+        boxes = torch.gather(box_cxcywh_to_xyxy(pred_boxes), 1, query_index.unsqueeze(-1).repeat(1, 1, 4))
+
+        results = []
+        for i, (h, w) in enumerate(image_sizes):
+            result = Instances((h, w))
+            scale = torch.as_tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
+            result.pred_boxes = Boxes(boxes[i] * scale)
+            result.scores = scores[i]
+            result.pred_classes = labels[i]
+            results.append(result)
+        return results

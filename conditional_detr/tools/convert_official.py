@@ -1,0 +1,101 @@
+"""
+Convert an official Conditional DETR checkpoint (Atten4Vis/ConditionalDETR,
+`{"model": state_dict}`) into a detectron2 checkpoint of this project.
+
+    python -m conditional_detr.tools.convert_official SRC.pth DST.pth [--num-classes 80|91]
+
+The transformer and heads keep their names; the torchvision ResNet becomes
+detectron2's ResNet; the 91 COCO-id class logits become detectron2's 80 contiguous
+COCO classes unless --num-classes 91.
+"""
+import argparse
+import re
+
+import torch
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+OFFICIAL_BACKBONE_PREFIX = "backbone.0.body."
+CLASS_KEYS = ("class_embed.weight", "class_embed.bias")
+
+
+def coco_contiguous_to_category_id():
+    """COCO category id of each of detectron2's 80 contiguous classes, in order."""
+    return [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
+
+
+def _convert_backbone_key(key):
+    """torchvision ResNet names -> detectron2 ResNet names."""
+    key = key[len(OFFICIAL_BACKBONE_PREFIX):]
+    if key.startswith(("conv1.", "bn1.")):
+        return "backbone.stem." + key.replace("bn1.", "conv1.norm.")
+    match = re.match(r"layer(\d)\.(\d+)\.(.*)", key)
+    if match is None:
+        raise KeyError(f"unexpected backbone key {OFFICIAL_BACKBONE_PREFIX + key!r}")
+    stage, block, rest = match.groups()
+    rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
+    rest = rest.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+    return f"backbone.res{int(stage) + 1}.{block}.{rest}"
+
+
+def is_official_state_dict(state_dict):
+    return any(k.startswith(OFFICIAL_BACKBONE_PREFIX) for k in state_dict)
+
+
+def convert_state_dict(state_dict, num_classes=80):
+    """
+    Args:
+        state_dict: official model state dict (91 class logits indexed by COCO id).
+        num_classes: 80 (detectron2's contiguous COCO classes) or the source's own count.
+    Returns:
+        a float32 state dict for `ConditionalDETR`.
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue  # frozen batch norm has no counter
+        if key.startswith(OFFICIAL_BACKBONE_PREFIX):
+            key = _convert_backbone_key(key)
+        if value.is_floating_point():
+            value = value.float()
+        converted[key] = value
+
+    source_classes = converted["class_embed.weight"].shape[0]
+    if num_classes != source_classes:
+        category_ids = coco_contiguous_to_category_id()
+        if num_classes != len(category_ids) or source_classes <= max(category_ids):
+            raise ValueError(
+                f"cannot map {source_classes} class logits to {num_classes} classes: only the "
+                f"COCO mapping (91 COCO-id logits -> 80 contiguous classes) is known"
+            )
+        for key in CLASS_KEYS:
+            converted[key] = converted[key][category_ids].clone()
+    return converted
+
+
+def load_official_checkpoint(path):
+    # official checkpoints pickle their argparse.Namespace next to the weights
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not is_official_state_dict(state_dict):
+        raise ValueError(
+            f"{path}: not an official Conditional DETR checkpoint (expected a 'model' state dict "
+            f"with keys starting with {OFFICIAL_BACKBONE_PREFIX!r})"
+        )
+    return state_dict
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="official checkpoint (.pth)")
+    parser.add_argument("destination", help="detectron2 checkpoint to write (.pth)")
+    parser.add_argument("--num-classes", type=int, default=80, choices=(80, 91))
+    args = parser.parse_args(argv)
+
+    state_dict = convert_state_dict(load_official_checkpoint(args.source), args.num_classes)
+    torch.save({"model": state_dict, "matching_heuristics": False}, args.destination)
+    print(f"wrote {len(state_dict)} tensors to {args.destination}")
+
+
+if __name__ == "__main__":
+    main()
