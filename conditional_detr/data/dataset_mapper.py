@@ -1,0 +1,149 @@
+import copy
+import logging
+from typing import List
+
+import numpy as np
+import torch
+
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import Boxes, BoxMode, Instances
+
+__all__ = ["DetrDatasetMapper", "add_detr_augmentation_config", "build_detr_augmentation"]
+
+
+def add_detr_augmentation_config(cfg):
+    """
+    Add the keys of DETR's crop augmentation that detectron2 lacks. The crop itself
+    uses detectron2's INPUT.CROP.{ENABLED,TYPE,SIZE}; the multi-scale resize
+    uses INPUT.{MIN,MAX}_SIZE_{TRAIN,TEST}.
+    """
+    # Shortest edge sizes, one picked at random, the image is resized to before the
+    # crop. DETR uses (400, 500, 600) without a longest-edge limit. Empty: no resize.
+    cfg.INPUT.CROP.RESIZE_BEFORE_CROP = (400, 500, 600)
+    # Probability of taking the "resize, crop, multi-scale resize" branch instead of
+    # the plain multi-scale resize.
+    cfg.INPUT.CROP.PROB = 0.5
+
+
+def build_detr_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
+    """
+    DETR's augmentation expressed with detectron2 augmentations.
+
+    Training: random flip, then with probability INPUT.CROP.PROB a resize to one of
+    INPUT.CROP.RESIZE_BEFORE_CROP followed by a random crop of INPUT.CROP.SIZE,
+    then a resize of the shortest edge to one of INPUT.MIN_SIZE_TRAIN, the longest
+    edge capped at INPUT.MAX_SIZE_TRAIN. Test: resize to INPUT.MIN_SIZE_TEST.
+    """
+    if not is_train:
+        if cfg.INPUT.MIN_SIZE_TEST <= 0:
+            return []
+        return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
+
+    augs = []
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(
+            T.RandomFlip(
+                horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                vertical=cfg.INPUT.RANDOM_FLIP == "vertical",
+            )
+        )
+    if cfg.INPUT.CROP.ENABLED:
+        crop = [T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE)]
+        if len(cfg.INPUT.CROP.RESIZE_BEFORE_CROP):
+            # No longest-edge limit here, as in DETR: the crop bounds the size anyway.
+            crop.insert(0, T.ResizeShortestEdge(cfg.INPUT.CROP.RESIZE_BEFORE_CROP, sample_style="choice"))
+        augs.append(T.RandomApply(T.AugmentationList(crop), prob=cfg.INPUT.CROP.PROB))
+    augs.append(
+        T.ResizeShortestEdge(
+            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+        )
+    )
+    return augs
+
+
+class DetrDatasetMapper:
+    """
+    Map a dataset dict of detectron2's format into what ConditionalDETR consumes,
+    with DETR's augmentation.
+
+    The output dict has "image" (CHW uint8 tensor in INPUT.FORMAT) and, in training,
+    "instances" with `gt_boxes` (absolute XYXY in the augmented image) and
+    `gt_classes`. Crowd annotations are dropped: DETR's set loss has no notion of
+    "ignore". Boxes that are degenerate, or that the crop left empty, are dropped
+    too; an image without any box is still returned, as the set loss handles it.
+    """
+
+    @configurable
+    def __init__(self, is_train: bool, *, augmentations: List[T.Augmentation], image_format: str):
+        """
+        Args:
+            is_train: whether annotations are kept and mapped.
+            augmentations: applied in order to the image and its boxes.
+            image_format: an image format supported by :func:`detection_utils.read_image`.
+        """
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        mode = "training" if is_train else "inference"
+        logging.getLogger(__name__).info(f"[DetrDatasetMapper] Augmentations used in {mode}: {augmentations}")
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        return {
+            "is_train": is_train,
+            "augmentations": build_detr_augmentation(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+        }
+
+    def __call__(self, dataset_dict):
+        dataset_dict = copy.deepcopy(dataset_dict)  # it will be modified below
+        image = self._read_image(dataset_dict)
+        utils.check_image_size(dataset_dict, image)
+
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        image_shape = image.shape[:2]  # h, w
+        # Pytorch's dataloader is efficient on torch.Tensor due to shared-memory,
+        # but not efficient on large generic data structures due to the use of pickle.
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+        annos = dataset_dict.pop("annotations", None)
+        if not self.is_train or annos is None:
+            # Evaluation compares against the dataset's own json, not these.
+            return dataset_dict
+        dataset_dict["instances"] = self._annotations_to_instances(annos, transforms, image_shape)
+        return dataset_dict
+
+    def _read_image(self, dataset_dict) -> np.ndarray:
+        file_name = dataset_dict["file_name"]
+        try:
+            # PIL converts grayscale, palette and RGBA files to the requested format.
+            return utils.read_image(file_name, format=self.image_format)
+        except Exception as e:
+            # Errors of truncated or corrupt files often do not say which file it was.
+            raise OSError(f"Cannot read image {file_name!r}: {type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def _annotations_to_instances(annos, transforms, image_shape) -> Instances:
+        annos = [obj for obj in annos if obj.get("iscrowd", 0) == 0]
+        boxes = np.array(
+            [BoxMode.convert(obj["bbox"], obj["bbox_mode"], BoxMode.XYXY_ABS) for obj in annos],
+            dtype=np.float64,
+        ).reshape(-1, 4)
+        classes = [int(obj["category_id"]) for obj in annos]
+        if len(boxes):
+            boxes = transforms.apply_box(boxes)
+
+        boxes = Boxes(torch.as_tensor(boxes, dtype=torch.float32))
+        # A crop can move a box partly or entirely out of the image: clip it, then
+        # drop what has no area left, as DETR's crop does.
+        boxes.clip(image_shape)
+        keep = boxes.nonempty(threshold=0.0)
+
+        instances = Instances(image_shape)
+        instances.gt_boxes = boxes[keep]
+        instances.gt_classes = torch.tensor(classes, dtype=torch.int64)[keep]
+        return instances

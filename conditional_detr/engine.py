@@ -1,0 +1,145 @@
+"""
+Training and evaluation of Conditional DETR with detectron2's DefaultTrainer: the
+official recipe's optimizer, DETR's augmentation and COCO evaluation.
+"""
+import logging
+import os
+import weakref
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from .config import add_conditional_detr_config
+from .data.dataset_mapper import DetrDatasetMapper, add_detr_augmentation_config
+from .solver import build_optimizer
+
+__all__ = ["Trainer", "get_config", "resolve_device", "hide_gpus_for_cpu_workers", "limit_cpu_threads"]
+
+
+def resolve_device(cfg):
+    """MODEL.DEVICE "auto" means the GPU when there is one, else the CPU."""
+    if cfg.MODEL.DEVICE == "auto":
+        cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg
+
+
+def get_config(config_file: str = "", opts=()):
+    """A Conditional DETR config from a YAML file and "KEY VALUE" overrides, not frozen."""
+    cfg = get_cfg()
+    add_conditional_detr_config(cfg)
+    if "RESIZE_BEFORE_CROP" not in cfg.INPUT.CROP:
+        add_detr_augmentation_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
+    return resolve_device(cfg)
+
+
+def hide_gpus_for_cpu_workers(cfg, num_processes: int):
+    """
+    Make detectron2's `launch` start CPU workers when MODEL.DEVICE is "cpu".
+
+    `launch` picks NCCL, and one GPU per process, whenever the machine has a GPU,
+    which CPU tensors cannot use. Hiding the GPUs from the workers, before they are
+    spawned, makes it pick GLOO. Call it in the launching process.
+    """
+    if cfg.MODEL.DEVICE == "cpu" and num_processes > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def limit_cpu_threads(cfg):
+    """Share the cores among the processes of a multi-process CPU run instead of oversubscribing them."""
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+
+
+class _FiniteLossMixin:
+    """
+    Stop at the first non-finite loss, naming the iteration and the loss term(s).
+
+    Checked on every process, before the optimizer step, so that no NaN reaches the
+    weights; detectron2 checks only the sum on the main process.
+    """
+
+    def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
+        iter = self.iter if iter is None else iter
+        finite = torch.stack([torch.isfinite(v.detach()).all() for v in loss_dict.values()]).tolist()
+        bad = [name for name, ok in zip(loss_dict, finite) if not ok]
+        if bad:
+            values = ", ".join(f"{k}={v.detach().float().sum().item():.4g}" for k, v in loss_dict.items())
+            raise FloatingPointError(
+                f"Loss became infinite or NaN at iteration {iter}: non-finite loss term(s) "
+                f"{', '.join(bad)}. All terms: {values}"
+            )
+        super()._write_metrics(loss_dict, data_time, prefix=prefix, iter=iter)
+
+
+class _SimpleTrainer(_FiniteLossMixin, SimpleTrainer):
+    pass
+
+
+class _AMPTrainer(_FiniteLossMixin, AMPTrainer):
+    def __init__(self, model, data_loader, optimizer):
+        # torch.cuda.amp.GradScaler, detectron2's default, is deprecated.
+        super().__init__(model, data_loader, optimizer, grad_scaler=torch.amp.GradScaler("cuda"))
+
+
+class Trainer(DefaultTrainer):
+    """
+    DefaultTrainer with AdamW and full-model gradient clipping, DETR's augmentation,
+    COCO evaluation, a loss check that names the non-finite term, and
+    multi-process training on CPU.
+    """
+
+    def __init__(self, cfg):
+        # As DefaultTrainer.__init__, except for the DDP wrapper and the inner trainer.
+        TrainerBase.__init__(self)
+        logger = logging.getLogger("detectron2")
+        if not logger.isEnabledFor(logging.INFO):  # setup_logger is not called for d2
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        ddp_kwargs = {"broadcast_buffers": False}
+        if cfg.MODEL.DEVICE == "cpu":
+            # detectron2 passes the local rank as GPU id, which DDP rejects for a CPU module.
+            ddp_kwargs["device_ids"] = None
+        model = create_ddp_model(model, **ddp_kwargs)
+        self._trainer = (_AMPTrainer if cfg.SOLVER.AMP.ENABLED else _SimpleTrainer)(model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        # The C++ COCOeval of detectron2 is not always compiled; pycocotools gives the same numbers.
+        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder, use_fast_impl=False)

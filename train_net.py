@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""
+Conditional DETR training and evaluation script.
+
+This script is similar to detectron2's tools/train_net.py, with the Trainer of
+`conditional_detr.engine`: AdamW with full-model gradient clipping, DETR's data
+augmentation and COCO evaluation.
+"""
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+import conditional_detr  # noqa: F401 (registers the ConditionalDETR meta-architecture)
+import conditional_detr.data  # noqa: F401 (registers the datasets of the project)
+from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers, limit_cpu_threads
+
+
+def setup(args):
+    """
+    Create configs and perform basic setups.
+    """
+    cfg = get_config(args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    limit_cpu_threads(cfg)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    hide_gpus_for_cpu_workers(get_config(args.config_file, args.opts), args.num_gpus)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
