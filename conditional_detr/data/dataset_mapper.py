@@ -133,7 +133,10 @@ class DetrDatasetMapper:
             [BoxMode.convert(obj["bbox"], obj["bbox_mode"], BoxMode.XYXY_ABS) for obj in annos],
             dtype=np.float64,
         ).reshape(-1, 4)
-        classes = [int(obj["category_id"]) for obj in annos]
+        classes = np.array([int(obj["category_id"]) for obj in annos], dtype=np.int64)
+        # Dropped before the transforms, which would turn an inverted box into a valid one.
+        valid = np.isfinite(boxes).all(axis=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, classes = boxes[valid], classes[valid]
         if len(boxes):
             boxes = transforms.apply_box(boxes)
 
@@ -145,5 +148,5 @@ class DetrDatasetMapper:
 
         instances = Instances(image_shape)
         instances.gt_boxes = boxes[keep]
-        instances.gt_classes = torch.tensor(classes, dtype=torch.int64)[keep]
+        instances.gt_classes = torch.as_tensor(classes)[keep]
         return instances
