@@ -1,0 +1,128 @@
+import glob
+import math
+import os
+import re
+
+import pytest
+import yaml
+
+from conditional_detr.engine import get_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "configs")
+ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
+COCO_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "COCO-Detection", "*.yaml")))
+
+COCO_TRAIN2017_IMAGES = 118287
+
+
+def test_configs_found():
+    assert len(COCO_CONFIGS) == 12
+    names = {os.path.relpath(p, CONFIG_DIR) for p in ALL_CONFIGS}
+    assert {
+        "Base-ConditionalDETR.yaml",
+        "quick_schedules/conditional_detr_shapes.yaml",
+        "quick_schedules/conditional_detr_instant_test.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
+def test_config_loads(path):
+    cfg = get_config(path)
+    assert cfg.MODEL.META_ARCHITECTURE == "ConditionalDETR"
+    assert cfg.INPUT.FORMAT == "RGB"
+    assert cfg.SOLVER.OPTIMIZER == "ADAMW"
+    assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
+    assert all(step < cfg.SOLVER.MAX_ITER for step in cfg.SOLVER.STEPS)
+    assert cfg.MODEL.DEVICE in ("cpu", "cuda")  # "auto" is resolved
+
+
+@pytest.mark.parametrize("path", COCO_CONFIGS, ids=os.path.basename)
+def test_coco_schedule_matches_the_official_one(path):
+    name = os.path.basename(path)
+    depth, dc5, epochs = re.fullmatch(r"conditional_detr_R_(\d+)(_DC5)?_(\d+)ep\.yaml", name).groups()
+    epochs = int(epochs)
+    cfg = get_config(path)
+
+    assert cfg.MODEL.RESNETS.DEPTH == int(depth)
+    assert cfg.MODEL.RESNETS.RES5_DILATION == (2 if dc5 else 1)
+    assert cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    assert cfg.MODEL.RESNETS.OUT_FEATURES == ["res5"]
+    assert cfg.MODEL.RESNETS.NORM == "FrozenBN"
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 2
+    assert cfg.DATASETS.TRAIN == ("coco_2017_train",) and cfg.DATASETS.TEST == ("coco_2017_val",)
+    assert cfg.SOLVER.BASE_LR == 1e-4 and cfg.SOLVER.WEIGHT_DECAY == 1e-4
+    assert cfg.SOLVER.BACKBONE_MULTIPLIER == 0.1
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 0.1
+    assert cfg.SOLVER.WARMUP_ITERS == 0
+    assert not cfg.SOLVER.AMP.ENABLED
+
+    # 8 processes; the official DC5 runs use 1 image per process, the others 2.
+    per_process = 1 if dc5 else 2
+    assert cfg.SOLVER.IMS_PER_BATCH == 8 * per_process
+    iters_per_epoch = math.ceil(COCO_TRAIN2017_IMAGES / 8) // per_process
+    drop_epoch = {50: 40, 75: 60, 108: 80}[epochs]
+    assert cfg.SOLVER.MAX_ITER == epochs * iters_per_epoch
+    assert cfg.SOLVER.STEPS == (drop_epoch * iters_per_epoch,)
+    assert cfg.SOLVER.CHECKPOINT_PERIOD == iters_per_epoch
+
+
+def test_base_config_matches_detr_augmentation():
+    cfg = get_config(os.path.join(CONFIG_DIR, "Base-ConditionalDETR.yaml"))
+    assert cfg.INPUT.MIN_SIZE_TRAIN == tuple(range(480, 801, 32))
+    assert cfg.INPUT.MAX_SIZE_TRAIN == 1333
+    assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (800, 1333)
+    assert cfg.INPUT.CROP.ENABLED and cfg.INPUT.CROP.TYPE == "absolute_range"
+    assert tuple(cfg.INPUT.CROP.SIZE) == (384, 600)
+    assert tuple(cfg.INPUT.CROP.RESIZE_BEFORE_CROP) == (400, 500, 600)
+    assert cfg.INPUT.CROP.PROB == 0.5
+    assert cfg.MODEL.PIXEL_MEAN == [123.675, 116.280, 103.530]
+    assert cfg.MODEL.PIXEL_STD == [58.395, 57.120, 57.375]
+    assert cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS is False
+
+
+def test_quick_schedules_use_the_embedded_dataset():
+    for name in ("conditional_detr_shapes.yaml", "conditional_detr_instant_test.yaml"):
+        cfg = get_config(os.path.join(CONFIG_DIR, "quick_schedules", name))
+        assert cfg.DATASETS.TRAIN == ("shapes_train",) and cfg.DATASETS.TEST == ("shapes_val",)
+        assert cfg.MODEL.WEIGHTS == ""
+        assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.RESNETS.RES2_OUT_CHANNELS == 64
+        assert cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES == 5
+
+
+def test_auto_device_is_resolved(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert get_config(opts=["MODEL.DEVICE", "auto"]).MODEL.DEVICE == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert get_config(opts=["MODEL.DEVICE", "auto"]).MODEL.DEVICE == "cuda"
+
+
+def test_wrong_type_on_command_line_names_key_and_value():
+    with pytest.raises(ValueError) as e:
+        get_config(os.path.join(CONFIG_DIR, "Base-ConditionalDETR.yaml"), ["SOLVER.MAX_ITER", "many"])
+    message = str(e.value)
+    assert "SOLVER.MAX_ITER" in message and "many" in message
+
+
+def test_wrong_type_in_yaml_names_key_and_value(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "_BASE_": os.path.join(CONFIG_DIR, "Base-ConditionalDETR.yaml"),
+                "MODEL": {"CONDITIONAL_DETR": {"NUM_OBJECT_QUERIES": "three hundred"}},
+            }
+        )
+    )
+    with pytest.raises(ValueError) as e:
+        get_config(str(path))
+    message = str(e.value)
+    assert "MODEL.CONDITIONAL_DETR.NUM_OBJECT_QUERIES" in message and "three hundred" in message
+
+
+def test_unknown_key_is_named():
+    # yacs reports an unknown key on the command line by an AssertionError.
+    with pytest.raises((KeyError, AssertionError), match="SOLVER.BACKBONE_MULTIPLER"):
+        get_config(opts=["SOLVER.BACKBONE_MULTIPLER", "0.1"])
