@@ -3,9 +3,27 @@ Public conditional cross-attention ops. `impl` picks the implementation:
 "pytorch" (reference), "compiled" (the `conditional_detr._C` extension) or
 "auto" (compiled when it is built for the tensors' device).
 """
+import functools
+
+import torch
+
 from . import reference
+from ._extension import has_ops, has_ops_for, unavailable_reason
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "conditional_cross_attention",
+    "conditional_spatial_query",
+    "fvcore_handles",
+    "has_ops",
+    "has_ops_for",
+    "unavailable_reason",
+]
 
 IMPLEMENTATIONS = ("auto", "compiled", "pytorch")
+
+# the sine embedding width when there is no λq to take it from, as in the official model
+_DEFAULT_SINE_DIM = 256
 
 
 def _check_impl(impl):
@@ -13,17 +31,88 @@ def _check_impl(impl):
         raise ValueError(f"ATTENTION_IMPL must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
+def _use_compiled(impl, tensor, op_name):
+    if impl == "pytorch":
+        return False
+    if has_ops_for(tensor.device.type):
+        return True
+    if impl == "compiled":
+        raise RuntimeError(
+            f"{op_name}(impl='compiled') cannot run on {tensor.device.type}: "
+            f"{unavailable_reason(tensor.device.type)}"
+        )
+    return False
+
+
 def conditional_spatial_query(reference_points, query_scale=None, impl="auto"):
+    """
+    λq ⊙ sinusoidal(reference points), see `reference.conditional_spatial_query`.
+
+    Args:
+        reference_points: [num_queries, batch, 2] normalized (x, y).
+        query_scale: [num_queries, batch, dim] λq, or None for identity (dim 256).
+    """
     _check_impl(impl)
-    return reference.conditional_spatial_query(reference_points, query_scale)
+    if not _use_compiled(impl, reference_points, "conditional_spatial_query"):
+        return reference.conditional_spatial_query(reference_points, query_scale)
+    if query_scale is None:
+        return torch.ops.conditional_detr.sine_query(reference_points, None, _DEFAULT_SINE_DIM)
+    dtype = torch.promote_types(reference_points.dtype, query_scale.dtype)
+    return torch.ops.conditional_detr.sine_query(
+        reference_points.to(dtype), query_scale.to(dtype), query_scale.shape[-1]
+    )
 
 
 def conditional_cross_attention(
     q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, num_heads,
     dropout_p=0.0, training=False, impl="auto",
 ):
+    """
+    Per head: softmax(scale * (q_c . k_c + q_p . k_p) + mask) . v, see
+    `reference.conditional_cross_attention` for shapes.
+    """
     _check_impl(impl)
-    return reference.conditional_cross_attention(
-        q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, num_heads,
-        dropout_p, training,
+    if not _use_compiled(impl, q_content, "conditional_cross_attention"):
+        return reference.conditional_cross_attention(
+            q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, num_heads,
+            dropout_p, training,
+        )
+    tensors = (q_content, q_spatial, k_content, k_spatial, value)
+    # under autocast the projections may disagree in dtype; the reference's cat promotes
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
+    tensors = [t.to(dtype) for t in tensors]
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        key_padding_mask = key_padding_mask.to(torch.bool)
+    p = float(dropout_p) if training else 0.0
+    # drawn from torch's default generator, so torch.manual_seed makes dropout reproducible;
+    # the kernels hash it with each element's index, forward and backward alike
+    rng_state = torch.randint(0, 2**62, (1,), dtype=torch.int64) if p > 0 else None
+    out, _ = torch.ops.conditional_detr.attention_forward(
+        *tensors, key_padding_mask, num_heads, p, rng_state
     )
+    return out
+
+
+def _attention_flops(inputs, outputs):
+    from fvcore.nn.jit_handles import get_shape
+
+    # as fvcore counts the reference's two bmm: one multiply-add per flop,
+    # [Q, 2 * head_dim] x [2 * head_dim, K] and [Q, K] x [K, value_head_dim] per head
+    num_queries, batch, channels = get_shape(inputs[0])
+    num_keys = get_shape(inputs[2])[0]
+    value_channels = get_shape(inputs[4])[2]
+    return batch * num_queries * num_keys * (2 * channels + value_channels)
+
+
+def _no_flops(inputs, outputs):
+    # the reference's elementwise sin/cos/mul are not counted by fvcore either
+    return 0
+
+
+def fvcore_handles():
+    """{op name: fvcore handle} for the compiled ops, counting what fvcore counts on the reference
+    path; pass them to `FlopCountAnalysis(...).set_op_handle(**fvcore_handles())`."""
+    return {
+        "conditional_detr::attention_forward": _attention_flops,
+        "conditional_detr::sine_query": _no_flops,
+    }

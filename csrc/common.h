@@ -1,0 +1,106 @@
+// Shared declarations of the conditional_detr ops: kernel entry points, input checks and the
+// counter-based dropout generator that CPU and CUDA kernels must agree on bit for bit.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#if defined(__CUDACC__)
+#define CDETR_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define CDETR_HOST_DEVICE inline
+#endif
+
+namespace conditional_detr {
+
+// Dropout keeps an attention weight when the hash of (seed, flat element index) is at or
+// above `threshold`. Hashing the index (splitmix64's finalizer) instead of drawing from a
+// stateful stream lets the backward pass, and every thread or tile, regenerate the same mask
+// without storing it.
+CDETR_HOST_DEVICE uint32_t dropout_hash(uint64_t seed, uint64_t index) {
+  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<uint32_t>(z >> 32);
+}
+
+struct DropoutParams {
+  bool enabled = false;
+  uint64_t seed = 0;
+  uint32_t threshold = 0;  // keep when hash >= threshold
+  float keep_scale = 1.f;  // 1 / (1 - p)
+};
+
+inline DropoutParams make_dropout_params(double p, const std::optional<at::Tensor>& rng_state) {
+  DropoutParams params;
+  if (p <= 0.0) {
+    return params;
+  }
+  TORCH_CHECK(p < 1.0, "conditional_detr: dropout_p must be in [0, 1), got ", p);
+  TORCH_CHECK(rng_state.has_value() && rng_state->numel() >= 1,
+              "conditional_detr: dropout_p > 0 needs an rng_state tensor holding the seed");
+  TORCH_CHECK(rng_state->scalar_type() == at::kLong, "conditional_detr: rng_state must be int64");
+  params.enabled = true;
+  params.seed = static_cast<uint64_t>(rng_state->to(at::kCPU).data_ptr<int64_t>()[0]);
+  params.threshold = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+  params.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  return params;
+}
+
+// Sizes shared by every attention kernel: inputs are sequence-first [length, batch, channels]
+// with per-head channel slices, as in the reference implementation.
+struct AttentionShape {
+  int64_t num_queries, num_keys, batch, num_heads;
+  int64_t head_dim;        // per head, for each of the content and spatial parts
+  int64_t value_head_dim;  // per head
+};
+
+AttentionShape check_attention_inputs(
+    const at::Tensor& q_content, const at::Tensor& q_spatial, const at::Tensor& k_content,
+    const at::Tensor& k_spatial, const at::Tensor& value,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t num_heads);
+
+void check_sine_query_inputs(const at::Tensor& reference_points,
+                             const std::optional<at::Tensor>& query_scale, int64_t dim);
+
+// CPU kernels
+at::Tensor sine_query_cpu(const at::Tensor& reference_points,
+                          const std::optional<at::Tensor>& query_scale, int64_t dim);
+std::tuple<at::Tensor, at::Tensor> sine_query_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& reference_points,
+    const std::optional<at::Tensor>& query_scale, int64_t dim);
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& q_content, const at::Tensor& q_spatial, const at::Tensor& k_content,
+    const at::Tensor& k_spatial, const at::Tensor& value,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t num_heads, double dropout_p,
+    const std::optional<at::Tensor>& rng_state);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_content, const at::Tensor& q_spatial,
+    const at::Tensor& k_content, const at::Tensor& k_spatial, const at::Tensor& value,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, int64_t num_heads, double dropout_p,
+    const std::optional<at::Tensor>& rng_state);
+
+// CUDA kernels (declared here, defined only when the extension is built with CUDA)
+at::Tensor sine_query_cuda(const at::Tensor& reference_points,
+                           const std::optional<at::Tensor>& query_scale, int64_t dim);
+std::tuple<at::Tensor, at::Tensor> sine_query_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& reference_points,
+    const std::optional<at::Tensor>& query_scale, int64_t dim);
+std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
+    const at::Tensor& q_content, const at::Tensor& q_spatial, const at::Tensor& k_content,
+    const at::Tensor& k_spatial, const at::Tensor& value,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t num_heads, double dropout_p,
+    const std::optional<at::Tensor>& rng_state);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q_content, const at::Tensor& q_spatial,
+    const at::Tensor& k_content, const at::Tensor& k_spatial, const at::Tensor& value,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, int64_t num_heads, double dropout_p,
+    const std::optional<at::Tensor>& rng_state);
+
+}  // namespace conditional_detr

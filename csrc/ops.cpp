@@ -1,0 +1,137 @@
+// Operator schemas of the conditional_detr library and the input checks shared by every
+// backend. Kernels register themselves per device in cpu/ and cuda/; fake (meta) kernels and
+// autograd formulas are registered from Python in conditional_detr/ops/_extension.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+#ifdef WITH_CUDA
+#include <cuda.h>
+#endif
+
+// Importing conditional_detr._C loads this library, which runs the registrations below; the
+// module itself exposes nothing, every entry point is a torch.ops.conditional_detr operator.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace conditional_detr {
+
+AttentionShape check_attention_inputs(
+    const at::Tensor& q_content, const at::Tensor& q_spatial, const at::Tensor& k_content,
+    const at::Tensor& k_spatial, const at::Tensor& value,
+    const std::optional<at::Tensor>& key_padding_mask, int64_t num_heads) {
+  const at::Tensor* tensors[] = {&q_content, &q_spatial, &k_content, &k_spatial, &value};
+  const char* names[] = {"q_content", "q_spatial", "k_content", "k_spatial", "value"};
+  for (int i = 0; i < 5; ++i) {
+    TORCH_CHECK(tensors[i]->dim() == 3, "conditional_attention: ", names[i],
+                " must be [length, batch, channels], got shape ", tensors[i]->sizes());
+    TORCH_CHECK(tensors[i]->device() == q_content.device(), "conditional_attention: ", names[i],
+                " is on ", tensors[i]->device(), " but q_content is on ", q_content.device());
+    TORCH_CHECK(tensors[i]->scalar_type() == q_content.scalar_type(), "conditional_attention: ",
+                names[i], " has dtype ", tensors[i]->scalar_type(), " but q_content has ",
+                q_content.scalar_type());
+  }
+  const auto dtype = q_content.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "conditional_attention: expected float32, float64, float16 or bfloat16 inputs, got ",
+              dtype);
+  TORCH_CHECK(num_heads > 0, "conditional_attention: num_heads must be positive, got ", num_heads);
+  TORCH_CHECK(q_spatial.sizes() == q_content.sizes(),
+              "conditional_attention: q_spatial ", q_spatial.sizes(), " must match q_content ",
+              q_content.sizes());
+  TORCH_CHECK(k_spatial.sizes() == k_content.sizes(),
+              "conditional_attention: k_spatial ", k_spatial.sizes(), " must match k_content ",
+              k_content.sizes());
+  AttentionShape shape;
+  shape.num_queries = q_content.size(0);
+  shape.batch = q_content.size(1);
+  shape.num_keys = k_content.size(0);
+  shape.num_heads = num_heads;
+  TORCH_CHECK(k_content.size(1) == shape.batch && value.size(1) == shape.batch,
+              "conditional_attention: batch sizes differ: queries ", shape.batch, ", keys ",
+              k_content.size(1), ", value ", value.size(1));
+  TORCH_CHECK(k_content.size(2) == q_content.size(2),
+              "conditional_attention: query channels ", q_content.size(2),
+              " differ from key channels ", k_content.size(2));
+  TORCH_CHECK(value.size(0) == shape.num_keys, "conditional_attention: value has ", value.size(0),
+              " keys, k_content has ", shape.num_keys);
+  TORCH_CHECK(q_content.size(2) % num_heads == 0 && value.size(2) % num_heads == 0,
+              "conditional_attention: channels (", q_content.size(2), " query/key, ",
+              value.size(2), " value) must be divisible by num_heads=", num_heads);
+  shape.head_dim = q_content.size(2) / num_heads;
+  shape.value_head_dim = value.size(2) / num_heads;
+  if (key_padding_mask.has_value()) {
+    const auto& mask = *key_padding_mask;
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "conditional_attention: key_padding_mask must be ",
+                "bool (True = padding), got ", mask.scalar_type());
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == shape.batch && mask.size(1) == shape.num_keys,
+                "conditional_attention: key_padding_mask must be [batch, num_keys] = [",
+                shape.batch, ", ", shape.num_keys, "], got ", mask.sizes());
+    TORCH_CHECK(mask.device() == q_content.device(), "conditional_attention: key_padding_mask is on ",
+                mask.device(), " but the inputs are on ", q_content.device());
+  }
+  return shape;
+}
+
+void check_sine_query_inputs(const at::Tensor& reference_points,
+                             const std::optional<at::Tensor>& query_scale, int64_t dim) {
+  TORCH_CHECK(dim > 0 && dim % 4 == 0,
+              "conditional_spatial_query: dim must be a positive multiple of 4, got ", dim);
+  TORCH_CHECK(reference_points.dim() >= 1 && reference_points.size(-1) == 2,
+              "conditional_spatial_query: reference_points must be [..., 2], got ",
+              reference_points.sizes());
+  TORCH_CHECK(at::isFloatingType(reference_points.scalar_type()),
+              "conditional_spatial_query: reference_points must be floating point, got ",
+              reference_points.scalar_type());
+  if (query_scale.has_value()) {
+    const auto& scale = *query_scale;
+    auto expected = reference_points.sizes().vec();
+    expected.back() = dim;
+    TORCH_CHECK(scale.sizes().vec() == expected, "conditional_spatial_query: query_scale must be ",
+                at::IntArrayRef(expected), ", got ", scale.sizes());
+    TORCH_CHECK(scale.scalar_type() == reference_points.scalar_type(),
+                "conditional_spatial_query: query_scale has dtype ", scale.scalar_type(),
+                " but reference_points has ", reference_points.scalar_type());
+    TORCH_CHECK(scale.device() == reference_points.device(),
+                "conditional_spatial_query: query_scale is on ", scale.device(),
+                " but reference_points is on ", reference_points.device());
+  }
+}
+
+// The CUDA runtime version the extension was compiled against, -1 without CUDA; lets Python
+// explain a mismatch with torch's own CUDA instead of failing at the first kernel launch.
+static int64_t cuda_version() {
+#ifdef WITH_CUDA
+  return CUDA_VERSION;
+#else
+  return -1;
+#endif
+}
+
+TORCH_LIBRARY(conditional_detr, m) {
+  // λq ⊙ sinusoidal(reference points); query_scale None means λq = 1 (first decoder layer).
+  m.def("sine_query(Tensor reference_points, Tensor? query_scale, int dim) -> Tensor");
+  // Returns (grad_reference_points, grad_query_scale); the latter is empty without query_scale.
+  m.def(
+      "sine_query_backward(Tensor grad, Tensor reference_points, Tensor? query_scale, int dim)"
+      " -> (Tensor, Tensor)");
+  // Returns (output [Q, B, value channels], logsumexp [B, heads, Q] in fp32 (fp64 for fp64)).
+  // rng_state is an int64 CPU tensor whose first element seeds the dropout hash.
+  m.def(
+      "attention_forward(Tensor q_content, Tensor q_spatial, Tensor k_content, Tensor k_spatial,"
+      " Tensor value, Tensor? key_padding_mask, int num_heads, float dropout_p,"
+      " Tensor? rng_state) -> (Tensor, Tensor)");
+  // Returns the gradients of (q_content, q_spatial, k_content, k_spatial, value).
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q_content, Tensor q_spatial, Tensor k_content,"
+      " Tensor k_spatial, Tensor value, Tensor? key_padding_mask, Tensor out, Tensor lse,"
+      " int num_heads, float dropout_p, Tensor? rng_state)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_version() -> int", &cuda_version);
+}
+
+}  // namespace conditional_detr
