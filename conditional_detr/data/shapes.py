@@ -21,12 +21,13 @@ import functools
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -260,8 +261,10 @@ def _place_object(rng, canvas, labels, objects, category, p) -> bool:
     if shorter < lo:
         bw, bh = bw * lo / shorter, bh * lo / shorter
     theta = math.radians(rng.uniform(-p.max_rotation, p.max_rotation))
-    rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-    poly = (_template(category, rng) * [bw / 2, bh / 2]) @ rot.T
+    unit = _template(category, rng)
+    x, y = unit[:, 0] * (bw / 2), unit[:, 1] * (bh / 2)
+    cos, sin = math.cos(theta), math.sin(theta)
+    poly = np.stack([x * cos - y * sin, x * sin + y * cos], 1)
     poly -= poly.min(0)
     span = poly.max(0)
     if span[0] > w - 2 or span[1] > h - 2:
@@ -406,6 +409,39 @@ def _is_current(split_dir: str, params: ShapesParams, split: str) -> bool:
     )
 
 
+def _draw_and_save(params: ShapesParams, split: str, image_dir: str, index: int):
+    image, anns = generate_shapes_image(params, split, index)
+    file_name = f"{index:06d}.{params.image_format}"
+    path = os.path.join(image_dir, file_name)
+    if params.image_format == "jpg":
+        Image.fromarray(image).save(path, quality=95)
+    else:
+        # Lossless anyway; the fastest level keeps generation within seconds.
+        Image.fromarray(image).save(path, compress_level=1)
+    return file_name, image.shape[0], image.shape[1], anns
+
+
+def _map_indices(fn, n: int, num_workers: Optional[int]) -> List:
+    """[fn(0), ..., fn(n - 1)], spread over worker processes where possible."""
+    if num_workers is None:
+        num_workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    num_workers = min(num_workers, n // 32)
+    if num_workers <= 1:
+        return [fn(i) for i in range(n)]
+    # Drawing is mostly Python code that holds the GIL, so threads barely overlap.
+    # Forked processes share what is already imported and start in milliseconds;
+    # where fork is missing or not allowed (inside a daemonic data-loader worker),
+    # threads still overlap the resizing and the encoding, which release the GIL.
+    if "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon:
+        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"))
+        chunksize = max(1, n // (8 * num_workers))
+    else:
+        pool = ThreadPoolExecutor(num_workers)
+        chunksize = 1
+    with pool:
+        return list(pool.map(fn, range(n), chunksize=chunksize))
+
+
 def generate_shapes_split(params: ShapesParams, split: str, out_dir: str,
                           num_workers: Optional[int] = None) -> Dict:
     """
@@ -414,34 +450,16 @@ def generate_shapes_split(params: ShapesParams, split: str, out_dir: str,
     see `ensure_shapes_split` for that.
 
     Args:
-        num_workers: threads drawing images; does not change the output.
+        num_workers: processes drawing images (default: up to 4, one per core);
+            does not change the output.
     Returns:
         the manifest.
     """
     start = time.perf_counter()
     image_dir = os.path.join(out_dir, _IMAGES)
     os.makedirs(image_dir)
-    n = params.num_images(split)
-    ext = params.image_format
-
-    def work(index):
-        image, anns = generate_shapes_image(params, split, index)
-        file_name = f"{index:06d}.{ext}"
-        pil = Image.fromarray(image)
-        path = os.path.join(image_dir, file_name)
-        if ext == "jpg":
-            pil.save(path, quality=95)
-        else:
-            pil.save(path, compress_level=1)
-        return file_name, image.shape[0], image.shape[1], anns
-
-    if num_workers is None:
-        num_workers = min(4, os.cpu_count() or 1)
-    if num_workers > 1:
-        with ThreadPoolExecutor(num_workers) as pool:
-            results = list(pool.map(work, range(n)))
-    else:
-        results = [work(i) for i in range(n)]
+    work = functools.partial(_draw_and_save, params, split, image_dir)
+    results = _map_indices(work, params.num_images(split), num_workers)
 
     cat_ids = {name: i + 1 for i, name in enumerate(params.categories)}
     images, annotations = [], []
