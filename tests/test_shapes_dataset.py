@@ -71,7 +71,10 @@ def test_params_validation():
     with pytest.raises(ValueError):
         ShapesParams(image_format="bmp")
     # Lists (e.g. read back from json) compare equal to the tuple defaults.
-    assert ShapesParams(image_size=[256, 256], categories=list(shapes.SHAPE_CATEGORIES)) == ShapesParams()
+    assert (
+        ShapesParams(image_size=[256, 256], categories=list(shapes.SHAPE_CATEGORIES))
+        == ShapesParams()
+    )
     assert 4 <= len(ShapesParams().categories) <= 5
 
 
@@ -105,7 +108,9 @@ def test_registration_is_lazy_and_metadata(registered):
         assert meta.evaluator_type == "coco"
         assert meta.json_file == os.path.join(root, split, "annotations.json")
         assert meta.image_root == os.path.join(root, split, "images")
-        assert meta.thing_dataset_id_to_contiguous_id == {i + 1: i for i in range(len(SMALL.categories))}
+        assert meta.thing_dataset_id_to_contiguous_id == {
+            i + 1: i for i in range(len(SMALL.categories))
+        }
 
 
 def test_import_generates_nothing(tmp_path):
@@ -118,8 +123,14 @@ def test_import_generates_nothing(tmp_path):
         "from detectron2.data import MetadataCatalog\n"
         "print(MetadataCatalog.get('shapes_val').json_file)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip() == str(tmp_path / "d2" / "shapes" / "val" / "annotations.json")
     assert sorted(os.listdir(tmp_path)) == []
 
@@ -253,11 +264,15 @@ def test_coco_evaluator_on_ground_truth(registered):
     evaluator = COCOEvaluator("shapes_val", output_dir=None, distributed=False, use_fast_impl=False)
     evaluator.reset()
     for d in dicts:
-        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in d["annotations"]]
+        boxes = [
+            BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in d["annotations"]
+        ]
         instances = Instances((d["height"], d["width"]))
         instances.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
         instances.scores = torch.ones(len(boxes))
-        instances.pred_classes = torch.tensor([a["category_id"] for a in d["annotations"]], dtype=torch.int64)
+        instances.pred_classes = torch.tensor(
+            [a["category_id"] for a in d["annotations"]], dtype=torch.int64
+        )
         evaluator.process([{"image_id": d["image_id"]}], [{"instances": instances}])
     results = evaluator.evaluate()
     assert results["bbox"]["AP"] == pytest.approx(100.0)

@@ -15,7 +15,7 @@ generated lazily, the first time a split is loaded through `DatasetCatalog.get`,
 cached: a manifest in every split folder records the generator version and the
 parameters, and a split whose manifest does not match is generated again.
 """
-import argparse
+
 import dataclasses
 import functools
 import json
@@ -69,10 +69,12 @@ class ShapesParams:
     """
     Everything that determines the generated data. Two equal parameter sets give
     byte-identical datasets; any change invalidates the cache of the affected split.
-    Sizes are in pixels, (height, width) where a pair.
+    Sizes are in pixels. The defaults aim at a task that a small detector learns in
+    minutes yet cannot solve by colour or by "anything not flat"; the fields from
+    `object_size` on are the difficulty knobs.
     """
 
-    # Nominal image size; with jitter every side is scaled by U(1 - j, 1 + j).
+    # Nominal (height, width); with jitter every side is scaled by U(1 - j, 1 + j).
     image_size: Tuple[int, int] = (256, 256)
     image_size_jitter: float = 0.0
     num_train: int = 2000
@@ -132,6 +134,7 @@ class ShapesParams:
         return dataclasses.replace(self, **changes)
 
     def num_images(self, split: str) -> int:
+        """Number of images of "train" or "val"."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
         return self.num_train if split == "train" else self.num_val
@@ -147,7 +150,9 @@ def shapes_root(root: Optional[str] = None) -> str:
     later change of the working directory does not move it.
     """
     if root is None:
-        root = os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "shapes")
+        root = os.path.join(
+            os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "shapes"
+        )
     return os.path.abspath(os.path.expanduser(root))
 
 
@@ -180,11 +185,13 @@ def _template(category: str, rng: np.random.Generator) -> np.ndarray:
         return _normalize(np.stack([r * np.cos(t), r * np.sin(t)], 1))
     if category == "cross":
         a = rng.uniform(0.25, 0.4)  # half width of an arm
+        # fmt: off
         return np.array(
             [[-a, -1], [a, -1], [a, -a], [1, -a], [1, a], [a, a],
              [a, 1], [-a, 1], [-a, a], [-1, a], [-1, -a], [-a, -a]],
             dtype=np.float64,
         )
+        # fmt: on
     raise ValueError(f"unknown shape {category!r}")
 
 
@@ -193,6 +200,7 @@ def _noise_bank(seed: int, sigma: float, side: int) -> np.ndarray:
     # Drawing fresh Gaussian noise for every pixel of every image costs more than
     # everything else together; random crops of one shared tile look the same to a
     # detector and keep generation within seconds.
+    # Two-word seed: a stream apart from the per-image ones, (seed, split, index).
     rng = np.random.default_rng([seed, 0x6E6F697365])
     noise = rng.standard_normal((side, side, 3), dtype=np.float32) * sigma
     noise = np.round(noise).astype(np.int16)
@@ -231,7 +239,9 @@ def _background(rng: np.random.Generator, h: int, w: int, p: ShapesParams) -> np
     return np.array(canvas)
 
 
-def _pick_colour(rng: np.random.Generator, under: List[np.ndarray], min_contrast: float) -> np.ndarray:
+def _pick_colour(
+    rng: np.random.Generator, under: List[np.ndarray], min_contrast: float
+) -> np.ndarray:
     """A random colour at least `min_contrast` away from every colour in `under`."""
     under = np.stack(under)
     candidates = rng.uniform(0, 255, size=(16, 3)).astype(np.float32)
@@ -285,24 +295,26 @@ def _place_object(rng, canvas, labels, objects, category, p) -> bool:
         if area == 0:
             return False
 
-        lab = labels[cy:cy + ch, cx:cx + cw]
+        lab = labels[cy : cy + ch, cx : cx + cw]
         hidden = np.bincount(lab[mask], minlength=len(objects) + 1)
         ok = True
         for k in np.nonzero(hidden[1:])[0]:
             (ox, oy, ow, oh), full_area = objects[k]
-            visible = np.count_nonzero(labels[oy:oy + oh, ox:ox + ow] == k + 1)
+            visible = np.count_nonzero(labels[oy : oy + oh, ox : ox + ow] == k + 1)
             if visible - hidden[k + 1] < (1 - p.max_occlusion) * full_area:
                 ok = False
                 break
         if not ok:
             continue
 
-        patch = canvas[cy:cy + ch, cx:cx + cw]
+        patch = canvas[cy : cy + ch, cx : cx + cw]
         under = [patch[mask & (lab == k)].mean(0) for k in np.unique(lab[mask])]
         colour = _pick_colour(rng, under, p.min_contrast)
         # Linear shading in a random direction, so that objects are not flat either.
         phi = rng.uniform(0, 2 * np.pi)
-        ramp = np.arange(cw, dtype=np.float32) * math.cos(phi) + np.arange(ch, dtype=np.float32)[:, None] * math.sin(phi)
+        ramp = np.arange(cw, dtype=np.float32) * math.cos(phi) + np.arange(ch, dtype=np.float32)[
+            :, None
+        ] * math.sin(phi)
         ramp = ramp[mask]
         ramp = (ramp - ramp.mean()) / max(float(np.ptp(ramp)), 1.0)
         fill = colour + (p.object_shading * ramp)[:, None]
@@ -352,13 +364,18 @@ def generate_shapes_image(params: ShapesParams, split: str, index: int):
         bank = _noise_bank(p.seed, float(p.pixel_noise), side)
         oy = int(rng.integers(0, side - h + 1))
         ox = int(rng.integers(0, side - w + 1))
-        noisy = canvas + bank[oy:oy + h, ox:ox + w]
+        noisy = canvas + bank[oy : oy + h, ox : ox + w]
         canvas = np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
 
     annotations = []
     for k, (category, ((cx, cy, cw, ch), _)) in enumerate(zip(placed, objects)):
-        ys, xs = np.nonzero(labels[cy:cy + ch, cx:cx + cw] == k + 1)
-        x0, x1, y0, y1 = cx + int(xs.min()), cx + int(xs.max()), cy + int(ys.min()), cy + int(ys.max())
+        ys, xs = np.nonzero(labels[cy : cy + ch, cx : cx + cw] == k + 1)
+        x0, x1, y0, y1 = (
+            cx + int(xs.min()),
+            cx + int(xs.max()),
+            cy + int(ys.min()),
+            cy + int(ys.max()),
+        )
         annotations.append(
             {
                 "category": category,
@@ -424,7 +441,14 @@ def _draw_and_save(params: ShapesParams, split: str, image_dir: str, index: int)
 def _map_indices(fn, n: int, num_workers: Optional[int]) -> List:
     """[fn(0), ..., fn(n - 1)], spread over worker processes where possible."""
     if num_workers is None:
-        num_workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        num_workers = min(
+            4,
+            (
+                len(os.sched_getaffinity(0))
+                if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1
+            ),
+        )
     num_workers = min(num_workers, n // 32)
     if num_workers <= 1:
         return [fn(i) for i in range(n)]
@@ -432,7 +456,10 @@ def _map_indices(fn, n: int, num_workers: Optional[int]) -> List:
     # Forked processes share what is already imported and start in milliseconds;
     # where fork is missing or not allowed (inside a daemonic data-loader worker),
     # threads still overlap the resizing and the encoding, which release the GIL.
-    if "fork" in multiprocessing.get_all_start_methods() and not multiprocessing.current_process().daemon:
+    if (
+        "fork" in multiprocessing.get_all_start_methods()
+        and not multiprocessing.current_process().daemon
+    ):
         pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("fork"))
         chunksize = max(1, n // (8 * num_workers))
     else:
@@ -442,8 +469,9 @@ def _map_indices(fn, n: int, num_workers: Optional[int]) -> List:
         return list(pool.map(fn, range(n), chunksize=chunksize))
 
 
-def generate_shapes_split(params: ShapesParams, split: str, out_dir: str,
-                          num_workers: Optional[int] = None) -> Dict:
+def generate_shapes_split(
+    params: ShapesParams, split: str, out_dir: str, num_workers: Optional[int] = None
+) -> Dict:
     """
     Write one split in COCO format into `out_dir` (which must not exist):
     `images/`, `annotations.json` and `manifest.json`. No caching, no atomicity:
@@ -479,11 +507,16 @@ def generate_shapes_split(params: ShapesParams, split: str, out_dir: str,
                 }
             )
     coco = {
-        "info": {"description": f"synthetic shapes, {split} split", "version": str(GENERATOR_VERSION)},
+        "info": {
+            "description": f"synthetic shapes, {split} split",
+            "version": str(GENERATOR_VERSION),
+        },
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i, "name": name, "supercategory": "shape"} for name, i in cat_ids.items()],
+        "categories": [
+            {"id": i, "name": name, "supercategory": "shape"} for name, i in cat_ids.items()
+        ],
     }
     with open(os.path.join(out_dir, _ANNOTATIONS), "w") as f:
         json.dump(coco, f)
@@ -500,9 +533,12 @@ def generate_shapes_split(params: ShapesParams, split: str, out_dir: str,
     return manifest
 
 
-def ensure_shapes_split(split: str, root: Optional[str] = None,
-                        params: ShapesParams = DEFAULT_SHAPES_PARAMS,
-                        num_workers: Optional[int] = None) -> Tuple[str, str]:
+def ensure_shapes_split(
+    split: str,
+    root: Optional[str] = None,
+    params: ShapesParams = DEFAULT_SHAPES_PARAMS,
+    num_workers: Optional[int] = None,
+) -> Tuple[str, str]:
     """
     Make sure that an up-to-date copy of a split is on disk, generating it if it is
     missing or was generated with other parameters or another generator version.
@@ -525,7 +561,9 @@ def ensure_shapes_split(split: str, root: Optional[str] = None,
     tmp = tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=root)
     try:
         out = os.path.join(tmp, split)
-        logger.info(f"Generating the shapes {split} split ({params.num_images(split)} images) in {final} ...")
+        logger.info(
+            f"Generating the shapes {split} split ({params.num_images(split)} images) in {final} ..."
+        )
         manifest = generate_shapes_split(params, split, out, num_workers=num_workers)
         logger.info(
             f"Generated {manifest['num_images']} images with {manifest['num_annotations']} objects "
@@ -552,9 +590,12 @@ def ensure_shapes_split(split: str, root: Optional[str] = None,
     return json_file, image_root
 
 
-def load_shapes_split(split: str, root: Optional[str] = None,
-                      params: ShapesParams = DEFAULT_SHAPES_PARAMS,
-                      dataset_name: Optional[str] = None) -> List[Dict]:
+def load_shapes_split(
+    split: str,
+    root: Optional[str] = None,
+    params: ShapesParams = DEFAULT_SHAPES_PARAMS,
+    dataset_name: Optional[str] = None,
+) -> List[Dict]:
     """
     Generate the split if needed, then load it as detectron2 dataset dicts.
     """
@@ -562,9 +603,9 @@ def load_shapes_split(split: str, root: Optional[str] = None,
     return load_coco_json(json_file, image_root, dataset_name)
 
 
-def register_shapes_datasets(root: Optional[str] = None,
-                             params: ShapesParams = DEFAULT_SHAPES_PARAMS,
-                             prefix: str = "shapes") -> Tuple[str, ...]:
+def register_shapes_datasets(
+    root: Optional[str] = None, params: ShapesParams = DEFAULT_SHAPES_PARAMS, prefix: str = "shapes"
+) -> Tuple[str, ...]:
     """
     Register `{prefix}_train` and `{prefix}_val` in detectron2's catalogs.
 
@@ -600,21 +641,3 @@ def register_shapes_datasets(root: Optional[str] = None,
         )
         names.append(name)
     return tuple(names)
-
-
-def main(argv=None):
-    """Generate the splits ahead of time and print a summary."""
-    parser = argparse.ArgumentParser(description="Generate the synthetic shapes dataset.")
-    parser.add_argument("--root", default=None, help="cache root (default: $DETECTRON2_DATASETS/shapes)")
-    parser.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS)
-    parser.add_argument("--workers", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    for split in args.splits:
-        start = time.perf_counter()
-        json_file, _ = ensure_shapes_split(split, args.root, num_workers=args.workers)
-        print(f"{split}: {json_file} ({time.perf_counter() - start:.1f}s)")
-
-
-if __name__ == "__main__":
-    main()
