@@ -3,8 +3,8 @@ Repack the PyPI republish of detectron2 (sal-detectron2, upstream Python files a
 commit a59f0563) as a pure-Python wheel for machines that cannot reach GitHub.
 
 Its bundled `_C` extension was built for Python 3.10 and an old torch and cannot
-load, so it is replaced by a module that fails with a clear message when one of
-detectron2's compiled ops is used. Nothing in this project needs them.
+load, so it is replaced by a module whose import fails with a clear message; nothing
+in this project needs detectron2's compiled ops.
 
 Usage: python scripts/repack_detectron2.py SRC.whl DST_DIR
 """
@@ -14,15 +14,15 @@ import sys
 import zipfile
 from pathlib import Path
 
-STUB_C_MODULE = '''"""Placeholder: detectron2's compiled ops are not built in this installation."""
+STUB_C_MODULE = '''"""detectron2's compiled ops are not built in this installation."""
 
-
-def __getattr__(name):
-    raise ImportError(
-        f"detectron2._C.{name} is unavailable: this detectron2 was installed from its "
-        "pure-Python republish without compiled ops. Install detectron2 from source "
-        "(pip install 'git+https://github.com/facebookresearch/detectron2.git') to use them."
-    )
+# Raising at import lets detectron2's own fallbacks take over (pycocotools instead of
+# its C++ COCOeval) and tells a caller of a compiled op what is missing.
+raise ImportError(
+    "detectron2._C is unavailable: this detectron2 was installed from its pure-Python "
+    "republish without compiled ops. Install detectron2 from source "
+    "(pip install 'git+https://github.com/facebookresearch/detectron2.git') to use them."
+)
 '''
 
 
