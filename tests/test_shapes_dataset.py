@@ -1,8 +1,10 @@
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
 
 # Small enough to be drawn in well under a second, large enough to contain both
 # empty and crowded images.
-SMALL = ShapesParams(image_size=(128, 128), num_train=12, num_val=60, object_size=(12, 48))
+SMALL_KWARGS = dict(image_size=(128, 128), num_train=12, num_val=60, object_size=(12, 48))
+SMALL = ShapesParams(**SMALL_KWARGS)
 
 
 @pytest.fixture
@@ -56,6 +59,13 @@ def _mtimes(path):
         for d, _, files in os.walk(path)
         for f in files
     }
+
+
+def _subprocess_env(tmp_path):
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "d2"))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    return env
 
 
 def _load_json(root, split):
@@ -114,10 +124,7 @@ def test_registration_is_lazy_and_metadata(registered):
 
 
 def test_import_generates_nothing(tmp_path):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "d2"))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
-    )
+    env = _subprocess_env(tmp_path)
     code = (
         "import conditional_detr.data\n"
         "from detectron2.data import MetadataCatalog\n"
@@ -243,6 +250,46 @@ def test_interrupted_generation_leaves_nothing(registered, monkeypatch):
 
     monkeypatch.setattr(shapes, "generate_shapes_image", real)
     assert len(DatasetCatalog.get("shapes_val")) == SMALL.num_val
+
+
+def test_killed_generation_leaves_no_split(tmp_path):
+    root = str(tmp_path / "shapes")
+    marker = tmp_path / "started"
+    # A generation that stalls half way; killed hard, so no cleanup code runs.
+    code = f"""
+import time
+from conditional_detr.data import shapes
+from conditional_detr.data.shapes import ShapesParams
+real = shapes.generate_shapes_image
+def slow(params, split, index):
+    if index == 10:
+        open({str(marker)!r}, "w").close()
+        time.sleep(60)
+    return real(params, split, index)
+shapes.generate_shapes_image = slow
+shapes.ensure_shapes_split("val", {root!r}, ShapesParams(**{SMALL_KWARGS!r}), num_workers=1)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], env=_subprocess_env(tmp_path))
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None, "the generating process ended early"
+            assert time.time() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    leftovers = os.listdir(root)
+    assert "val" not in leftovers and len(leftovers) == 1  # the temporary folder only
+    assert not shapes._is_current(os.path.join(root, "val"), SMALL, "val")
+
+    # The next load generates the split; once old enough, the leftover is removed.
+    old = time.time() - 2 * shapes._LEFTOVER_AGE_S
+    os.utime(os.path.join(root, leftovers[0]), (old, old))
+    shapes.ensure_shapes_split("val", root, SMALL)
+    assert sorted(os.listdir(root)) == ["val"]
+    assert shapes._is_current(os.path.join(root, "val"), SMALL, "val")
 
 
 def test_varied_image_sizes(tmp_path):

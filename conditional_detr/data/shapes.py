@@ -533,6 +533,23 @@ def generate_shapes_split(
     return manifest
 
 
+# A generation takes seconds; a temporary folder this old belongs to a killed one.
+_LEFTOVER_AGE_S = 3600
+
+
+def _remove_leftovers(root: str, split: str):
+    now = time.time()
+    for name in os.listdir(root):
+        if not name.startswith((f".{split}.tmp-", f".{split}.old-")):
+            continue
+        path = os.path.join(root, name)
+        try:
+            if now - os.stat(path).st_mtime > _LEFTOVER_AGE_S:
+                shutil.rmtree(path, ignore_errors=True)
+        except FileNotFoundError:
+            pass
+
+
 def ensure_shapes_split(
     split: str,
     root: Optional[str] = None,
@@ -558,6 +575,7 @@ def ensure_shapes_split(
         return json_file, image_root
 
     os.makedirs(root, exist_ok=True)
+    _remove_leftovers(root, split)
     tmp = tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=root)
     try:
         out = os.path.join(tmp, split)
@@ -569,16 +587,19 @@ def ensure_shapes_split(
             f"Generated {manifest['num_images']} images with {manifest['num_annotations']} objects "
             f"in {manifest['generation_seconds']:.1f}s"
         )
+        if _is_current(final, params, split):
+            # A concurrent caller (e.g. another GPU's process) finished first: keep
+            # its copy, which that caller may be reading already.
+            return json_file, image_root
         if os.path.exists(final):
             # Stale copy: move it aside first, as a directory cannot be renamed over
             # a non-empty one. A crash right here leaves no split, i.e. a regeneration.
             stale = os.path.join(root, f".{split}.old-{uuid.uuid4().hex}")
             try:
                 os.rename(final, stale)
-            except FileNotFoundError:
-                stale = None  # removed meanwhile by a concurrent caller
-            if stale is not None:
                 shutil.rmtree(stale, ignore_errors=True)
+            except FileNotFoundError:
+                pass  # moved away meanwhile by a concurrent caller
         try:
             os.rename(out, final)
         except OSError:
