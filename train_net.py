@@ -6,13 +6,13 @@ This script is similar to detectron2's tools/train_net.py, with the Trainer of
 `conditional_detr.engine`: AdamW with full-model gradient clipping, DETR's data
 augmentation and COCO evaluation.
 """
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 import conditional_detr  # noqa: F401 (registers the ConditionalDETR meta-architecture)
 import conditional_detr.data  # noqa: F401 (registers the datasets of the project)
+from conditional_detr.checkpoint import ConditionalDETRCheckpointer
 from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers, limit_cpu_threads
 
 
@@ -32,7 +32,9 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        ConditionalDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -1,0 +1,304 @@
+"""
+Training, evaluation, resuming and multi-process runs of the tiny instant-test
+config on a tiny copy of the embedded shapes dataset, on the CPU.
+"""
+import glob
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from detectron2.data import DatasetCatalog
+from detectron2.engine import HookBase, default_argument_parser, launch
+from detectron2.solver import build_lr_scheduler
+
+from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
+from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers
+from conditional_detr.solver import build_optimizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # train_net.py is a script at the top of the repository
+import train_net  # noqa: E402
+
+INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml")
+BASE_CONFIG = os.path.join(REPO, "configs", "Base-ConditionalDETR.yaml")
+TINY_SHAPES = ShapesParams(image_size=(64, 64), num_train=16, num_val=8, object_size=(10, 40), max_objects=3)
+
+
+def register_tiny_shapes(root):
+    register_shapes_datasets(root=root, params=TINY_SHAPES)
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("datasets") / "shapes")
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = os.path.dirname(root)
+    register_tiny_shapes(root)
+    DatasetCatalog.get("shapes_train"), DatasetCatalog.get("shapes_val")  # generate once
+    yield root
+    if old is None:
+        os.environ.pop("DETECTRON2_DATASETS", None)
+    else:
+        os.environ["DETECTRON2_DATASETS"] = old
+
+
+def instant_opts(output_dir, *opts):
+    return ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(output_dir), *map(str, opts)]
+
+
+def instant_cfg(output_dir, *opts):
+    return get_config(INSTANT_CONFIG, instant_opts(output_dir, *opts))
+
+
+def cli_args(*argv):
+    return default_argument_parser().parse_args(["--config-file", INSTANT_CONFIG, *map(str, argv)])
+
+
+def read_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------
+# Optimizer and schedule
+# ---------------------------------------------------------------------------------
+
+
+class TwoPartModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(3, 4)
+        self.head = nn.Sequential(nn.Linear(4, 2), nn.LayerNorm(2))
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def test_optimizer_is_adamw_with_backbone_multiplier(tmp_path):
+    cfg = get_config(BASE_CONFIG)
+    model = TwoPartModel()
+    optimizer = build_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+
+    lr_of, wd_of = {}, {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lr_of[p], wd_of[p] = group["lr"], group["weight_decay"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(lr_of) == len(trainable) and all(p in lr_of for p in trainable)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        expected = 1e-4 * 0.1 if name.startswith("backbone.") else 1e-4
+        assert lr_of[p] == pytest.approx(expected), name
+        # As the official AdamW: every parameter is decayed, LayerNorm included.
+        assert wd_of[p] == pytest.approx(1e-4), name
+
+
+def test_full_model_gradient_clipping(tmp_path):
+    cfg = get_config(BASE_CONFIG, ["SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.1"])
+    torch.manual_seed(0)
+    model = TwoPartModel()
+    reference = TwoPartModel()
+    reference.load_state_dict(model.state_dict())
+
+    optimizer = build_optimizer(cfg, model)
+    ref_optimizer = torch.optim.AdamW(
+        [{"params": reference.backbone.parameters(), "lr": 1e-5}, {"params": reference.head.parameters()}],
+        lr=1e-4,
+        weight_decay=1e-4,
+    )
+    for m in (model, reference):
+        for p in m.parameters():
+            if p.requires_grad:
+                p.grad = torch.full_like(p, 3.0)
+    total = math.sqrt(sum(9.0 * p.numel() for p in model.parameters() if p.requires_grad))
+    optimizer.step()
+
+    # One norm over all parameters together: every gradient scaled by 0.1 / total.
+    for p in model.parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, torch.full_like(p, 3.0 * 0.1 / total))
+    for p in reference.parameters():
+        if p.requires_grad:
+            p.grad.mul_(0.1 / total)
+    ref_optimizer.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q), name
+
+
+def test_clipping_can_be_disabled():
+    cfg = get_config(opts=["SOLVER.CLIP_GRADIENTS.ENABLED", "False"])
+    assert type(build_optimizer(cfg, TwoPartModel())) is torch.optim.AdamW
+
+
+def test_step_schedule_without_warmup():
+    cfg = get_config(opts=["SOLVER.MAX_ITER", "10", "SOLVER.STEPS", "(6,)", "SOLVER.WARMUP_ITERS", "0"])
+    optimizer = build_optimizer(cfg, TwoPartModel())
+    scheduler = build_lr_scheduler(cfg, optimizer)
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"] / optimizer.defaults["lr"])
+        optimizer.step()
+        scheduler.step()
+    factors = [1.0] * 6 + [0.1] * 4
+    base = lrs[0]
+    assert lrs == pytest.approx([base * f for f in factors])
+
+
+# ---------------------------------------------------------------------------------
+# End-to-end runs
+# ---------------------------------------------------------------------------------
+
+
+def test_train_then_evaluate(shapes_root, tmp_path):
+    out = tmp_path / "run"
+    train_net.main(cli_args(*instant_opts(out, "SOLVER.MAX_ITER", 4, "SOLVER.STEPS", "(3,)")))
+
+    # Default writers: printed progress with ETA, JSON metrics, TensorBoard events.
+    log = open(out / "log.txt").read()
+    assert "eta:" in log and "total_loss" in log
+    records = read_metrics(out)
+    losses = [r for r in records if "total_loss" in r]
+    assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
+    assert {"loss_ce", "loss_bbox", "loss_giou", "lr"} <= set(losses[-1])
+    assert glob.glob(str(out / "events.out.tfevents.*"))
+    # The evaluation after training, with the COCO API.
+    assert any("bbox/AP" in r for r in records)
+    assert (out / "inference" / "coco_instances_results.json").exists()
+    assert (out / "model_final.pth").exists()
+
+    # --eval-only on the trained weights
+    results = train_net.main(
+        cli_args("--eval-only", *instant_opts(tmp_path / "eval", "MODEL.WEIGHTS", out / "model_final.pth"))
+    )
+    assert set(results["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert all(0.0 <= results["bbox"][k] <= 100.0 for k in ("AP", "AP50", "AP75"))
+
+
+class KillAt(HookBase):
+    """Stands for a process killed at the start of iteration `iteration`."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def before_step(self):
+        if self.trainer.iter == self.iteration:
+            raise KeyboardInterrupt(f"killed at iteration {self.iteration}")
+
+
+def test_resume_after_interruption(shapes_root, tmp_path):
+    out = tmp_path / "run"
+    # No evaluation: only the training state matters here.
+    opts = ("SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 3, "SOLVER.STEPS", "(4,)", "DATASETS.TEST", "()")
+    trainer = Trainer(instant_cfg(out, *opts))
+    trainer.register_hooks([KillAt(4)])
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    del trainer
+    # The last checkpoint is the one after iteration 2 (every 3 iterations).
+    assert open(out / "last_checkpoint").read().strip() == "model_0000002.pth"
+    assert not (out / "model_final.pth").exists()
+
+    train_net.main(cli_args("--resume", *instant_opts(out, *opts)))
+    assert "Starting training from iteration 3" in open(out / "log.txt").read()
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 5
+    # The optimizer went on from its saved state: 3 AdamW steps before, 3 after.
+    optimizer = final["trainer"]["_trainer"]["optimizer"]
+    steps = {int(s["step"]) for s in optimizer["state"].values()}
+    assert steps == {6}
+    # ... and the schedule from its saved position: the drop at iteration 4 happened.
+    assert [g["lr"] for g in optimizer["param_groups"]] == pytest.approx([1e-5] * len(optimizer["param_groups"]))
+    resumed = [r["iteration"] for r in read_metrics(out) if "total_loss" in r]
+    assert resumed[-1] == 5
+
+
+class NaNLossModel(nn.Module):
+    """The instant model, with one loss term made NaN at a given training call."""
+
+    def __init__(self, model, at_call, term):
+        super().__init__()
+        self.model, self.at_call, self.term, self.calls = model, at_call, term, 0
+
+    def forward(self, batched_inputs):
+        losses = self.model(batched_inputs)
+        if self.training:
+            if self.calls == self.at_call:
+                losses[self.term] = losses[self.term] * float("nan")
+            self.calls += 1
+        return losses
+
+
+def test_non_finite_loss_names_iteration_and_term(shapes_root, tmp_path):
+    class NaNTrainer(Trainer):
+        @classmethod
+        def build_model(cls, cfg):
+            return NaNLossModel(super().build_model(cfg), at_call=2, term="loss_bbox")
+
+    trainer = NaNTrainer(instant_cfg(tmp_path, "SOLVER.MAX_ITER", 4, "SOLVER.STEPS", "(3,)"))
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(FloatingPointError) as e:
+        trainer.train()
+    message = str(e.value)
+    assert "iteration 2" in message and "loss_bbox" in message
+    assert "non-finite loss term(s) loss_bbox." in message
+    # Raised before the optimizer step: the weights stay finite.
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def _distributed_main(root, args, report_dir):
+    # Runs in every spawned worker: the tiny dataset is registered anew there.
+    import torch.distributed as dist
+
+    register_tiny_shapes(root)
+    cfg = train_net.setup(args)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    with open(os.path.join(report_dir, f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump(
+            {
+                "backend": str(dist.get_backend()),
+                "world_size": dist.get_world_size(),
+                "ddp": isinstance(trainer.model, nn.parallel.DistributedDataParallel),
+                "params": params[::97].tolist(),
+            },
+            f,
+        )
+
+
+def test_two_process_gloo_training(shapes_root, tmp_path):
+    out, report = tmp_path / "run", tmp_path / "report"
+    report.mkdir()
+    args = cli_args("--num-gpus", 2, *instant_opts(out, "SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 4))
+    hide_gpus_for_cpu_workers(get_config(INSTANT_CONFIG, args.opts), args.num_gpus)
+    launch(_distributed_main, args.num_gpus, dist_url="auto", args=(shapes_root, args, str(report)))
+
+    reports = [json.load(open(report / f"rank{r}.json")) for r in range(2)]
+    for r in reports:
+        assert (r["backend"], r["world_size"], r["ddp"]) == ("gloo", 2, True)
+    # DDP averaged the gradients: both processes hold the same weights.
+    assert reports[0]["params"] == reports[1]["params"]
+    assert "World size: 2" in open(out / "log.txt").read()
+    assert (out / "model_final.pth").exists()
+    assert any("bbox/AP" in r for r in read_metrics(out))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP training needs a GPU")
+def test_amp_training_on_gpu(shapes_root, tmp_path):
+    cfg = get_config(
+        INSTANT_CONFIG,
+        ["MODEL.DEVICE", "cuda", "OUTPUT_DIR", str(tmp_path), "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "3"],
+    )
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    losses = [r for r in read_metrics(tmp_path) if "total_loss" in r]
+    assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
