@@ -312,9 +312,9 @@ def _place_object(rng, canvas, labels, objects, category, p) -> bool:
         colour = _pick_colour(rng, under, p.min_contrast)
         # Linear shading in a random direction, so that objects are not flat either.
         phi = rng.uniform(0, 2 * np.pi)
-        ramp = np.arange(cw, dtype=np.float32) * math.cos(phi) + np.arange(ch, dtype=np.float32)[
-            :, None
-        ] * math.sin(phi)
+        xs = np.arange(cw, dtype=np.float32) * math.cos(phi)
+        ys = np.arange(ch, dtype=np.float32) * math.sin(phi)
+        ramp = xs[None, :] + ys[:, None]
         ramp = ramp[mask]
         ramp = (ramp - ramp.mean()) / max(float(np.ptp(ramp)), 1.0)
         fill = colour + (p.object_shading * ramp)[:, None]
@@ -441,14 +441,9 @@ def _draw_and_save(params: ShapesParams, split: str, image_dir: str, index: int)
 def _map_indices(fn, n: int, num_workers: Optional[int]) -> List:
     """[fn(0), ..., fn(n - 1)], spread over worker processes where possible."""
     if num_workers is None:
-        num_workers = min(
-            4,
-            (
-                len(os.sched_getaffinity(0))
-                if hasattr(os, "sched_getaffinity")
-                else os.cpu_count() or 1
-            ),
-        )
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        num_workers = min(4, len(cores) if cores else os.cpu_count() or 1)
+    # Too few images to pay for starting workers.
     num_workers = min(num_workers, n // 32)
     if num_workers <= 1:
         return [fn(i) for i in range(n)]
