@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from detectron2.data import DatasetCatalog
@@ -302,3 +303,23 @@ def test_amp_training_on_gpu(shapes_root, tmp_path):
     trainer.train()
     losses = [r for r in read_metrics(tmp_path) if "total_loss" in r]
     assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
+
+
+def test_shapes_demo_writes_metrics_and_pictures(shapes_root, tmp_path):
+    from conditional_detr.tools import shapes_demo
+
+    out = tmp_path / "demo"
+    summary = shapes_demo.main(
+        ["--config-file", INSTANT_CONFIG, "--output-dir", str(out), "--num-images", "2",
+         "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)"]
+    )
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert results == summary
+    assert set(results["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert results["train_seconds"] > 0 and results["iterations"] == 2
+    assert len(results["visualizations"]) == 2
+    for name in results["visualizations"]:
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > image.height  # truth | predictions
+    assert (out / "metrics.json").exists() and (out / "model_final.pth").exists()

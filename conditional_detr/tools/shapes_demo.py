@@ -1,0 +1,143 @@
+"""
+Train Conditional DETR on the embedded synthetic shapes dataset, evaluate it with
+the COCO API, and draw its predictions on a few validation images.
+
+    python -m conditional_detr.tools.shapes_demo [--output-dir output/demo]
+        [--config-file configs/quick_schedules/conditional_detr_shapes.yaml] [KEY VALUE ...]
+
+Everything goes to the output folder: the training log and metrics (log.txt,
+metrics.json, TensorBoard events), the checkpoints, the COCO detections, the
+pictures (visualizations/*.png: ground truth left, predictions right) and
+results.json with the bbox metrics and the training time. The GPU is used when
+there is one (MODEL.DEVICE "auto").
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.engine import default_setup
+from detectron2.utils.logger import create_small_table
+
+try:
+    from detectron2.utils.visualizer import Visualizer
+except ImportError as e:
+    raise ImportError(f"detectron2's Visualizer needs OpenCV (pip install opencv-python-headless): {e}") from e
+
+from .. import data  # noqa: F401 (registers shapes_train / shapes_val)
+from ..data.dataset_mapper import DetrDatasetMapper
+from ..engine import Trainer, get_config
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "quick_schedules", "conditional_detr_shapes.yaml")
+BBOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+logger = logging.getLogger("detectron2")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE", help="path to config file")
+    parser.add_argument("--output-dir", default="output/demo", help="where everything is written")
+    parser.add_argument("--num-images", type=int, default=8, help="validation images to draw")
+    parser.add_argument("--score-threshold", type=float, default=0.5, help="least score of a drawn detection")
+    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def _finite_or_none(value):
+    # COCO reports NaN for an area range without objects; JSON has no NaN.
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def draw_predictions(cfg, model, dataset_name, num_images, score_threshold, output_dir):
+    """Save ground truth and predictions side by side for the first images of a dataset."""
+    os.makedirs(output_dir, exist_ok=True)
+    metadata = MetadataCatalog.get(dataset_name)
+    mapper = DetrDatasetMapper(cfg, is_train=False)
+    paths = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for dataset_dict in DatasetCatalog.get(dataset_name)[:num_images]:
+            instances = model([mapper(dataset_dict)])[0]["instances"].to("cpu")
+            instances = instances[instances.scores >= score_threshold]
+            image = utils.read_image(dataset_dict["file_name"], format="RGB")
+            # The images are small: drawn at twice their size so that the labels stay legible.
+            truth = Visualizer(image, metadata, scale=2.0).draw_dataset_dict(dataset_dict).get_image()
+            predicted = Visualizer(image, metadata, scale=2.0).draw_instance_predictions(instances).get_image()
+            gap = np.full((truth.shape[0], 8, 3), 255, dtype=np.uint8)
+            path = os.path.join(output_dir, os.path.splitext(os.path.basename(dataset_dict["file_name"]))[0] + ".png")
+            Image.fromarray(np.concatenate([truth, gap, predicted], axis=1)).save(path)
+            paths.append(path)
+    model.train(was_training)
+    return paths
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = get_config(args.config_file, args.opts + ["OUTPUT_DIR", args.output_dir])
+    cfg.freeze()
+    default_setup(cfg, args)
+    if len(cfg.DATASETS.TEST) != 1:
+        raise ValueError(f"the demo evaluates one dataset, got DATASETS.TEST={cfg.DATASETS.TEST}")
+    dataset_name = cfg.DATASETS.TEST[0]
+
+    # Evaluated once below, so that training is timed on its own.
+    train_cfg = cfg.clone()
+    train_cfg.defrost()
+    train_cfg.DATASETS.TEST = ()
+    train_cfg.TEST.EVAL_PERIOD = 0
+    train_cfg.freeze()
+    trainer = Trainer(train_cfg)
+    trainer.resume_or_load(resume=False)
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+
+    DatasetCatalog.get(dataset_name)  # generated now if needed, not while evaluation is timed
+    start = time.perf_counter()
+    results = Trainer.test(cfg, trainer.model)["bbox"]
+    eval_seconds = time.perf_counter() - start
+
+    pictures = draw_predictions(
+        cfg, trainer.model, dataset_name, args.num_images, args.score_threshold,
+        os.path.join(cfg.OUTPUT_DIR, "visualizations"),
+    )
+
+    summary = {
+        "dataset": dataset_name,
+        "bbox": {k: _finite_or_none(results.get(k)) for k in BBOX_METRICS},
+        "bbox_per_category": {
+            k[len("AP-"):]: _finite_or_none(v) for k, v in results.items() if k.startswith("AP-")
+        },
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "iterations": cfg.SOLVER.MAX_ITER,
+        "images_per_batch": cfg.SOLVER.IMS_PER_BATCH,
+        "device": cfg.MODEL.DEVICE,
+        "torch_threads": torch.get_num_threads(),
+        "config_file": os.path.abspath(args.config_file),
+        "visualizations": [os.path.relpath(p, cfg.OUTPUT_DIR) for p in pictures],
+    }
+    with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+    print(f"\nBounding-box AP on {dataset_name}, after {cfg.SOLVER.MAX_ITER} iterations "
+          f"in {train_seconds / 60:.1f} min of training on {cfg.MODEL.DEVICE}:")
+    print(create_small_table({k: results.get(k, float("nan")) for k in BBOX_METRICS}))
+    print(f"Predictions drawn in {os.path.join(cfg.OUTPUT_DIR, 'visualizations')}; "
+          f"metrics in {os.path.join(cfg.OUTPUT_DIR, 'results.json')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
