@@ -156,8 +156,9 @@ class ConditionalDecoder(nn.Module):
         reference_points = self.ref_point_head(query_pos).sigmoid()  # [num_queries, batch, 2]
         output = tgt
         intermediate = []
+        identity_scale = query_pos.new_ones(()).expand_as(query_pos)
         for layer in self.layers:
-            query_scale = None if layer.is_first else self.query_scale(output)
+            query_scale = identity_scale if layer.is_first else self.query_scale(output)
             spatial_query = ops.conditional_spatial_query(
                 reference_points, query_scale, impl=self.attention_impl
             )
