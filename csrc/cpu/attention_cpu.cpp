@@ -3,9 +3,10 @@
 //
 // The forward pass walks blocks of queries against blocks of keys with an online softmax, so
 // the [queries, keys] matrix only ever exists one cache-sized tile at a time; the backward
-// pass recomputes those tiles from the saved log-sum-exp. Tile products go through ATen's
-// matmul (MKL where torch has it) reading the sequence-first inputs in place through
-// their row strides; the softmax passes use an exp that the compiler vectorizes.
+// pass recomputes those tiles from the saved log-sum-exp. Tiles are packed into per-thread
+// buffers (which also widens fp16/bf16 to fp32) and multiplied by small register-blocked
+// loops; those and the softmax passes (with an exp written to vectorize) are compiled per
+// instruction set level.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -26,34 +27,113 @@ namespace {
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 256;
 
-// Row loops below are compiled once per instruction set and picked at load time, because the
+// Row loops below are compiled once per instruction set level and picked at load time (by
+// feature, not CPU model, so AMD parts get the wide versions too), because the
 // extension is built for a generic x86-64 target but the gain here comes from wide vectors.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(__APPLE__)
-#define CDETR_VECTOR_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define CDETR_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CDETR_VECTOR_CLONES
 #endif
 
-// Row-major C[m x n] = alpha op(A) op(B) + beta C on raw tiles. The products go through ATen's
-// matmul on strided views (MKL where torch has it): cpublas's own entry points are not exported
-// to extensions, and a few microseconds of dispatch per tile are small against its work.
-template <typename acc_t>
-void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, acc_t alpha,
-             const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c,
-             int64_t ldc) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  auto view = [&](const acc_t* data, int64_t rows, int64_t cols, int64_t ld, bool trans) {
-    // op(X) is rows x cols; X itself is stored row-major with leading dimension ld
-    return trans ? at::from_blob(const_cast<acc_t*>(data), {rows, cols}, {1, ld}, options)
-                 : at::from_blob(const_cast<acc_t*>(data), {rows, cols}, {ld, 1}, options);
-  };
-  auto out = at::from_blob(c, {m, n}, {ldc, 1}, options);
-  out.addmm_(view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b), beta, alpha);
+#define CDETR_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// Register block of the tile products: kRows rows of C, kCols columns held in kRows separate
+// arrays so the compiler keeps them in vector registers across the reduction loop.
+constexpr int kRows = 4;
+
+template <typename T, int kCols, bool kTransA>
+CDETR_ALWAYS_INLINE void gemm_block(int64_t m0, int64_t n0, int64_t depth, T alpha, const T* a,
+                                    int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                                    int64_t ldc) {
+  T c0[kCols] = {}, c1[kCols] = {}, c2[kCols] = {}, c3[kCols] = {};
+  for (int64_t l = 0; l < depth; ++l) {
+    const T* b_row = b + l * ldb + n0;
+    const T a0 = kTransA ? a[l * lda + m0] : a[m0 * lda + l];
+    const T a1 = kTransA ? a[l * lda + m0 + 1] : a[(m0 + 1) * lda + l];
+    const T a2 = kTransA ? a[l * lda + m0 + 2] : a[(m0 + 2) * lda + l];
+    const T a3 = kTransA ? a[l * lda + m0 + 3] : a[(m0 + 3) * lda + l];
+    for (int j = 0; j < kCols; ++j) {
+      c0[j] += a0 * b_row[j];
+      c1[j] += a1 * b_row[j];
+      c2[j] += a2 * b_row[j];
+      c3[j] += a3 * b_row[j];
+    }
+  }
+  T* rows[kRows] = {c + m0 * ldc + n0, c + (m0 + 1) * ldc + n0, c + (m0 + 2) * ldc + n0,
+                    c + (m0 + 3) * ldc + n0};
+  const T* sums[kRows] = {c0, c1, c2, c3};
+  for (int r = 0; r < kRows; ++r) {
+    if (beta == T(0)) {
+      for (int j = 0; j < kCols; ++j) rows[r][j] = alpha * sums[r][j];
+    } else {
+      for (int j = 0; j < kCols; ++j) rows[r][j] = beta * rows[r][j] + alpha * sums[r][j];
+    }
+  }
+}
+
+// Leftover rows or columns of C, one element at a time.
+template <typename T, bool kTransA>
+CDETR_ALWAYS_INLINE void gemm_edge(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t depth,
+                                   T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
+                                   T beta, T* c, int64_t ldc) {
+  for (int64_t i = m0; i < m1; ++i) {
+    for (int64_t j = n0; j < n1; ++j) {
+      T sum = 0;
+      for (int64_t l = 0; l < depth; ++l) {
+        sum += (kTransA ? a[l * lda + i] : a[i * lda + l]) * b[l * ldb + j];
+      }
+      c[i * ldc + j] = (beta == T(0) ? T(0) : beta * c[i * ldc + j]) + alpha * sum;
+    }
+  }
+}
+
+template <typename T, bool kTransA>
+CDETR_ALWAYS_INLINE void gemm_body(int64_t m, int64_t n, int64_t depth, T alpha, const T* a,
+                                   int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                                   int64_t ldc) {
+  const int64_t m_full = m / kRows * kRows;
+  int64_t n0 = 0;
+  for (; n0 + 32 <= n; n0 += 32) {
+    for (int64_t m0 = 0; m0 < m_full; m0 += kRows) {
+      gemm_block<T, 32, kTransA>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
+  }
+  for (; n0 + 8 <= n; n0 += 8) {
+    for (int64_t m0 = 0; m0 < m_full; m0 += kRows) {
+      gemm_block<T, 8, kTransA>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
+  }
+  gemm_edge<T, kTransA>(0, m_full, n0, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_edge<T, kTransA>(m_full, m, 0, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// Row-major C[m x n] = alpha op(A) B + beta C for the small tiles of this kernel, with B's
+// columns contiguous (callers pack transposed operands). Written here rather than calling
+// BLAS: ATen's cpublas entry points are not exported to extensions, and calling a threaded
+// BLAS from inside at::parallel_for lets its thread pool fight ours.
+CDETR_VECTOR_CLONES
+void gemm_tile(bool trans_a, int64_t m, int64_t n, int64_t depth, float alpha, const float* a,
+               int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (trans_a) {
+    gemm_body<float, true>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    gemm_body<float, false>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+void gemm_tile(bool trans_a, int64_t m, int64_t n, int64_t depth, double alpha, const double* a,
+               int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  if (trans_a) {
+    gemm_body<double, true>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    gemm_body<double, false>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
 }
 
 // e^x with |relative error| ~ 2 ulp, 0 below -87 (so -inf gives 0); written as straight-line
 // arithmetic so that loops over it vectorize.
-inline float exp_approx(float x) {
+CDETR_ALWAYS_INLINE float exp_approx(float x) {
   const float clamped = x < -87.0f ? -87.0f : x;
   const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
   float r = clamped - n * 0.693145751953125f;
@@ -173,30 +253,6 @@ void apply_dropout(acc_t* row, int64_t n, const DropoutParams& dropout, uint64_t
   }
 }
 
-// Strided rows of a [length, batch, channels] input, seen as a row-major matrix.
-template <typename scalar_t>
-struct RowView {
-  const scalar_t* data;
-  int64_t ld;
-};
-
-// The rows [first, first + count) of `view` as acc_t: in place when the types agree,
-// otherwise converted into `buffer` (contiguous, ld = cols).
-template <typename scalar_t, typename acc_t>
-RowView<acc_t> rows_as_acc(RowView<scalar_t> view, int64_t first, int64_t count, int64_t cols,
-                           std::vector<acc_t>& buffer) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return {view.data + first * view.ld, view.ld};
-  } else {
-    buffer.resize(count * cols);
-    for (int64_t r = 0; r < count; ++r) {
-      const scalar_t* src = view.data + (first + r) * view.ld;
-      for (int64_t c = 0; c < cols; ++c) buffer[r * cols + c] = static_cast<acc_t>(src[c]);
-    }
-    return {buffer.data(), cols};
-  }
-}
-
 struct Inputs {
   at::Tensor q_content, q_spatial, k_content, k_spatial, value;
 };
@@ -206,9 +262,36 @@ at::Tensor unit_channel_stride(const at::Tensor& t) {
   return t.stride(2) == 1 ? t : t.contiguous();
 }
 
+// One head's slice of a [length, batch, channels] tensor: row r starts at data + r * ld.
 template <typename scalar_t>
-RowView<scalar_t> head_rows(const at::Tensor& t, int64_t b, int64_t h, int64_t head_channels) {
+struct HeadRows {
+  const scalar_t* data;
+  int64_t ld;
+};
+
+template <typename scalar_t>
+HeadRows<scalar_t> head_rows(const at::Tensor& t, int64_t b, int64_t h, int64_t head_channels) {
   return {t.const_data_ptr<scalar_t>() + b * t.stride(1) + h * head_channels, t.stride(0)};
+}
+
+// dst[r][offset + c] = rows[first + r][c] for r < count, c < cols (row-major, leading dim ld).
+template <typename scalar_t, typename acc_t>
+void pack_rows(HeadRows<scalar_t> src, int64_t first, int64_t count, int64_t cols, acc_t* dst,
+               int64_t ld, int64_t offset) {
+  for (int64_t r = 0; r < count; ++r) {
+    const scalar_t* row = src.data + (first + r) * src.ld;
+    for (int64_t c = 0; c < cols; ++c) dst[r * ld + offset + c] = static_cast<acc_t>(row[c]);
+  }
+}
+
+// The transpose: dst[offset + c][r] = rows[first + r][c].
+template <typename scalar_t, typename acc_t>
+void pack_columns(HeadRows<scalar_t> src, int64_t first, int64_t count, int64_t cols, acc_t* dst,
+                  int64_t ld, int64_t offset) {
+  for (int64_t r = 0; r < count; ++r) {
+    const scalar_t* row = src.data + (first + r) * src.ld;
+    for (int64_t c = 0; c < cols; ++c) dst[(offset + c) * ld + r] = static_cast<acc_t>(row[c]);
+  }
 }
 
 template <typename scalar_t>
@@ -216,23 +299,24 @@ void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
                     const DropoutParams& dropout, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Q = s.num_queries, K = s.num_keys, H = s.num_heads;
-  const int64_t hd = s.head_dim, vd = s.value_head_dim;
+  const int64_t hd = s.head_dim, vd = s.value_head_dim, qk = 2 * hd;
   const int64_t query_blocks = (Q + kQueryBlock - 1) / kQueryBlock;
   const acc_t scale = static_cast<acc_t>(1.0 / std::sqrt(2.0 * static_cast<double>(hd)));
   scalar_t* out_data = out.data_ptr<scalar_t>();
   acc_t* lse_data = lse.data_ptr<acc_t>();
-  const int64_t out_ld = out.stride(0);
 
   at::parallel_for(0, s.batch * H * query_blocks, 1, [&](int64_t begin, int64_t end) {
+    // queries as [q_c | q_p] rows, keys transposed to [k_c | k_p] columns: one product of
+    // depth 2 * head_dim gives the summed content and spatial logits
+    std::vector<acc_t> queries(kQueryBlock * qk), keys_t(qk * kKeyBlock), values(kKeyBlock * vd);
     std::vector<acc_t> scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * vd);
     std::vector<acc_t> row_max(kQueryBlock), row_sum(kQueryBlock);
-    std::vector<acc_t> qc_buf, qs_buf, kc_buf, ks_buf, v_buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % query_blocks, bh = task / query_blocks;
       const int64_t b = bh / H, h = bh % H;
       const int64_t q0 = qb * kQueryBlock, nq = std::min(kQueryBlock, Q - q0);
-      const auto qc = rows_as_acc(head_rows<scalar_t>(in.q_content, b, h, hd), q0, nq, hd, qc_buf);
-      const auto qs = rows_as_acc(head_rows<scalar_t>(in.q_spatial, b, h, hd), q0, nq, hd, qs_buf);
+      pack_rows(head_rows<scalar_t>(in.q_content, b, h, hd), q0, nq, hd, queries.data(), qk, 0);
+      pack_rows(head_rows<scalar_t>(in.q_spatial, b, h, hd), q0, nq, hd, queries.data(), qk, hd);
       const bool* mask_b = mask ? mask + b * K : nullptr;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
@@ -240,14 +324,13 @@ void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
 
       for (int64_t k0 = 0; k0 < K; k0 += kKeyBlock) {
         const int64_t nk = std::min(kKeyBlock, K - k0);
-        const auto kc = rows_as_acc(head_rows<scalar_t>(in.k_content, b, h, hd), k0, nk, hd, kc_buf);
-        const auto ks = rows_as_acc(head_rows<scalar_t>(in.k_spatial, b, h, hd), k0, nk, hd, ks_buf);
-        const auto v = rows_as_acc(head_rows<scalar_t>(in.value, b, h, vd), k0, nk, vd, v_buf);
-        // scores[nq x nk] (ld kKeyBlock) = scale (q_c k_c^T + q_p k_p^T)
-        gemm_rm<acc_t>(false, true, nq, nk, hd, scale, qc.data, qc.ld, kc.data, kc.ld, 0,
-                       scores.data(), kKeyBlock);
-        gemm_rm<acc_t>(false, true, nq, nk, hd, scale, qs.data, qs.ld, ks.data, ks.ld, 1,
-                       scores.data(), kKeyBlock);
+        pack_columns(head_rows<scalar_t>(in.k_content, b, h, hd), k0, nk, hd, keys_t.data(),
+                     kKeyBlock, 0);
+        pack_columns(head_rows<scalar_t>(in.k_spatial, b, h, hd), k0, nk, hd, keys_t.data(),
+                     kKeyBlock, hd);
+        pack_rows(head_rows<scalar_t>(in.value, b, h, vd), k0, nk, vd, values.data(), vd, 0);
+        gemm_tile(false, nq, nk, qk, scale, queries.data(), qk, keys_t.data(), kKeyBlock, acc_t(0),
+                  scores.data(), kKeyBlock);
         for (int64_t i = 0; i < nq; ++i) {
           acc_t* row = scores.data() + i * kKeyBlock;
           const acc_t block_max = mask_and_max(row, mask_b ? mask_b + k0 : nullptr, nk);
@@ -269,12 +352,12 @@ void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
           }
         }
         // acc[nq x vd] += P v
-        gemm_rm<acc_t>(false, false, nq, vd, nk, 1, scores.data(), kKeyBlock, v.data, v.ld, 1,
-                       acc.data(), vd);
+        gemm_tile(false, nq, vd, nk, acc_t(1), scores.data(), kKeyBlock, values.data(), vd,
+                  acc_t(1), acc.data(), vd);
       }
 
       for (int64_t i = 0; i < nq; ++i) {
-        scalar_t* o = out_data + (q0 + i) * out_ld + b * out.stride(1) + h * vd;
+        scalar_t* o = out_data + (q0 + i) * out.stride(0) + b * out.stride(1) + h * vd;
         const bool empty = row_sum[i] == acc_t(0);
         const acc_t inv = empty ? acc_t(0) : acc_t(1) / row_sum[i];
         for (int64_t c = 0; c < vd; ++c) o[c] = static_cast<scalar_t>(acc[i * vd + c] * inv);
@@ -292,50 +375,52 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
                      const at::Tensor& out, const at::Tensor& lse, at::Tensor grads[5]) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Q = s.num_queries, K = s.num_keys, H = s.num_heads;
-  const int64_t hd = s.head_dim, vd = s.value_head_dim;
+  const int64_t hd = s.head_dim, vd = s.value_head_dim, qk = 2 * hd;
   const acc_t scale = static_cast<acc_t>(1.0 / std::sqrt(2.0 * static_cast<double>(hd)));
   const acc_t* lse_data = lse.const_data_ptr<acc_t>();
 
   // Each task owns one (batch, head): its slices of every gradient are disjoint from the
   // others', so no reduction across threads is needed.
   at::parallel_for(0, s.batch * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> keys_t(qk * K), keys(K * qk), values_t(vd * K);
+    std::vector<acc_t> dkeys(K * qk), dvalues(K * vd);
+    std::vector<acc_t> queries(kQueryBlock * qk), dqueries(kQueryBlock * qk);
+    std::vector<acc_t> dout(kQueryBlock * vd), outs(kQueryBlock * vd), delta(kQueryBlock);
     std::vector<acc_t> probs(kQueryBlock * kKeyBlock), dprobs(kQueryBlock * kKeyBlock);
     std::vector<acc_t> dropped(dropout.enabled ? kQueryBlock * kKeyBlock : 0);
-    std::vector<acc_t> dkc(K * hd), dks(K * hd), dv(K * vd);
-    std::vector<acc_t> dqc(kQueryBlock * hd), dqs(kQueryBlock * hd), delta(kQueryBlock);
-    std::vector<acc_t> qc_buf, qs_buf, do_buf, o_buf, kc_buf, ks_buf, v_buf;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const bool* mask_b = mask ? mask + b * K : nullptr;
-      std::fill(dkc.begin(), dkc.end(), acc_t(0));
-      std::fill(dks.begin(), dks.end(), acc_t(0));
-      std::fill(dv.begin(), dv.end(), acc_t(0));
+      const auto kc = head_rows<scalar_t>(in.k_content, b, h, hd);
+      const auto ks = head_rows<scalar_t>(in.k_spatial, b, h, hd);
+      const auto v = head_rows<scalar_t>(in.value, b, h, vd);
+      pack_columns(kc, 0, K, hd, keys_t.data(), K, 0);
+      pack_columns(ks, 0, K, hd, keys_t.data(), K, hd);
+      pack_rows(kc, 0, K, hd, keys.data(), qk, 0);
+      pack_rows(ks, 0, K, hd, keys.data(), qk, hd);
+      pack_columns(v, 0, K, vd, values_t.data(), K, 0);
+      std::fill(dkeys.begin(), dkeys.end(), acc_t(0));
+      std::fill(dvalues.begin(), dvalues.end(), acc_t(0));
       for (int64_t q0 = 0; q0 < Q; q0 += kQueryBlock) {
         const int64_t nq = std::min(kQueryBlock, Q - q0);
-        const auto qc = rows_as_acc(head_rows<scalar_t>(in.q_content, b, h, hd), q0, nq, hd, qc_buf);
-        const auto qs = rows_as_acc(head_rows<scalar_t>(in.q_spatial, b, h, hd), q0, nq, hd, qs_buf);
-        const auto dout = rows_as_acc(head_rows<scalar_t>(grad_out, b, h, vd), q0, nq, vd, do_buf);
-        const auto o = rows_as_acc(head_rows<scalar_t>(out, b, h, vd), q0, nq, vd, o_buf);
+        pack_rows(head_rows<scalar_t>(in.q_content, b, h, hd), q0, nq, hd, queries.data(), qk, 0);
+        pack_rows(head_rows<scalar_t>(in.q_spatial, b, h, hd), q0, nq, hd, queries.data(), qk, hd);
+        pack_rows(head_rows<scalar_t>(grad_out, b, h, vd), q0, nq, vd, dout.data(), vd, 0);
+        pack_rows(head_rows<scalar_t>(out, b, h, vd), q0, nq, vd, outs.data(), vd, 0);
         // delta_i = dO_i . O_i, the softmax-gradient correction (dropout included)
         for (int64_t i = 0; i < nq; ++i) {
           acc_t d = 0;
-          for (int64_t c = 0; c < vd; ++c) d += dout.data[i * dout.ld + c] * o.data[i * o.ld + c];
+          for (int64_t c = 0; c < vd; ++c) d += dout[i * vd + c] * outs[i * vd + c];
           delta[i] = d;
         }
-        std::fill(dqc.begin(), dqc.end(), acc_t(0));
-        std::fill(dqs.begin(), dqs.end(), acc_t(0));
+        std::fill(dqueries.begin(), dqueries.end(), acc_t(0));
         for (int64_t k0 = 0; k0 < K; k0 += kKeyBlock) {
           const int64_t nk = std::min(kKeyBlock, K - k0);
-          const auto kc = rows_as_acc(head_rows<scalar_t>(in.k_content, b, h, hd), k0, nk, hd, kc_buf);
-          const auto ks = rows_as_acc(head_rows<scalar_t>(in.k_spatial, b, h, hd), k0, nk, hd, ks_buf);
-          const auto v = rows_as_acc(head_rows<scalar_t>(in.value, b, h, vd), k0, nk, vd, v_buf);
-          gemm_rm<acc_t>(false, true, nq, nk, hd, scale, qc.data, qc.ld, kc.data, kc.ld, 0,
-                         probs.data(), kKeyBlock);
-          gemm_rm<acc_t>(false, true, nq, nk, hd, scale, qs.data, qs.ld, ks.data, ks.ld, 1,
-                         probs.data(), kKeyBlock);
+          gemm_tile(false, nq, nk, qk, scale, queries.data(), qk, keys_t.data() + k0, K, acc_t(0),
+                    probs.data(), kKeyBlock);
           // dP = dO v^T
-          gemm_rm<acc_t>(false, true, nq, nk, vd, 1, dout.data, dout.ld, v.data, v.ld, 0,
-                         dprobs.data(), kKeyBlock);
+          gemm_tile(false, nq, nk, vd, acc_t(1), dout.data(), vd, values_t.data() + k0, K,
+                    acc_t(0), dprobs.data(), kKeyBlock);
           for (int64_t i = 0; i < nq; ++i) {
             acc_t* p = probs.data() + i * kKeyBlock;
             acc_t* dp = dprobs.data() + i * kKeyBlock;
@@ -351,22 +436,18 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
           }
           const acc_t* p_used = dropout.enabled ? dropped.data() : probs.data();
           // dv += P_dropped^T dO ; dq += scale dS k ; dk += scale dS^T q
-          gemm_rm<acc_t>(true, false, nk, vd, nq, 1, p_used, kKeyBlock, dout.data, dout.ld, 1,
-                         dv.data() + k0 * vd, vd);
-          gemm_rm<acc_t>(false, false, nq, hd, nk, scale, dprobs.data(), kKeyBlock, kc.data, kc.ld,
-                         1, dqc.data(), hd);
-          gemm_rm<acc_t>(false, false, nq, hd, nk, scale, dprobs.data(), kKeyBlock, ks.data, ks.ld,
-                         1, dqs.data(), hd);
-          gemm_rm<acc_t>(true, false, nk, hd, nq, scale, dprobs.data(), kKeyBlock, qc.data, qc.ld,
-                         1, dkc.data() + k0 * hd, hd);
-          gemm_rm<acc_t>(true, false, nk, hd, nq, scale, dprobs.data(), kKeyBlock, qs.data, qs.ld,
-                         1, dks.data() + k0 * hd, hd);
+          gemm_tile(true, nk, vd, nq, acc_t(1), p_used, kKeyBlock, dout.data(), vd, acc_t(1),
+                    dvalues.data() + k0 * vd, vd);
+          gemm_tile(false, nq, qk, nk, scale, dprobs.data(), kKeyBlock, keys.data() + k0 * qk, qk,
+                    acc_t(1), dqueries.data(), qk);
+          gemm_tile(true, nk, qk, nq, scale, dprobs.data(), kKeyBlock, queries.data(), qk,
+                    acc_t(1), dkeys.data() + k0 * qk, qk);
         }
         for (int64_t i = 0; i < nq; ++i) {
           for (int part = 0; part < 2; ++part) {
             at::Tensor& g = grads[part];
             scalar_t* dst = g.data_ptr<scalar_t>() + (q0 + i) * g.stride(0) + b * g.stride(1) + h * hd;
-            const acc_t* src = (part == 0 ? dqc : dqs).data() + i * hd;
+            const acc_t* src = dqueries.data() + i * qk + part * hd;
             for (int64_t c = 0; c < hd; ++c) dst[c] = static_cast<scalar_t>(src[c]);
           }
         }
@@ -376,7 +457,7 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
           at::Tensor& g = grads[part];
           const int64_t width = part == 4 ? vd : hd;
           scalar_t* dst = g.data_ptr<scalar_t>() + j * g.stride(0) + b * g.stride(1) + h * width;
-          const acc_t* src = (part == 2 ? dkc : part == 3 ? dks : dv).data() + j * width;
+          const acc_t* src = part == 4 ? dvalues.data() + j * vd : dkeys.data() + j * qk + (part - 2) * hd;
           for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(src[c]);
         }
       }
