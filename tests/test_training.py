@@ -34,6 +34,15 @@ def register_tiny_shapes(root):
     register_shapes_datasets(root=root, params=TINY_SHAPES)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The models are tiny: one thread is fastest, and robust to other processes on the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("datasets") / "shapes")
@@ -275,12 +284,15 @@ def _distributed_main(root, args, report_dir):
         )
 
 
-def test_two_process_gloo_training(shapes_root, tmp_path):
+def test_two_process_gloo_training(shapes_root, tmp_path, monkeypatch):
     out, report = tmp_path / "run", tmp_path / "report"
     report.mkdir()
     args = cli_args("--num-gpus", 2, *instant_opts(out, "SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 4))
-    hide_gpus_for_cpu_workers(get_config(INSTANT_CONFIG, args.opts), args.num_gpus)
-    launch(_distributed_main, args.num_gpus, dist_url="auto", args=(shapes_root, args, str(report)))
+    with monkeypatch.context() as m:
+        # Restored on leaving: only the spawned workers lose sight of the GPUs.
+        m.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+        hide_gpus_for_cpu_workers(get_config(INSTANT_CONFIG, args.opts), args.num_gpus)
+        launch(_distributed_main, args.num_gpus, dist_url="auto", args=(shapes_root, args, str(report)))
 
     reports = [json.load(open(report / f"rank{r}.json")) for r in range(2)]
     for r in reports:
