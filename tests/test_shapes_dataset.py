@@ -82,7 +82,7 @@ def test_params_validation():
         ShapesParams(image_format="bmp")
     # Lists (e.g. read back from json) compare equal to the tuple defaults.
     assert (
-        ShapesParams(image_size=[256, 256], categories=list(shapes.SHAPE_CATEGORIES))
+        ShapesParams(image_size=[128, 128], categories=list(shapes.SHAPE_CATEGORIES))
         == ShapesParams()
     )
     assert 4 <= len(ShapesParams().categories) <= 5

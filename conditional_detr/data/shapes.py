@@ -75,7 +75,7 @@ class ShapesParams:
     """
 
     # Nominal (height, width); with jitter every side is scaled by U(1 - j, 1 + j).
-    image_size: Tuple[int, int] = (256, 256)
+    image_size: Tuple[int, int] = (128, 128)
     image_size_jitter: float = 0.0
     num_train: int = 2000
     num_val: int = 200
@@ -85,22 +85,22 @@ class ShapesParams:
     # Objects per image are drawn uniformly from [min_objects, max_objects]; fewer
     # end up in the image when no free place is found for one.
     min_objects: int = 0
-    max_objects: int = 6
+    max_objects: int = 5
     # Geometric mean of the object's width and height, log-uniform in this range;
     # the shorter side is never below the lower bound.
-    object_size: Tuple[int, int] = (12, 96)
+    object_size: Tuple[int, int] = (20, 72)
     # Width / height (before rotation) is log-uniform in [1 / a, a].
     max_aspect: float = 2.0
     # Rotation, uniform in [-r, r] degrees.
     max_rotation: float = 20.0
     # The largest fraction of an object that later objects may hide.
-    max_occlusion: float = 0.3
+    max_occlusion: float = 0.2
     # Least RGB distance between an object's colour and what lies under it.
     min_contrast: float = 90.0
     # Amplitude of the smooth colour field and of the blotchy texture of the background.
     background_texture: float = 40.0
     # Number of thin distractor lines per image, uniform in [0, max_distractors].
-    max_distractors: int = 4
+    max_distractors: int = 2
     # Peak-to-peak brightness change of the linear shading inside an object.
     object_shading: float = 40.0
     # Standard deviation of the per-pixel Gaussian noise over the whole image.
