@@ -6,14 +6,19 @@ This script is similar to detectron2's tools/train_net.py, with the Trainer of
 `conditional_detr.engine`: AdamW with full-model gradient clipping, DETR's data
 augmentation and COCO evaluation.
 """
+
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-import conditional_detr  # noqa: F401 (registers the ConditionalDETR meta-architecture)
-import conditional_detr.data  # noqa: F401 (registers the datasets of the project)
+import conditional_detr  # noqa: F401 (registers the meta-architecture and the embedded datasets)
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
-from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers, limit_cpu_threads
+from conditional_detr.engine import (
+    Trainer,
+    get_config,
+    hide_gpus_for_cpu_workers,
+    limit_cpu_threads,
+)
 
 
 def setup(args):
@@ -48,7 +53,8 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    hide_gpus_for_cpu_workers(get_config(args.config_file, args.opts), args.num_gpus)
+    world_size = args.num_gpus * args.num_machines
+    hide_gpus_for_cpu_workers(get_config(args.config_file, args.opts), world_size)
     launch(
         main,
         args.num_gpus,

@@ -2,6 +2,7 @@
 Training and evaluation of Conditional DETR with detectron2's DefaultTrainer: the
 official recipe's optimizer, DETR's augmentation and COCO evaluation.
 """
+
 import logging
 import os
 import weakref
@@ -10,7 +11,13 @@ import torch
 
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+)
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -20,7 +27,13 @@ from .config import add_conditional_detr_config
 from .data.dataset_mapper import DetrDatasetMapper, add_detr_augmentation_config
 from .solver import build_optimizer
 
-__all__ = ["Trainer", "get_config", "resolve_device", "hide_gpus_for_cpu_workers", "limit_cpu_threads"]
+__all__ = [
+    "Trainer",
+    "get_config",
+    "resolve_device",
+    "hide_gpus_for_cpu_workers",
+    "limit_cpu_threads",
+]
 
 
 def resolve_device(cfg):
@@ -70,10 +83,14 @@ class _FiniteLossMixin:
 
     def _write_metrics(self, loss_dict, data_time, prefix="", iter=None):
         iter = self.iter if iter is None else iter
-        finite = torch.stack([torch.isfinite(v.detach()).all() for v in loss_dict.values()]).tolist()
+        finite = torch.stack(
+            [torch.isfinite(v.detach()).all() for v in loss_dict.values()]
+        ).tolist()
         bad = [name for name, ok in zip(loss_dict, finite) if not ok]
         if bad:
-            values = ", ".join(f"{k}={v.detach().float().sum().item():.4g}" for k, v in loss_dict.items())
+            values = ", ".join(
+                f"{k}={v.detach().float().sum().item():.4g}" for k, v in loss_dict.items()
+            )
             raise FloatingPointError(
                 f"Loss became infinite or NaN at iteration {iter}: non-finite loss term(s) "
                 f"{', '.join(bad)}. All terms: {values}"
@@ -115,10 +132,14 @@ class Trainer(DefaultTrainer):
             # detectron2 passes the local rank as GPU id, which DDP rejects for a CPU module.
             ddp_kwargs["device_ids"] = None
         model = create_ddp_model(model, **ddp_kwargs)
-        self._trainer = (_AMPTrainer if cfg.SOLVER.AMP.ENABLED else _SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = (_AMPTrainer if cfg.SOLVER.AMP.ENABLED else _SimpleTrainer)(
+            model, data_loader, optimizer
+        )
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = ConditionalDETRCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = ConditionalDETRCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -135,11 +156,15 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         # The C++ COCOeval of detectron2 is not always compiled; pycocotools gives the same numbers.
-        return COCOEvaluator(dataset_name, tasks=("bbox",), output_dir=output_folder, use_fast_impl=False)
+        return COCOEvaluator(
+            dataset_name, tasks=("bbox",), output_dir=output_folder, use_fast_impl=False
+        )

@@ -7,7 +7,9 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 __all__ = ["build_optimizer", "maybe_add_full_model_gradient_clipping"]
 
 
-def maybe_add_full_model_gradient_clipping(cfg, optim: Type[torch.optim.Optimizer]) -> Type[torch.optim.Optimizer]:
+def maybe_add_full_model_gradient_clipping(
+    cfg, optim: Type[torch.optim.Optimizer]
+) -> Type[torch.optim.Optimizer]:
     """
     Return a subclass of `optim` whose `step()` first clips the gradients of all its
     parameters together by their total norm, if SOLVER.CLIP_GRADIENTS asks for
@@ -51,9 +53,14 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     if name == "ADAMW":
         optim, kwargs = torch.optim.AdamW, {}
     elif name == "SGD":
-        optim, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
+        optim, kwargs = torch.optim.SGD, {
+            "momentum": cfg.SOLVER.MOMENTUM,
+            "nesterov": cfg.SOLVER.NESTEROV,
+        }
     else:
-        raise ValueError(f"Unknown SOLVER.OPTIMIZER {cfg.SOLVER.OPTIMIZER!r}: expected 'ADAMW' or 'SGD'")
+        raise ValueError(
+            f"Unknown SOLVER.OPTIMIZER {cfg.SOLVER.OPTIMIZER!r}: expected 'ADAMW' or 'SGD'"
+        )
 
     if cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model":
         optim = maybe_add_full_model_gradient_clipping(cfg, optim)

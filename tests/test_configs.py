@@ -40,7 +40,9 @@ def test_config_loads(path):
 @pytest.mark.parametrize("path", COCO_CONFIGS, ids=os.path.basename)
 def test_coco_schedule_matches_the_official_one(path):
     name = os.path.basename(path)
-    depth, dc5, epochs = re.fullmatch(r"conditional_detr_R_(\d+)(_DC5)?_(\d+)ep\.yaml", name).groups()
+    depth, dc5, epochs = re.fullmatch(
+        r"conditional_detr_R_(\d+)(_DC5)?_(\d+)ep\.yaml", name
+    ).groups()
     epochs = int(epochs)
     cfg = get_config(path)
 
@@ -101,7 +103,9 @@ def test_auto_device_is_resolved(monkeypatch):
 
 def test_wrong_type_on_command_line_names_key_and_value():
     with pytest.raises(ValueError) as e:
-        get_config(os.path.join(CONFIG_DIR, "Base-ConditionalDETR.yaml"), ["SOLVER.MAX_ITER", "many"])
+        get_config(
+            os.path.join(CONFIG_DIR, "Base-ConditionalDETR.yaml"), ["SOLVER.MAX_ITER", "many"]
+        )
     message = str(e.value)
     assert "SOLVER.MAX_ITER" in message and "many" in message
 

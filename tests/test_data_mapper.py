@@ -31,7 +31,12 @@ def dataset_dict(file_name, height, width, annotations=None):
 
 
 def ann(bbox, category_id=0, iscrowd=0):
-    return {"bbox": list(bbox), "bbox_mode": BoxMode.XYWH_ABS, "category_id": category_id, "iscrowd": iscrowd}
+    return {
+        "bbox": list(bbox),
+        "bbox_mode": BoxMode.XYWH_ABS,
+        "category_id": category_id,
+        "iscrowd": iscrowd,
+    }
 
 
 @pytest.fixture
@@ -83,9 +88,16 @@ def _white_box_image(tmp_path, h, w, box):
 def test_augmented_boxes_follow_the_image(tmp_path):
     """Under flip + resize + crop + resize, the box must stay on the object it marks."""
     cfg = make_cfg(
-        "INPUT.CROP.PROB", 1.0,
-        "INPUT.MIN_SIZE_TRAIN", "(64, 80, 96)", "INPUT.MAX_SIZE_TRAIN", 1000,
-        "INPUT.CROP.RESIZE_BEFORE_CROP", "(100, 120)", "INPUT.CROP.SIZE", "(40, 90)",
+        "INPUT.CROP.PROB",
+        1.0,
+        "INPUT.MIN_SIZE_TRAIN",
+        "(64, 80, 96)",
+        "INPUT.MAX_SIZE_TRAIN",
+        1000,
+        "INPUT.CROP.RESIZE_BEFORE_CROP",
+        "(100, 120)",
+        "INPUT.CROP.SIZE",
+        "(40, 90)",
     )
     box = (30, 20, 90, 70)
     path = _white_box_image(tmp_path, 100, 140, box)
@@ -110,12 +122,18 @@ def test_augmented_boxes_follow_the_image(tmp_path):
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
         (wy0, wx0), (wy1, wx1) = white.min(0), white.max(0) + 1
         # Tolerance: bilinear resizing blurs the edges by a pixel or two.
-        assert np.allclose([x0, y0, x1, y1], [wx0, wy0, wx1, wy1], atol=3.0), (seed, boxes, (wx0, wy0, wx1, wy1))
+        assert np.allclose([x0, y0, x1, y1], [wx0, wy0, wx1, wy1], atol=3.0), (
+            seed,
+            boxes,
+            (wx0, wy0, wx1, wy1),
+        )
     assert kept > 0
 
 
 def test_degenerate_and_crowd_boxes_are_dropped(rgb_file):
-    cfg = make_cfg("INPUT.RANDOM_FLIP", "none", "INPUT.CROP.ENABLED", False, "INPUT.MIN_SIZE_TRAIN", "(120,)")
+    cfg = make_cfg(
+        "INPUT.RANDOM_FLIP", "none", "INPUT.CROP.ENABLED", False, "INPUT.MIN_SIZE_TRAIN", "(120,)"
+    )
     annotations = [
         ann((10, 10, 20, 20), category_id=1),  # kept
         ann((10, 10, 0, 20), category_id=2),  # zero width
@@ -158,10 +176,12 @@ def test_non_rgb_images_are_converted(tmp_path, mode):
 
 
 def test_bgr_format(rgb_file):
-    rgb = DetrDatasetMapper(make_cfg("INPUT.MIN_SIZE_TEST", 0), is_train=False)(dataset_dict(rgb_file, 120, 160))
-    bgr = DetrDatasetMapper(make_cfg("INPUT.MIN_SIZE_TEST", 0, "INPUT.FORMAT", "BGR"), is_train=False)(
+    rgb = DetrDatasetMapper(make_cfg("INPUT.MIN_SIZE_TEST", 0), is_train=False)(
         dataset_dict(rgb_file, 120, 160)
     )
+    bgr = DetrDatasetMapper(
+        make_cfg("INPUT.MIN_SIZE_TEST", 0, "INPUT.FORMAT", "BGR"), is_train=False
+    )(dataset_dict(rgb_file, 120, 160))
     assert torch.equal(rgb["image"], bgr["image"].flip(0))
 
 

@@ -2,6 +2,7 @@
 Training, evaluation, resuming and multi-process runs of the tiny instant-test
 config on a tiny copy of the embedded shapes dataset, on the CPU.
 """
+
 import glob
 import json
 import math
@@ -25,9 +26,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # train_net.py is a script at the top of the repository
 import train_net  # noqa: E402
 
-INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml")
+INSTANT_CONFIG = os.path.join(
+    REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml"
+)
 BASE_CONFIG = os.path.join(REPO, "configs", "Base-ConditionalDETR.yaml")
-TINY_SHAPES = ShapesParams(image_size=(64, 64), num_train=16, num_val=8, object_size=(10, 40), max_objects=3)
+TINY_SHAPES = ShapesParams(
+    image_size=(64, 64), num_train=16, num_val=8, object_size=(10, 40), max_objects=3
+)
 
 
 def register_tiny_shapes(root):
@@ -118,7 +123,10 @@ def test_full_model_gradient_clipping(tmp_path):
 
     optimizer = build_optimizer(cfg, model)
     ref_optimizer = torch.optim.AdamW(
-        [{"params": reference.backbone.parameters(), "lr": 1e-5}, {"params": reference.head.parameters()}],
+        [
+            {"params": reference.backbone.parameters(), "lr": 1e-5},
+            {"params": reference.head.parameters()},
+        ],
         lr=1e-4,
         weight_decay=1e-4,
     )
@@ -147,7 +155,9 @@ def test_clipping_can_be_disabled():
 
 
 def test_step_schedule_without_warmup():
-    cfg = get_config(opts=["SOLVER.MAX_ITER", "10", "SOLVER.STEPS", "(6,)", "SOLVER.WARMUP_ITERS", "0"])
+    cfg = get_config(
+        opts=["SOLVER.MAX_ITER", "10", "SOLVER.STEPS", "(6,)", "SOLVER.WARMUP_ITERS", "0"]
+    )
     optimizer = build_optimizer(cfg, TwoPartModel())
     scheduler = build_lr_scheduler(cfg, optimizer)
     lrs = []
@@ -184,7 +194,10 @@ def test_train_then_evaluate(shapes_root, tmp_path):
 
     # --eval-only on the trained weights
     results = train_net.main(
-        cli_args("--eval-only", *instant_opts(tmp_path / "eval", "MODEL.WEIGHTS", out / "model_final.pth"))
+        cli_args(
+            "--eval-only",
+            *instant_opts(tmp_path / "eval", "MODEL.WEIGHTS", out / "model_final.pth"),
+        )
     )
     assert set(results["bbox"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert all(0.0 <= results["bbox"][k] <= 100.0 for k in ("AP", "AP50", "AP75"))
@@ -204,7 +217,16 @@ class KillAt(HookBase):
 def test_resume_after_interruption(shapes_root, tmp_path):
     out = tmp_path / "run"
     # No evaluation: only the training state matters here.
-    opts = ("SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 3, "SOLVER.STEPS", "(4,)", "DATASETS.TEST", "()")
+    opts = (
+        "SOLVER.MAX_ITER",
+        6,
+        "SOLVER.CHECKPOINT_PERIOD",
+        3,
+        "SOLVER.STEPS",
+        "(4,)",
+        "DATASETS.TEST",
+        "()",
+    )
     trainer = Trainer(instant_cfg(out, *opts))
     trainer.register_hooks([KillAt(4)])
     trainer.resume_or_load(resume=False)
@@ -224,7 +246,9 @@ def test_resume_after_interruption(shapes_root, tmp_path):
     steps = {int(s["step"]) for s in optimizer["state"].values()}
     assert steps == {6}
     # ... and the schedule from its saved position: the drop at iteration 4 happened.
-    assert [g["lr"] for g in optimizer["param_groups"]] == pytest.approx([1e-5] * len(optimizer["param_groups"]))
+    assert [g["lr"] for g in optimizer["param_groups"]] == pytest.approx(
+        [1e-5] * len(optimizer["param_groups"])
+    )
     resumed = [r["iteration"] for r in read_metrics(out) if "total_loss" in r]
     assert resumed[-1] == 5
 
@@ -287,12 +311,16 @@ def _distributed_main(root, args, report_dir):
 def test_two_process_gloo_training(shapes_root, tmp_path, monkeypatch):
     out, report = tmp_path / "run", tmp_path / "report"
     report.mkdir()
-    args = cli_args("--num-gpus", 2, *instant_opts(out, "SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 4))
+    args = cli_args(
+        "--num-gpus", 2, *instant_opts(out, "SOLVER.MAX_ITER", 2, "SOLVER.IMS_PER_BATCH", 4)
+    )
     with monkeypatch.context() as m:
         # Restored on leaving: only the spawned workers lose sight of the GPUs.
         m.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
         hide_gpus_for_cpu_workers(get_config(INSTANT_CONFIG, args.opts), args.num_gpus)
-        launch(_distributed_main, args.num_gpus, dist_url="auto", args=(shapes_root, args, str(report)))
+        launch(
+            _distributed_main, args.num_gpus, dist_url="auto", args=(shapes_root, args, str(report))
+        )
 
     reports = [json.load(open(report / f"rank{r}.json")) for r in range(2)]
     for r in reports:
@@ -308,7 +336,16 @@ def test_two_process_gloo_training(shapes_root, tmp_path, monkeypatch):
 def test_amp_training_on_gpu(shapes_root, tmp_path):
     cfg = get_config(
         INSTANT_CONFIG,
-        ["MODEL.DEVICE", "cuda", "OUTPUT_DIR", str(tmp_path), "SOLVER.AMP.ENABLED", "True", "SOLVER.MAX_ITER", "3"],
+        [
+            "MODEL.DEVICE",
+            "cuda",
+            "OUTPUT_DIR",
+            str(tmp_path),
+            "SOLVER.AMP.ENABLED",
+            "True",
+            "SOLVER.MAX_ITER",
+            "3",
+        ],
     )
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
@@ -322,8 +359,20 @@ def test_shapes_demo_writes_metrics_and_pictures(shapes_root, tmp_path):
 
     out = tmp_path / "demo"
     summary = shapes_demo.main(
-        ["--config-file", INSTANT_CONFIG, "--output-dir", str(out), "--num-images", "2",
-         "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)"]
+        [
+            "--config-file",
+            INSTANT_CONFIG,
+            "--output-dir",
+            str(out),
+            "--num-images",
+            "2",
+            "MODEL.DEVICE",
+            "cpu",
+            "SOLVER.MAX_ITER",
+            "2",
+            "SOLVER.STEPS",
+            "(1,)",
+        ]
     )
     with open(out / "results.json") as f:
         results = json.load(f)

@@ -53,7 +53,9 @@ def build_detr_augmentation(cfg, is_train: bool) -> List[T.Augmentation]:
         crop = [T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE)]
         if len(cfg.INPUT.CROP.RESIZE_BEFORE_CROP):
             # No longest-edge limit here, as in DETR: the crop bounds the size anyway.
-            crop.insert(0, T.ResizeShortestEdge(cfg.INPUT.CROP.RESIZE_BEFORE_CROP, sample_style="choice"))
+            crop.insert(
+                0, T.ResizeShortestEdge(cfg.INPUT.CROP.RESIZE_BEFORE_CROP, sample_style="choice")
+            )
         augs.append(T.RandomApply(T.AugmentationList(crop), prob=cfg.INPUT.CROP.PROB))
     augs.append(
         T.ResizeShortestEdge(
@@ -87,7 +89,9 @@ class DetrDatasetMapper:
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         mode = "training" if is_train else "inference"
-        logging.getLogger(__name__).info(f"[DetrDatasetMapper] Augmentations used in {mode}: {augmentations}")
+        logging.getLogger(__name__).info(
+            f"[DetrDatasetMapper] Augmentations used in {mode}: {augmentations}"
+        )
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True):
@@ -135,7 +139,11 @@ class DetrDatasetMapper:
         ).reshape(-1, 4)
         classes = np.array([int(obj["category_id"]) for obj in annos], dtype=np.int64)
         # Dropped before the transforms, which would turn an inverted box into a valid one.
-        valid = np.isfinite(boxes).all(axis=1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        valid = (
+            np.isfinite(boxes).all(axis=1)
+            & (boxes[:, 2] > boxes[:, 0])
+            & (boxes[:, 3] > boxes[:, 1])
+        )
         boxes, classes = boxes[valid], classes[valid]
         if len(boxes):
             boxes = transforms.apply_box(boxes)

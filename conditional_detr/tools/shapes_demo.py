@@ -11,6 +11,7 @@ pictures (visualizations/*.png: ground truth left, predictions right) and
 results.json with the bbox metrics and the training time. The GPU is used when
 there is one (MODEL.DEVICE "auto").
 """
+
 import argparse
 import json
 import logging
@@ -30,7 +31,9 @@ from detectron2.utils.logger import create_small_table
 try:
     from detectron2.utils.visualizer import Visualizer
 except ImportError as e:
-    raise ImportError(f"detectron2's Visualizer needs OpenCV (pip install opencv-python-headless): {e}") from e
+    raise ImportError(
+        f"detectron2's Visualizer needs OpenCV (pip install opencv-python-headless): {e}"
+    ) from e
 
 from .. import data  # noqa: F401 (registers shapes_train / shapes_val)
 from ..data.dataset_mapper import DetrDatasetMapper
@@ -44,12 +47,20 @@ logger = logging.getLogger("detectron2")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG, metavar="FILE", help="path to config file")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config-file", default=DEFAULT_CONFIG, metavar="FILE", help="path to config file"
+    )
     parser.add_argument("--output-dir", default="output/demo", help="where everything is written")
     parser.add_argument("--num-images", type=int, default=8, help="validation images to draw")
-    parser.add_argument("--score-threshold", type=float, default=0.5, help="least score of a drawn detection")
-    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    parser.add_argument(
+        "--score-threshold", type=float, default=0.5, help="least score of a drawn detection"
+    )
+    parser.add_argument(
+        "opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ..."
+    )
     return parser.parse_args(argv)
 
 
@@ -72,10 +83,19 @@ def draw_predictions(cfg, model, dataset_name, num_images, score_threshold, outp
             instances = instances[instances.scores >= score_threshold]
             image = utils.read_image(dataset_dict["file_name"], format="RGB")
             # The images are small: drawn at twice their size so that the labels stay legible.
-            truth = Visualizer(image, metadata, scale=2.0).draw_dataset_dict(dataset_dict).get_image()
-            predicted = Visualizer(image, metadata, scale=2.0).draw_instance_predictions(instances).get_image()
+            truth = (
+                Visualizer(image, metadata, scale=2.0).draw_dataset_dict(dataset_dict).get_image()
+            )
+            predicted = (
+                Visualizer(image, metadata, scale=2.0)
+                .draw_instance_predictions(instances)
+                .get_image()
+            )
             gap = np.full((truth.shape[0], 8, 3), 255, dtype=np.uint8)
-            path = os.path.join(output_dir, os.path.splitext(os.path.basename(dataset_dict["file_name"]))[0] + ".png")
+            path = os.path.join(
+                output_dir,
+                os.path.splitext(os.path.basename(dataset_dict["file_name"]))[0] + ".png",
+            )
             Image.fromarray(np.concatenate([truth, gap, predicted], axis=1)).save(path)
             paths.append(path)
     model.train(was_training)
@@ -109,7 +129,11 @@ def main(argv=None):
     eval_seconds = time.perf_counter() - start
 
     pictures = draw_predictions(
-        cfg, trainer.model, dataset_name, args.num_images, args.score_threshold,
+        cfg,
+        trainer.model,
+        dataset_name,
+        args.num_images,
+        args.score_threshold,
         os.path.join(cfg.OUTPUT_DIR, "visualizations"),
     )
 
@@ -117,7 +141,7 @@ def main(argv=None):
         "dataset": dataset_name,
         "bbox": {k: _finite_or_none(results.get(k)) for k in BBOX_METRICS},
         "bbox_per_category": {
-            k[len("AP-"):]: _finite_or_none(v) for k, v in results.items() if k.startswith("AP-")
+            k[len("AP-") :]: _finite_or_none(v) for k, v in results.items() if k.startswith("AP-")
         },
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
@@ -131,11 +155,15 @@ def main(argv=None):
     with open(os.path.join(cfg.OUTPUT_DIR, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
-    print(f"\nBounding-box AP on {dataset_name}, after {cfg.SOLVER.MAX_ITER} iterations "
-          f"in {train_seconds / 60:.1f} min of training on {cfg.MODEL.DEVICE}:")
+    print(
+        f"\nBounding-box AP on {dataset_name}, after {cfg.SOLVER.MAX_ITER} iterations "
+        f"in {train_seconds / 60:.1f} min of training on {cfg.MODEL.DEVICE}:"
+    )
     print(create_small_table({k: results.get(k, float("nan")) for k in BBOX_METRICS}))
-    print(f"Predictions drawn in {os.path.join(cfg.OUTPUT_DIR, 'visualizations')}; "
-          f"metrics in {os.path.join(cfg.OUTPUT_DIR, 'results.json')}")
+    print(
+        f"Predictions drawn in {os.path.join(cfg.OUTPUT_DIR, 'visualizations')}; "
+        f"metrics in {os.path.join(cfg.OUTPUT_DIR, 'results.json')}"
+    )
     return summary
 
 
