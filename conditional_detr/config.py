@@ -1,5 +1,7 @@
 from detectron2.config import CfgNode as CN
 
+from .data.dataset_mapper import add_detr_augmentation_config
+
 
 def add_conditional_detr_config(cfg):
     """
@@ -55,3 +57,6 @@ def add_conditional_detr_config(cfg):
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+
+    # DETR's resize-then-crop augmentation (INPUT.CROP.*)
+    add_detr_augmentation_config(cfg)

@@ -24,7 +24,7 @@ from detectron2.utils.logger import setup_logger
 
 from .checkpoint import ConditionalDETRCheckpointer
 from .config import add_conditional_detr_config
-from .data.dataset_mapper import DetrDatasetMapper, add_detr_augmentation_config
+from .data.dataset_mapper import DetrDatasetMapper
 from .solver import build_optimizer
 
 __all__ = [
@@ -47,8 +47,6 @@ def get_config(config_file: str = "", opts=()):
     """A Conditional DETR config from a YAML file and "KEY VALUE" overrides, not frozen."""
     cfg = get_cfg()
     add_conditional_detr_config(cfg)
-    if "RESIZE_BEFORE_CROP" not in cfg.INPUT.CROP:
-        add_detr_augmentation_config(cfg)
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts or []))
