@@ -44,6 +44,14 @@ def _use_compiled(impl, tensor, op_name):
     return False
 
 
+# the CUDA attention kernels keep a head's channels in registers, up to this many
+_CUDA_MAX_HEAD_DIM = 64
+
+
+def _cuda_kernel_fits(q_content, value, num_heads):
+    return max(q_content.shape[-1], value.shape[-1]) // num_heads <= _CUDA_MAX_HEAD_DIM
+
+
 def conditional_spatial_query(reference_points, query_scale=None, impl="auto"):
     """
     λq ⊙ sinusoidal(reference points), see `reference.conditional_spatial_query`.
@@ -72,6 +80,8 @@ def conditional_cross_attention(
     `reference.conditional_cross_attention` for shapes.
     """
     _check_impl(impl)
+    if impl == "auto" and q_content.is_cuda and not _cuda_kernel_fits(q_content, value, num_heads):
+        impl = "pytorch"
     if not _use_compiled(impl, q_content, "conditional_cross_attention"):
         return reference.conditional_cross_attention(
             q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, num_heads,

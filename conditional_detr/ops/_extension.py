@@ -148,3 +148,7 @@ def _register_autograd():
     torch.library.register_autograd(
         "conditional_detr::attention_forward", attention_backward, setup_context=attention_setup
     )
+
+
+# registration (fake kernels, autograd) belongs at import, not inside a traced first call
+_load()
