@@ -271,7 +271,9 @@ attention_backward_dq_kernel(const Params<scalar_t, acc_t> p) {
       padded[r] = k0 + r >= p.K || (p.mask != nullptr && p.mask[static_cast<int64_t>(b) * p.K + k0 + r]);
     }
     __syncthreads();
-#pragma unroll
+    // keys are independent here (no tile-wide max), so a short unroll is enough for ILP and
+    // keeps the q, dO and dq registers from spilling
+#pragma unroll 2
     for (int t = 0; t < kPerThread; ++t) {
       const int j = t * kSplit + split;
       const acc_t* key = keys + j * T::kQKStride;
@@ -349,7 +351,7 @@ attention_backward_dkv_kernel(const Params<scalar_t, acc_t> p) {
     }
     __syncthreads();
     if (padded) continue;  // a padding key gets no gradient; no barrier below this point
-#pragma unroll
+#pragma unroll 2
     for (int t = 0; t < kPerThread; ++t) {
       const int i = t * kSplit + split;
       const acc_t* query = queries + i * T::kQKStride;
