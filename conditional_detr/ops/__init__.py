@@ -88,7 +88,7 @@ def conditional_cross_attention(
             dropout_p, training,
         )
     tensors = (q_content, q_spatial, k_content, k_spatial, value)
-    # under autocast the projections may disagree in dtype; the reference's cat promotes
+    # under autocast the projections may disagree in dtype: compute in the promoted one
     dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors])
     tensors = [t.to(dtype) for t in tensors]
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
