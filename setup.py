@@ -124,7 +124,9 @@ def extension_modules():
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    extra_compile_args = {"cxx": ["-O3", "-fno-math-errno"]}
+    # as torch builds its own kernels: without these, GCC will not vectorize the exp and
+    # select loops of the CPU softmax
+    extra_compile_args = {"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math"]}
     define_macros = []
     if cuda_home is not None:
         print(f"conditional_detr: building CPU and CUDA kernels ({reason}, archs "
