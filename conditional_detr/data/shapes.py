@@ -85,26 +85,26 @@ class ShapesParams:
     # Objects per image are drawn uniformly from [min_objects, max_objects]; fewer
     # end up in the image when no free place is found for one.
     min_objects: int = 0
-    max_objects: int = 5
+    max_objects: int = 4
     # Geometric mean of the object's width and height, log-uniform in this range;
     # the shorter side is never below the lower bound.
-    object_size: Tuple[int, int] = (20, 72)
+    object_size: Tuple[int, int] = (24, 72)
     # Width / height (before rotation) is log-uniform in [1 / a, a].
     max_aspect: float = 2.0
     # Rotation, uniform in [-r, r] degrees.
-    max_rotation: float = 20.0
+    max_rotation: float = 15.0
     # The largest fraction of an object that later objects may hide.
-    max_occlusion: float = 0.2
+    max_occlusion: float = 0.1
     # Least RGB distance between an object's colour and what lies under it.
     min_contrast: float = 90.0
     # Amplitude of the smooth colour field and of the blotchy texture of the background.
-    background_texture: float = 40.0
+    background_texture: float = 20.0
     # Number of thin distractor lines per image, uniform in [0, max_distractors].
-    max_distractors: int = 2
+    max_distractors: int = 1
     # Peak-to-peak brightness change of the linear shading inside an object.
-    object_shading: float = 40.0
+    object_shading: float = 20.0
     # Standard deviation of the per-pixel Gaussian noise over the whole image.
-    pixel_noise: float = 8.0
+    pixel_noise: float = 4.0
     # "jpg" (quality 95) or "png".
     image_format: str = "jpg"
 
