@@ -126,7 +126,9 @@ def extension_modules():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # as torch builds its own kernels: without these, GCC will not vectorize the exp and
     # select loops of the CPU softmax
-    extra_compile_args = {"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math"]}
+    # -fopenmp: ATen's parallel_for is inlined into this extension and runs serially
+    # unless its OpenMP pragmas are compiled in
+    extra_compile_args = {"cxx": ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]}
     define_macros = []
     if cuda_home is not None:
         print(f"conditional_detr: building CPU and CUDA kernels ({reason}, archs "
@@ -145,6 +147,7 @@ def extension_modules():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
+        extra_link_args=["-fopenmp"],
     )
     return [module], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
