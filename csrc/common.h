@@ -64,6 +64,14 @@ AttentionShape check_attention_inputs(
     const at::Tensor& k_spatial, const at::Tensor& value,
     const std::optional<at::Tensor>& key_padding_mask, int64_t num_heads);
 
+// check_attention_inputs plus the shapes of what backward receives: grad_out and out
+// [num_queries, batch, value channels], lse [batch, heads, queries]
+AttentionShape check_attention_backward_inputs(
+    const at::Tensor& grad_out, const at::Tensor& q_content, const at::Tensor& q_spatial,
+    const at::Tensor& k_content, const at::Tensor& k_spatial, const at::Tensor& value,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, int64_t num_heads);
+
 void check_sine_query_inputs(const at::Tensor& reference_points,
                              const std::optional<at::Tensor>& query_scale, int64_t dim);
 

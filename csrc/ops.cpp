@@ -77,6 +77,24 @@ AttentionShape check_attention_inputs(
   return shape;
 }
 
+AttentionShape check_attention_backward_inputs(
+    const at::Tensor& grad_out, const at::Tensor& q_content, const at::Tensor& q_spatial,
+    const at::Tensor& k_content, const at::Tensor& k_spatial, const at::Tensor& value,
+    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
+    const at::Tensor& lse, int64_t num_heads) {
+  const auto shape = check_attention_inputs(q_content, q_spatial, k_content, k_spatial, value,
+                                            key_padding_mask, num_heads);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(0) == shape.num_queries &&
+                  out.size(1) == shape.batch && out.size(2) == value.size(2),
+              "conditional_attention backward: grad_out ", grad_out.sizes(), " and out ",
+              out.sizes(), " must be [num_queries, batch, value channels]");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == shape.batch && lse.size(1) == num_heads &&
+                  lse.size(2) == shape.num_queries,
+              "conditional_attention backward: lse must be [batch, heads, queries], got ",
+              lse.sizes());
+  return shape;
+}
+
 void check_sine_query_inputs(const at::Tensor& reference_points,
                              const std::optional<at::Tensor>& query_scale, int64_t dim) {
   TORCH_CHECK(dim > 0 && dim % 4 == 0,

@@ -484,16 +484,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
     const at::Tensor& lse, int64_t num_heads, double dropout_p,
     const std::optional<at::Tensor>& rng_state) {
-  const auto shape = check_attention_inputs(q_content, q_spatial, k_content, k_spatial, value,
-                                            key_padding_mask, num_heads);
+  const auto shape = check_attention_backward_inputs(grad_out, q_content, q_spatial, k_content,
+                                                     k_spatial, value, key_padding_mask, out,
+                                                     lse, num_heads);
   TORCH_CHECK(q_content.is_cuda(), "attention_backward_cuda: expected CUDA tensors");
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(0) == shape.num_queries &&
-                  out.size(1) == shape.batch && out.size(2) == value.size(2),
-              "attention_backward_cuda: grad_out ", grad_out.sizes(), " and out ", out.sizes(),
-              " must be [num_queries, batch, value channels]");
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == shape.batch && lse.size(1) == num_heads &&
-                  lse.size(2) == shape.num_queries,
-              "attention_backward_cuda: lse must be [batch, heads, queries], got ", lse.sizes());
   const c10::cuda::CUDAGuard guard(q_content.device());
   const auto dropout = make_dropout_params(dropout_p, rng_state);
   const auto dtype = q_content.scalar_type();
