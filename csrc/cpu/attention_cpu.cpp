@@ -42,17 +42,16 @@ constexpr int64_t kKeyBlock = 256;
 // arrays so the compiler keeps them in vector registers across the reduction loop.
 constexpr int kRows = 4;
 
-template <typename T, int kCols, bool kTransA>
+template <typename T, int kCols>
 CDETR_ALWAYS_INLINE void gemm_block(int64_t m0, int64_t n0, int64_t depth, T alpha, const T* a,
                                     int64_t lda, const T* b, int64_t ldb, T beta, T* c,
                                     int64_t ldc) {
   T c0[kCols] = {}, c1[kCols] = {}, c2[kCols] = {}, c3[kCols] = {};
+  const T* a_rows[kRows] = {a + m0 * lda, a + (m0 + 1) * lda, a + (m0 + 2) * lda,
+                            a + (m0 + 3) * lda};
   for (int64_t l = 0; l < depth; ++l) {
     const T* b_row = b + l * ldb + n0;
-    const T a0 = kTransA ? a[l * lda + m0] : a[m0 * lda + l];
-    const T a1 = kTransA ? a[l * lda + m0 + 1] : a[(m0 + 1) * lda + l];
-    const T a2 = kTransA ? a[l * lda + m0 + 2] : a[(m0 + 2) * lda + l];
-    const T a3 = kTransA ? a[l * lda + m0 + 3] : a[(m0 + 3) * lda + l];
+    const T a0 = a_rows[0][l], a1 = a_rows[1][l], a2 = a_rows[2][l], a3 = a_rows[3][l];
     for (int j = 0; j < kCols; ++j) {
       c0[j] += a0 * b_row[j];
       c1[j] += a1 * b_row[j];
@@ -73,22 +72,20 @@ CDETR_ALWAYS_INLINE void gemm_block(int64_t m0, int64_t n0, int64_t depth, T alp
 }
 
 // Leftover rows or columns of C, one element at a time.
-template <typename T, bool kTransA>
+template <typename T>
 CDETR_ALWAYS_INLINE void gemm_edge(int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t depth,
                                    T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
                                    T beta, T* c, int64_t ldc) {
   for (int64_t i = m0; i < m1; ++i) {
     for (int64_t j = n0; j < n1; ++j) {
       T sum = 0;
-      for (int64_t l = 0; l < depth; ++l) {
-        sum += (kTransA ? a[l * lda + i] : a[i * lda + l]) * b[l * ldb + j];
-      }
+      for (int64_t l = 0; l < depth; ++l) sum += a[i * lda + l] * b[l * ldb + j];
       c[i * ldc + j] = (beta == T(0) ? T(0) : beta * c[i * ldc + j]) + alpha * sum;
     }
   }
 }
 
-template <typename T, bool kTransA>
+template <typename T>
 CDETR_ALWAYS_INLINE void gemm_body(int64_t m, int64_t n, int64_t depth, T alpha, const T* a,
                                    int64_t lda, const T* b, int64_t ldb, T beta, T* c,
                                    int64_t ldc) {
@@ -96,38 +93,46 @@ CDETR_ALWAYS_INLINE void gemm_body(int64_t m, int64_t n, int64_t depth, T alpha,
   int64_t n0 = 0;
   for (; n0 + 32 <= n; n0 += 32) {
     for (int64_t m0 = 0; m0 < m_full; m0 += kRows) {
-      gemm_block<T, 32, kTransA>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+      gemm_block<T, 32>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
+  }
+  for (; n0 + 16 <= n; n0 += 16) {
+    for (int64_t m0 = 0; m0 < m_full; m0 += kRows) {
+      gemm_block<T, 16>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
     }
   }
   for (; n0 + 8 <= n; n0 += 8) {
     for (int64_t m0 = 0; m0 < m_full; m0 += kRows) {
-      gemm_block<T, 8, kTransA>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+      gemm_block<T, 8>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
     }
   }
-  gemm_edge<T, kTransA>(0, m_full, n0, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
-  gemm_edge<T, kTransA>(m_full, m, 0, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_edge<T>(0, m_full, n0, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_edge<T>(m_full, m, 0, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// Row-major C[m x n] = alpha op(A) B + beta C for the small tiles of this kernel, with B's
-// columns contiguous (callers pack transposed operands). Written here rather than calling
-// BLAS: ATen's cpublas entry points are not exported to extensions, and calling a threaded
-// BLAS from inside at::parallel_for lets its thread pool fight ours.
+// Row-major C[m x n] = alpha A B + beta C for the small tiles of this kernel, with the rows of
+// A and of B contiguous (callers pack or transpose operands first). Written here rather than
+// calling BLAS: ATen's cpublas entry points are not exported to extensions, and calling a
+// threaded BLAS from inside at::parallel_for lets its thread pool fight ours. There is no
+// transposed-A variant on purpose: GCC 12's loop vectorizer turns the column reads of such a
+// loop into loads that run past the end of A.
 CDETR_VECTOR_CLONES
-void gemm_tile(bool trans_a, int64_t m, int64_t n, int64_t depth, float alpha, const float* a,
-               int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (trans_a) {
-    gemm_body<float, true>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
-  } else {
-    gemm_body<float, false>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
-  }
+void gemm_tile(int64_t m, int64_t n, int64_t depth, float alpha, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm_body<float>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-void gemm_tile(bool trans_a, int64_t m, int64_t n, int64_t depth, double alpha, const double* a,
-               int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  if (trans_a) {
-    gemm_body<double, true>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
-  } else {
-    gemm_body<double, false>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+void gemm_tile(int64_t m, int64_t n, int64_t depth, double alpha, const double* a, int64_t lda,
+               const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  gemm_body<double>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+// dst[c][r] = src[r][c] for a rows x cols tile.
+template <typename T>
+void transpose_tile(const T* src, int64_t rows, int64_t cols, int64_t ld_src, T* dst,
+                    int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
   }
 }
 
@@ -329,7 +334,7 @@ void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
         pack_columns(head_rows<scalar_t>(in.k_spatial, b, h, hd), k0, nk, hd, keys_t.data(),
                      kKeyBlock, hd);
         pack_rows(head_rows<scalar_t>(in.value, b, h, vd), k0, nk, vd, values.data(), vd, 0);
-        gemm_tile(false, nq, nk, qk, scale, queries.data(), qk, keys_t.data(), kKeyBlock, acc_t(0),
+        gemm_tile(nq, nk, qk, scale, queries.data(), qk, keys_t.data(), kKeyBlock, acc_t(0),
                   scores.data(), kKeyBlock);
         for (int64_t i = 0; i < nq; ++i) {
           acc_t* row = scores.data() + i * kKeyBlock;
@@ -352,7 +357,7 @@ void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
           }
         }
         // acc[nq x vd] += P v
-        gemm_tile(false, nq, vd, nk, acc_t(1), scores.data(), kKeyBlock, values.data(), vd,
+        gemm_tile(nq, vd, nk, acc_t(1), scores.data(), kKeyBlock, values.data(), vd,
                   acc_t(1), acc.data(), vd);
       }
 
@@ -387,6 +392,7 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
     std::vector<acc_t> queries(kQueryBlock * qk), dqueries(kQueryBlock * qk);
     std::vector<acc_t> dout(kQueryBlock * vd), outs(kQueryBlock * vd), delta(kQueryBlock);
     std::vector<acc_t> probs(kQueryBlock * kKeyBlock), dprobs(kQueryBlock * kKeyBlock);
+    std::vector<acc_t> probs_t(kKeyBlock * kQueryBlock), dprobs_t(kKeyBlock * kQueryBlock);
     std::vector<acc_t> dropped(dropout.enabled ? kQueryBlock * kKeyBlock : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -416,10 +422,10 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
         std::fill(dqueries.begin(), dqueries.end(), acc_t(0));
         for (int64_t k0 = 0; k0 < K; k0 += kKeyBlock) {
           const int64_t nk = std::min(kKeyBlock, K - k0);
-          gemm_tile(false, nq, nk, qk, scale, queries.data(), qk, keys_t.data() + k0, K, acc_t(0),
+          gemm_tile(nq, nk, qk, scale, queries.data(), qk, keys_t.data() + k0, K, acc_t(0),
                     probs.data(), kKeyBlock);
           // dP = dO v^T
-          gemm_tile(false, nq, nk, vd, acc_t(1), dout.data(), vd, values_t.data() + k0, K,
+          gemm_tile(nq, nk, vd, acc_t(1), dout.data(), vd, values_t.data() + k0, K,
                     acc_t(0), dprobs.data(), kKeyBlock);
           for (int64_t i = 0; i < nq; ++i) {
             acc_t* p = probs.data() + i * kKeyBlock;
@@ -435,13 +441,15 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
             softmax_grad(p, dp, nk, delta[i]);
           }
           const acc_t* p_used = dropout.enabled ? dropped.data() : probs.data();
+          transpose_tile(p_used, nq, nk, kKeyBlock, probs_t.data(), kQueryBlock);
+          transpose_tile(dprobs.data(), nq, nk, kKeyBlock, dprobs_t.data(), kQueryBlock);
           // dv += P_dropped^T dO ; dq += scale dS k ; dk += scale dS^T q
-          gemm_tile(true, nk, vd, nq, acc_t(1), p_used, kKeyBlock, dout.data(), vd, acc_t(1),
+          gemm_tile(nk, vd, nq, acc_t(1), probs_t.data(), kQueryBlock, dout.data(), vd, acc_t(1),
                     dvalues.data() + k0 * vd, vd);
-          gemm_tile(false, nq, qk, nk, scale, dprobs.data(), kKeyBlock, keys.data() + k0 * qk, qk,
+          gemm_tile(nq, qk, nk, scale, dprobs.data(), kKeyBlock, keys.data() + k0 * qk, qk,
                     acc_t(1), dqueries.data(), qk);
-          gemm_tile(true, nk, qk, nq, scale, dprobs.data(), kKeyBlock, queries.data(), qk,
-                    acc_t(1), dkeys.data() + k0 * qk, qk);
+          gemm_tile(nk, qk, nq, scale, dprobs_t.data(), kQueryBlock, queries.data(), qk, acc_t(1),
+                    dkeys.data() + k0 * qk, qk);
         }
         for (int64_t i = 0; i < nq; ++i) {
           for (int part = 0; part < 2; ++part) {
