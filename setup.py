@@ -152,6 +152,15 @@ def extension_modules():
     return [module], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def model_zoo_configs():
+    """configs/*.yaml, shipped as conditional_detr/model_zoo/configs (a link to configs/ here)."""
+    configs = os.path.join(ROOT, "configs")
+    return [
+        os.path.join("configs", os.path.relpath(path, configs))
+        for path in glob.glob(os.path.join(configs, "**", "*.yaml"), recursive=True)
+    ]
+
+
 ext_modules, cmdclass = extension_modules()
 
 setup(
@@ -159,6 +168,7 @@ setup(
     version="0.1.0",
     description="Conditional DETR as a detectron2 project",
     packages=find_packages(exclude=("tests", "configs")),
+    package_data={"conditional_detr.model_zoo": model_zoo_configs()},
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,24 @@
+"""
+The project's configs by name, and the official Conditional DETR and DETR checkpoints as
+`conditional-detr://NAME` (see MODEL_ZOO.md), registered on detectron2's PathManager.
+"""
+from detectron2.utils.file_io import PathManager
+
+from .checkpoints import OFFICIAL_CHECKPOINTS, SCHEME, OfficialCheckpoint
+from .model_zoo import get, get_checkpoint_name, get_config, get_config_file, list_configs
+from .path_handler import OfficialCheckpointHandler, cache_dir
+
+__all__ = [
+    "OFFICIAL_CHECKPOINTS",
+    "SCHEME",
+    "OfficialCheckpoint",
+    "OfficialCheckpointHandler",
+    "cache_dir",
+    "get",
+    "get_checkpoint_name",
+    "get_config",
+    "get_config_file",
+    "list_configs",
+]
+
+PathManager.register_handler(OfficialCheckpointHandler())

@@ -1,0 +1,98 @@
+"""
+The published checkpoints of the official Conditional DETR and DETR implementations,
+by the names that `conditional-detr://NAME` accepts in MODEL.WEIGHTS.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+SCHEME = "conditional-detr://"
+
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    config: str  # the config, relative to configs/, whose model the checkpoint fits
+    url: Optional[str]  # a direct download, or None when only a share page is published
+    page: Optional[str] = None  # the link the official README gives, when it is not `url`
+    sha256_prefix: Optional[str] = None  # checked after download when the publisher gives it
+
+
+# The official README links Conditional DETR's weights to SharePoint share pages, which
+# need a browser; its hubconf.py downloads the same files from GitHub releases, used here.
+_CONDITIONAL_DETR_RELEASE = "https://github.com/DeppMeng/ConditionalDETR/releases/download/v1.0/"
+_SHAREPOINT = "https://pkueducn-my.sharepoint.com/:u:/g/personal/pkucxk_pkueducn_onmicrosoft_com/"
+# DETR's file names end with the first 8 hex digits of their SHA-256 (the torch.hub convention).
+_DETR = "https://dl.fbaipublicfiles.com/detr/"
+
+OFFICIAL_CHECKPOINTS = {
+    "ConditionalDETR-R50-50ep": OfficialCheckpoint(
+        "COCO-Detection/conditional_detr_R_50_50ep.yaml",
+        _CONDITIONAL_DETR_RELEASE + "ConditionalDETR_r50_epoch50.pth",
+        _SHAREPOINT + "EXaUwp6Qt29Mub0bVOExLusBlyqqyO7qCIQfVWclbOGulw?e=ILR0sI",
+    ),
+    "ConditionalDETR-R50-DC5-50ep": OfficialCheckpoint(
+        "COCO-Detection/conditional_detr_R_50_DC5_50ep.yaml",
+        _CONDITIONAL_DETR_RELEASE + "ConditionalDETR_r50dc5_epoch50.pth",
+        _SHAREPOINT + "EWq9mdPp7fdCgpW9M_40xEYBiOuTyIJdzbaTAxQZ7URPQw?e=cZzb6O",
+    ),
+    "ConditionalDETR-R101-50ep": OfficialCheckpoint(
+        "COCO-Detection/conditional_detr_R_101_50ep.yaml",
+        _CONDITIONAL_DETR_RELEASE + "ConditionalDETR_r101_epoch50.pth",
+        _SHAREPOINT + "EXTH01VuhzNEn9W_5Zg_dsEBkutCNBOoZYhV1ew7UVwo8Q?e=0cYF8t",
+    ),
+    "ConditionalDETR-R101-DC5-50ep": OfficialCheckpoint(
+        "COCO-Detection/conditional_detr_R_101_DC5_50ep.yaml",
+        _CONDITIONAL_DETR_RELEASE + "ConditionalDETR_r101dc5_epoch50.pth",
+        _SHAREPOINT + "EbwdBQK26Q5Ev535hVKcv0wB2TJerrBieD3Fk3xGBSPa9Q?e=wKdIsm",
+    ),
+    "DETR-R50-500ep": OfficialCheckpoint(
+        "COCO-Detection/detr_R_50_500ep.yaml", _DETR + "detr-r50-e632da11.pth", sha256_prefix="e632da11"
+    ),
+    "DETR-R50-DC5-500ep": OfficialCheckpoint(
+        "COCO-Detection/detr_R_50_DC5_500ep.yaml",
+        _DETR + "detr-r50-dc5-f0fb7ef5.pth",
+        sha256_prefix="f0fb7ef5",
+    ),
+    "DETR-R101-500ep": OfficialCheckpoint(
+        "COCO-Detection/detr_R_101_500ep.yaml", _DETR + "detr-r101-2c7b67e5.pth", sha256_prefix="2c7b67e5"
+    ),
+    "DETR-R101-DC5-500ep": OfficialCheckpoint(
+        "COCO-Detection/detr_R_101_DC5_500ep.yaml",
+        _DETR + "detr-r101-dc5-a2e86def.pth",
+        sha256_prefix="a2e86def",
+    ),
+    # The 50-epoch DETR baselines were trained by the Conditional DETR authors and are
+    # published only as share pages: no direct download is known.
+    "DETR-R50-50ep": OfficialCheckpoint(
+        "COCO-Detection/detr_R_50_50ep.yaml",
+        None,
+        _SHAREPOINT + "EWH1OGLL4N5DufAj4ncYuigB8q62uEw6I10G-d7OD7q09A?e=vKOlb6",
+    ),
+    "DETR-R101-50ep": OfficialCheckpoint(
+        "COCO-Detection/detr_R_101_50ep.yaml",
+        None,
+        _SHAREPOINT + "EaGY26sT-zhPtMIVZxeT8iEBjiN24_LDZPXb8EGi9dBXpw?e=p6C8dB",
+    ),
+}
+
+
+def official_checkpoint(name):
+    """The table entry of `name` (with or without the scheme), or a ValueError listing the known names."""
+    name = name[len(SCHEME):] if name.startswith(SCHEME) else name
+    if name not in OFFICIAL_CHECKPOINTS:
+        raise ValueError(
+            f"unknown official checkpoint {SCHEME}{name}; known names: "
+            + ", ".join(SCHEME + known for known in OFFICIAL_CHECKPOINTS)
+        )
+    return OFFICIAL_CHECKPOINTS[name]
+
+
+def checkpoint_name_for_config(config_path):
+    """`conditional-detr://NAME` of the official checkpoint trained with `config_path`."""
+    for name, checkpoint in OFFICIAL_CHECKPOINTS.items():
+        if checkpoint.config == config_path:
+            return SCHEME + name
+    with_checkpoint = ", ".join(c.config for c in OFFICIAL_CHECKPOINTS.values())
+    raise RuntimeError(
+        f"no official checkpoint is published for config {config_path}; configs with one: "
+        + with_checkpoint
+    )

@@ -1,0 +1,124 @@
+"""
+`conditional-detr://NAME` in MODEL.WEIGHTS (or anywhere detectron2's PathManager opens a
+file): the official checkpoint NAME, downloaded once, converted to this project's format
+and cached as `$CONDITIONAL_DETR_CACHE/NAME.pth` (default: iopath's cache directory,
+`$FVCORE_CACHE` or ~/.torch/iopath_cache, under conditional_detr/).
+"""
+import logging
+import os
+import tempfile
+from urllib.parse import urlparse
+
+import torch
+from iopath.common.file_io import PathHandler, file_lock, get_cache_dir
+
+from ..tools.convert_official import convert_state_dict, load_official_checkpoint
+from .checkpoints import SCHEME, official_checkpoint
+
+# detectron2's contiguous COCO classes, those of every COCO config of this project
+CONVERTED_NUM_CLASSES = 80
+
+logger = logging.getLogger(__name__)
+
+
+def cache_dir():
+    return os.environ.get("CONDITIONAL_DETR_CACHE") or os.path.join(get_cache_dir(), "conditional_detr")
+
+
+def download_url(url, destination, sha256_prefix=None):
+    """Download `url` to `destination`, checking the SHA-256 prefix when given."""
+    torch.hub.download_url_to_file(url, destination, hash_prefix=sha256_prefix)
+
+
+class OfficialCheckpointHandler(PathHandler):
+    """
+    Resolves `conditional-detr://NAME` to a local checkpoint of this project. The official
+    file is downloaded (by `download(url, destination, sha256_prefix)`), converted to
+    80 classes by `convert_official.convert_state_dict` and written atomically to the
+    cache; the download itself is not kept. A file the user saved as
+    `<cache>/official/NAME.pth` is used instead of downloading: the way to use the
+    checkpoints published only as share pages.
+    """
+
+    def __init__(self, download=download_url):
+        super().__init__()
+        self.download = download
+
+    def _get_supported_prefixes(self):
+        return [SCHEME]
+
+    def _get_local_path(self, path, force=False, **kwargs):
+        self._check_kwargs(kwargs)
+        name = path[len(SCHEME):]
+        official_checkpoint(name)  # an unknown name fails before touching the cache
+        converted_path = os.path.join(cache_dir(), name + ".pth")
+        if os.path.isfile(converted_path) and not force:
+            return converted_path
+        os.makedirs(cache_dir(), exist_ok=True)
+        # the processes of a multi-GPU run all ask for the file: one converts, the others wait
+        with file_lock(converted_path):
+            if force or not os.path.isfile(converted_path):
+                self._convert_into_cache(name, converted_path)
+        return converted_path
+
+    def _open(self, path, mode="r", buffering=-1, **kwargs):
+        self._check_kwargs(kwargs)
+        if mode not in ("r", "rb"):
+            raise ValueError(f"{path} is read-only, cannot open it with mode {mode!r}")
+        return open(self._get_local_path(path), "rb", buffering=buffering)
+
+    def _convert_into_cache(self, name, converted_path):
+        saved_by_user = os.path.join(cache_dir(), "official", name + ".pth")
+        if os.path.isfile(saved_by_user):
+            state_dict = self._read(name, saved_by_user)
+        else:
+            with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{name}.download.") as folder:
+                downloaded = self._download(name, folder, saved_by_user)
+                state_dict = self._read(name, downloaded)
+        try:
+            converted = convert_state_dict(state_dict, CONVERTED_NUM_CLASSES)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{SCHEME}{name}: cannot convert the official checkpoint: {e}") from e
+        _save_atomically({"model": converted, "matching_heuristics": False}, converted_path)
+        logger.info(f"Cached {SCHEME}{name}, converted to {CONVERTED_NUM_CLASSES} classes, at {converted_path}")
+
+    def _download(self, name, folder, saved_by_user):
+        checkpoint = official_checkpoint(name)
+        if checkpoint.url is None:
+            raise RuntimeError(
+                f"{SCHEME}{name} is published only as a share page, which needs a browser: "
+                f"{checkpoint.page} . Download it there and save it as {saved_by_user}; it is "
+                "converted and cached on first use"
+            )
+        destination = os.path.join(folder, os.path.basename(urlparse(checkpoint.url).path))
+        logger.info(f"Downloading {SCHEME}{name} from {checkpoint.url} ...")
+        try:
+            self.download(checkpoint.url, destination, checkpoint.sha256_prefix)
+        except Exception as e:
+            raise RuntimeError(
+                f"{SCHEME}{name}: downloading {checkpoint.url} failed ({e}); nothing was cached"
+            ) from e
+        return destination
+
+    @staticmethod
+    def _read(name, path):
+        try:
+            return load_official_checkpoint(path)
+        except Exception as e:
+            raise RuntimeError(
+                f"{SCHEME}{name}: {path} is not a readable official checkpoint (a broken or "
+                f"truncated download?): {e}; nothing was cached"
+            ) from e
+
+
+def _save_atomically(obj, path):
+    """Write to a temporary file next to `path`, then rename: a killed run leaves no partial `path`."""
+    handle, partial = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".", suffix=".partial")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(partial, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        os.replace(partial, path)
+    except BaseException:
+        os.unlink(partial)
+        raise
