@@ -2,6 +2,7 @@
 The project's configs by name, and the official Conditional DETR and DETR checkpoints as
 `conditional-detr://NAME` (see MODEL_ZOO.md), registered on detectron2's PathManager.
 """
+
 from detectron2.utils.file_io import PathManager
 
 from .checkpoints import OFFICIAL_CHECKPOINTS, SCHEME, OfficialCheckpoint
@@ -14,6 +15,7 @@ __all__ = [
     "OfficialCheckpoint",
     "OfficialCheckpointHandler",
     "cache_dir",
+    "checkpoint_handler",
     "get",
     "get_checkpoint_name",
     "get_config",
@@ -21,4 +23,5 @@ __all__ = [
     "list_configs",
 ]
 
-PathManager.register_handler(OfficialCheckpointHandler())
+checkpoint_handler = OfficialCheckpointHandler()
+PathManager.register_handler(checkpoint_handler)

@@ -2,6 +2,7 @@
 The published checkpoints of the official Conditional DETR and DETR implementations,
 by the names that `conditional-detr://NAME` accepts in MODEL.WEIGHTS.
 """
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,7 +46,9 @@ OFFICIAL_CHECKPOINTS = {
         _SHAREPOINT + "EbwdBQK26Q5Ev535hVKcv0wB2TJerrBieD3Fk3xGBSPa9Q?e=wKdIsm",
     ),
     "DETR-R50-500ep": OfficialCheckpoint(
-        "COCO-Detection/detr_R_50_500ep.yaml", _DETR + "detr-r50-e632da11.pth", sha256_prefix="e632da11"
+        "COCO-Detection/detr_R_50_500ep.yaml",
+        _DETR + "detr-r50-e632da11.pth",
+        sha256_prefix="e632da11",
     ),
     "DETR-R50-DC5-500ep": OfficialCheckpoint(
         "COCO-Detection/detr_R_50_DC5_500ep.yaml",
@@ -53,7 +56,9 @@ OFFICIAL_CHECKPOINTS = {
         sha256_prefix="f0fb7ef5",
     ),
     "DETR-R101-500ep": OfficialCheckpoint(
-        "COCO-Detection/detr_R_101_500ep.yaml", _DETR + "detr-r101-2c7b67e5.pth", sha256_prefix="2c7b67e5"
+        "COCO-Detection/detr_R_101_500ep.yaml",
+        _DETR + "detr-r101-2c7b67e5.pth",
+        sha256_prefix="2c7b67e5",
     ),
     "DETR-R101-DC5-500ep": OfficialCheckpoint(
         "COCO-Detection/detr_R_101_DC5_500ep.yaml",
@@ -76,8 +81,8 @@ OFFICIAL_CHECKPOINTS = {
 
 
 def official_checkpoint(name):
-    """The table entry of `name` (with or without the scheme), or a ValueError listing the known names."""
-    name = name[len(SCHEME):] if name.startswith(SCHEME) else name
+    """The entry of `name` (scheme optional); a ValueError lists the known names."""
+    name = name[len(SCHEME) :] if name.startswith(SCHEME) else name
     if name not in OFFICIAL_CHECKPOINTS:
         raise ValueError(
             f"unknown official checkpoint {SCHEME}{name}; known names: "

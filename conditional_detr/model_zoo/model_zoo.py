@@ -1,4 +1,5 @@
 """Configs and official checkpoints by name, in the manner of `detectron2.model_zoo`."""
+
 import os
 from typing import Optional
 
@@ -14,7 +15,7 @@ CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"
 
 
 def list_configs():
-    """Every config file, relative to configs/, e.g. "COCO-Detection/conditional_detr_R_50_50ep.yaml"."""
+    """Every config file, relative to configs/ (e.g. "COCO-Detection/detr_R_50_500ep.yaml")."""
     return sorted(
         os.path.relpath(os.path.join(folder, file), CONFIG_ROOT).replace(os.sep, "/")
         for folder, _, files in os.walk(CONFIG_ROOT, followlinks=True)

@@ -4,6 +4,7 @@ file): the official checkpoint NAME, downloaded once, converted to this project'
 and cached as `$CONDITIONAL_DETR_CACHE/NAME.pth` (default: iopath's cache directory,
 `$FVCORE_CACHE` or ~/.torch/iopath_cache, under conditional_detr/).
 """
+
 import logging
 import os
 import tempfile
@@ -22,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 def cache_dir():
-    return os.environ.get("CONDITIONAL_DETR_CACHE") or os.path.join(get_cache_dir(), "conditional_detr")
+    return os.environ.get("CONDITIONAL_DETR_CACHE") or os.path.join(
+        get_cache_dir(), "conditional_detr"
+    )
 
 
 def download_url(url, destination, sha256_prefix=None):
@@ -49,7 +52,7 @@ class OfficialCheckpointHandler(PathHandler):
 
     def _get_local_path(self, path, force=False, **kwargs):
         self._check_kwargs(kwargs)
-        name = path[len(SCHEME):]
+        name = path[len(SCHEME) :]
         official_checkpoint(name)  # an unknown name fails before touching the cache
         converted_path = os.path.join(cache_dir(), name + ".pth")
         if os.path.isfile(converted_path) and not force:
@@ -72,7 +75,9 @@ class OfficialCheckpointHandler(PathHandler):
         if os.path.isfile(saved_by_user):
             state_dict = self._read(name, saved_by_user)
         else:
-            with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=f".{name}.download.") as folder:
+            with tempfile.TemporaryDirectory(
+                dir=cache_dir(), prefix=f".{name}.download."
+            ) as folder:
                 downloaded = self._download(name, folder, saved_by_user)
                 state_dict = self._read(name, downloaded)
         try:
@@ -80,7 +85,7 @@ class OfficialCheckpointHandler(PathHandler):
         except (KeyError, ValueError) as e:
             raise ValueError(f"{SCHEME}{name}: cannot convert the official checkpoint: {e}") from e
         _save_atomically({"model": converted, "matching_heuristics": False}, converted_path)
-        logger.info(f"Cached {SCHEME}{name}, converted to {CONVERTED_NUM_CLASSES} classes, at {converted_path}")
+        logger.info(f"Cached {SCHEME}{name} ({CONVERTED_NUM_CLASSES} classes) at {converted_path}")
 
     def _download(self, name, folder, saved_by_user):
         checkpoint = official_checkpoint(name)
@@ -112,7 +117,7 @@ class OfficialCheckpointHandler(PathHandler):
 
 
 def _save_atomically(obj, path):
-    """Write to a temporary file next to `path`, then rename: a killed run leaves no partial `path`."""
+    """Write next to `path`, then rename: a killed run never leaves a partial `path`."""
     handle, partial = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".", suffix=".partial")
     try:
         with os.fdopen(handle, "wb") as f:
