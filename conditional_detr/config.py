@@ -5,7 +5,8 @@ from .data.dataset_mapper import add_detr_augmentation_config
 
 def add_conditional_detr_config(cfg):
     """
-    Add the config keys of Conditional DETR to a detectron2 config.
+    Add the config keys of Conditional DETR, and of DETR (the `DETR` meta-architecture
+    reads the same keys), to a detectron2 config.
     """
     cfg.MODEL.CONDITIONAL_DETR = CN()
     # Number of foreground classes (80 for COCO in detectron2's contiguous ids).
@@ -36,7 +37,7 @@ def add_conditional_detr_config(cfg):
     cfg.MODEL.CONDITIONAL_DETR.COST_BBOX = 5.0
     # Weight of the GIoU cost in the Hungarian matching.
     cfg.MODEL.CONDITIONAL_DETR.COST_GIOU = 2.0
-    # Weight of the focal classification loss.
+    # Weight of the classification loss.
     cfg.MODEL.CONDITIONAL_DETR.CLASS_WEIGHT = 2.0
     # Weight of the L1 box loss.
     cfg.MODEL.CONDITIONAL_DETR.L1_WEIGHT = 5.0
@@ -44,6 +45,25 @@ def add_conditional_detr_config(cfg):
     cfg.MODEL.CONDITIONAL_DETR.GIOU_WEIGHT = 2.0
     # Detections kept per image: the top-k over queries x classes.
     cfg.MODEL.CONDITIONAL_DETR.NUM_TOPK = 100
+    # Classification loss: "focal" (sigmoid focal loss over NUM_CLASSES logits, top-k
+    # inference) or "softmax" (DETR's cross-entropy over NUM_CLASSES + 1 logits, the last
+    # one "no object", best class per query at inference); the paper's Table 4.
+    cfg.MODEL.CONDITIONAL_DETR.CLASS_LOSS = "focal"
+    # Softmax loss only: cross-entropy weight of the "no object" class (DETR's eos_coef).
+    cfg.MODEL.CONDITIONAL_DETR.EOS_COEF = 0.1
+    # Reference points s (Section 4.3): "predicted" from the object query by an FFN,
+    # "learned" as a free 2D point per query, or "zero" (s = (0, 0) as in DETR).
+    cfg.MODEL.CONDITIONAL_DETR.REFERENCE_POINTS = "predicted"
+    # Conditional spatial query (Table 3): "CSQ" λq(f) ⊙ sinusoidal(s); "CSQ-C" the
+    # decoder embedding f; "CSQ-T" λq(f) alone; "CSQ-P" sinusoidal(s) alone; "CSQ-I"
+    # λq predicted from the self-attention output c_q instead of f.
+    cfg.MODEL.CONDITIONAL_DETR.SPATIAL_QUERY = "CSQ"
+    # Form of the transformation T predicted from f (Figure 5): "diagonal" (λq),
+    # "identity", "scalar", "block" (a head_dim x head_dim block per head) or "full".
+    cfg.MODEL.CONDITIONAL_DETR.TRANSFORMATION = "diagonal"
+    # Predict the box centre as an offset from the reference point (Table 4's OR);
+    # off, the box head predicts the box on its own as in DETR.
+    cfg.MODEL.CONDITIONAL_DETR.BOX_OFFSET = True
     # Cross-attention implementation: "auto" (compiled when built for the device),
     # "compiled" (fail if unavailable) or "pytorch" (the reference path).
     cfg.MODEL.CONDITIONAL_DETR.ATTENTION_IMPL = "auto"

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.modeling import build_model
 
 from conditional_detr import add_conditional_detr_config
 
@@ -42,12 +44,99 @@ def resnet_cfg(depth=50, num_classes=91, dilation=1):
 
 
 def tiny_fixture_cfg(attention_impl="pytorch"):
-    cfg = resnet_cfg(depth=18, num_classes=91)
+    cfg = shrink_to_tiny_fixture(resnet_cfg(depth=18, num_classes=91), num_queries=30)
+    cfg.MODEL.CONDITIONAL_DETR.ATTENTION_IMPL = attention_impl
+    return cfg
+
+
+def shrink_to_tiny_fixture(cfg, num_queries):
+    """The architecture of the tiny fixtures (their *_args.json)."""
     args = cfg.MODEL.CONDITIONAL_DETR
-    args.NUM_OBJECT_QUERIES = 30
+    args.NUM_OBJECT_QUERIES = num_queries
     args.ENC_LAYERS = 2
     args.DEC_LAYERS = 3
     args.DIM_FEEDFORWARD = 512
     args.DROPOUT = 0.0
-    args.ATTENTION_IMPL = attention_impl
     return cfg
+
+
+def detr_resnet_cfg(depth=50, num_classes=91, dilation=1):
+    """A config with the official DETR model: its decoder, 100 queries and softmax recipe."""
+    cfg = resnet_cfg(depth, num_classes, dilation)
+    cfg.MODEL.META_ARCHITECTURE = "DETR"
+    args = cfg.MODEL.CONDITIONAL_DETR
+    args.NUM_OBJECT_QUERIES = 100
+    args.CLASS_LOSS = "softmax"
+    args.EOS_COEF = 0.1
+    args.COST_CLASS = 1.0
+    args.CLASS_WEIGHT = 1.0
+    return cfg
+
+
+def tiny_detr_fixture_cfg():
+    return shrink_to_tiny_fixture(detr_resnet_cfg(depth=18, num_classes=91), num_queries=20)
+
+
+def load_converted(checkpoint, cfg):
+    """The model of `cfg` in eval mode with a converted checkpoint, every key matching."""
+    model = build_model(cfg).eval()
+    incompatible = DetectionCheckpointer(model)._load_model(
+        {"model": torch.load(checkpoint, map_location="cpu")["model"], "matching_heuristics": False}
+    )
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    assert not incompatible.incorrect_shapes
+    return model
+
+
+def run(model, reference_io):
+    """The output dict of the model on the reference images, run as one batch."""
+    inputs = [{"image": image} for image in reference_io["images_uint8_rgb"]]
+    with torch.no_grad():
+        return model.forward_outputs(model.preprocess_image(inputs))
+
+
+def layers(outputs):
+    """The outputs of every decoder layer, the last one last."""
+    return outputs["aux_outputs"] + [{"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}]
+
+
+def postprocessed(model, reference_io):
+    """detectron2's post-processed detections of the reference images at their own size."""
+    inputs = [
+        {"image": image, "height": image.shape[1], "width": image.shape[2]}
+        for image in reference_io["images_uint8_rgb"]
+    ]
+    with torch.no_grad():
+        return model(inputs)
+
+
+def assert_same_detections(instances, official, image_size):
+    """Equal up to the order of tied scores: each detection pairs with an official one."""
+    h, w = image_size
+    official_boxes = official["boxes"].clone()
+    official_boxes[:, 0::2] = official_boxes[:, 0::2].clamp(0, w)
+    official_boxes[:, 1::2] = official_boxes[:, 1::2].clamp(0, h)
+    assert len(instances) == len(official["scores"])
+    torch.testing.assert_close(instances.scores, official["scores"], atol=1e-4, rtol=0)
+    unmatched = set(range(len(official_boxes)))
+    for box, score, label in zip(instances.pred_boxes.tensor, instances.scores, instances.pred_classes):
+        match = next(
+            (
+                j for j in unmatched
+                if official["labels"][j] == label
+                and abs(official["scores"][j] - score) < 1e-4
+                and (official_boxes[j] - box).abs().max() < 1e-3
+            ),
+            None,
+        )
+        assert match is not None, f"no official detection for label {label}, score {score}, box {box}"
+        unmatched.remove(match)
+
+
+def assert_same_losses(model, outputs, reference_io):
+    """Every official loss term within 1e-5 relative, with the official weights."""
+    losses = model.criterion(outputs, reference_io["targets_coco_ids"])
+    assert set(losses) == set(reference_io["losses"])
+    for name, value in reference_io["losses"].items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
+    assert model.criterion.weight_dict == reference_io["weight_dict"]

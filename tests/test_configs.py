@@ -17,10 +17,17 @@ COCO_TRAIN2017_IMAGES = 118287
 
 
 def test_configs_found():
-    assert len(COCO_CONFIGS) == 12
     names = {os.path.relpath(p, CONFIG_DIR) for p in ALL_CONFIGS}
+    for method, schedules in (("conditional_detr", (50, 75, 108)), ("detr", (50, 500))):
+        assert {
+            f"COCO-Detection/{method}_R_{backbone}_{epochs}ep.yaml"
+            for backbone in ("50", "50_DC5", "101", "101_DC5")
+            for epochs in schedules
+        } <= names
+    assert len(COCO_CONFIGS) == 12 + 8
     assert {
         "Base-ConditionalDETR.yaml",
+        "Base-DETR.yaml",
         "quick_schedules/conditional_detr_shapes.yaml",
         "quick_schedules/conditional_detr_instant_test.yaml",
     } <= names
@@ -29,7 +36,8 @@ def test_configs_found():
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_config_loads(path):
     cfg = get_config(path)
-    assert cfg.MODEL.META_ARCHITECTURE == "ConditionalDETR"
+    is_detr = os.path.basename(path).lower().startswith(("detr_", "base-detr"))
+    assert cfg.MODEL.META_ARCHITECTURE == ("DETR" if is_detr else "ConditionalDETR")
     assert cfg.INPUT.FORMAT == "RGB"
     assert cfg.SOLVER.OPTIMIZER == "ADAMW"
     assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
@@ -40,8 +48,8 @@ def test_config_loads(path):
 @pytest.mark.parametrize("path", COCO_CONFIGS, ids=os.path.basename)
 def test_coco_schedule_matches_the_official_one(path):
     name = os.path.basename(path)
-    depth, dc5, epochs = re.fullmatch(
-        r"conditional_detr_R_(\d+)(_DC5)?_(\d+)ep\.yaml", name
+    method, depth, dc5, epochs = re.fullmatch(
+        r"(conditional_detr|detr)_R_(\d+)(_DC5)?_(\d+)ep\.yaml", name
     ).groups()
     epochs = int(epochs)
     cfg = get_config(path)
@@ -63,10 +71,23 @@ def test_coco_schedule_matches_the_official_one(path):
     per_process = 1 if dc5 else 2
     assert cfg.SOLVER.IMS_PER_BATCH == 8 * per_process
     iters_per_epoch = math.ceil(COCO_TRAIN2017_IMAGES / 8) // per_process
-    drop_epoch = {50: 40, 75: 60, 108: 80}[epochs]
+    # Conditional DETR's schedules, and DETR's 50 and 500 epochs (its lr_drop 40 and 400)
+    drop_epoch = {"conditional_detr": {50: 40, 75: 60, 108: 80}, "detr": {50: 40, 500: 400}}[method][epochs]
     assert cfg.SOLVER.MAX_ITER == epochs * iters_per_epoch
     assert cfg.SOLVER.STEPS == (drop_epoch * iters_per_epoch,)
     assert cfg.SOLVER.CHECKPOINT_PERIOD == iters_per_epoch
+
+
+def test_detr_config_has_the_official_detr_recipe():
+    cfg = get_config(os.path.join(CONFIG_DIR, "Base-DETR.yaml"))
+    args = cfg.MODEL.CONDITIONAL_DETR
+    assert cfg.MODEL.META_ARCHITECTURE == "DETR"
+    assert args.NUM_OBJECT_QUERIES == 100 and args.NUM_CLASSES == 80
+    assert args.CLASS_LOSS == "softmax" and args.EOS_COEF == 0.1
+    assert (args.COST_CLASS, args.COST_BBOX, args.COST_GIOU) == (1, 5, 2)
+    assert (args.CLASS_WEIGHT, args.L1_WEIGHT, args.GIOU_WEIGHT) == (1, 5, 2)
+    assert args.DEEP_SUPERVISION and args.DROPOUT == 0.1
+    assert (args.ENC_LAYERS, args.DEC_LAYERS, args.HIDDEN_DIM, args.NHEADS) == (6, 6, 256, 8)
 
 
 def test_base_config_matches_detr_augmentation():

@@ -10,11 +10,12 @@ explaining 5,460) and require every output, detection and loss to match tightly.
 """
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
 
 from conditional_detr.tools import convert_official
-from official_fixture import reference_file, tiny_fixture_cfg
+from official_fixture import (
+    assert_same_detections, assert_same_losses, layers, load_converted, postprocessed,
+    reference_file, run, tiny_fixture_cfg,
+)
 
 ATTENTION_IMPLS = ["pytorch", "auto"]
 
@@ -32,23 +33,7 @@ def converted_checkpoint(tmp_path_factory):
 
 
 def load_model(checkpoint, attention_impl="pytorch"):
-    model = build_model(tiny_fixture_cfg(attention_impl)).eval()
-    incompatible = DetectionCheckpointer(model)._load_model(
-        {"model": torch.load(checkpoint, map_location="cpu")["model"], "matching_heuristics": False}
-    )
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys
-    assert not incompatible.incorrect_shapes
-    return model
-
-
-def run(model, reference_io):
-    inputs = [{"image": image} for image in reference_io["images_uint8_rgb"]]
-    with torch.no_grad():
-        return model.forward_outputs(model.preprocess_image(inputs))
-
-
-def layers(outputs):
-    return outputs["aux_outputs"] + [{"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}]
+    return load_converted(checkpoint, tiny_fixture_cfg(attention_impl))
 
 
 def recovered_class_bias(model, outputs, reference_io):
@@ -90,40 +75,7 @@ def test_outputs_detections_and_losses_match(converted_checkpoint, reference_io,
     for ours, official in zip(layers(outputs), layers(reference_io)):
         torch.testing.assert_close(ours["pred_logits"], official["pred_logits"], atol=1e-4, rtol=0)
 
-    losses = model.criterion(outputs, reference_io["targets_coco_ids"])
-    assert set(losses) == set(reference_io["losses"])
-    for name, value in reference_io["losses"].items():
-        assert losses[name].item() == pytest.approx(value, rel=1e-5), name
-    assert model.criterion.weight_dict == reference_io["weight_dict"]
-
-    inputs = [
-        {"image": image, "height": image.shape[1], "width": image.shape[2]}
-        for image in reference_io["images_uint8_rgb"]
-    ]
-    with torch.no_grad():
-        results = model(inputs)
+    assert_same_losses(model, outputs, reference_io)
+    results = postprocessed(model, reference_io)
     for result, official, image in zip(results, reference_io["postprocess"], reference_io["images_uint8_rgb"]):
         assert_same_detections(result["instances"], official, image.shape[1:])
-
-
-def assert_same_detections(instances, official, image_size):
-    """Equal up to the order of tied scores: each detection pairs with an official one."""
-    h, w = image_size
-    official_boxes = official["boxes"].clone()
-    official_boxes[:, 0::2] = official_boxes[:, 0::2].clamp(0, w)
-    official_boxes[:, 1::2] = official_boxes[:, 1::2].clamp(0, h)
-    assert len(instances) == len(official["scores"])
-    torch.testing.assert_close(instances.scores, official["scores"], atol=1e-4, rtol=0)
-    unmatched = set(range(len(official_boxes)))
-    for box, score, label in zip(instances.pred_boxes.tensor, instances.scores, instances.pred_classes):
-        match = next(
-            (
-                j for j in unmatched
-                if official["labels"][j] == label
-                and abs(official["scores"][j] - score) < 1e-4
-                and (official_boxes[j] - box).abs().max() < 1e-3
-            ),
-            None,
-        )
-        assert match is not None, f"no official detection for label {label}, score {score}, box {box}"
-        unmatched.remove(match)

@@ -5,29 +5,47 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .matcher import check_class_loss
 
 
 class SetCriterion(nn.Module):
     """
-    Conditional DETR's losses: match predictions to targets, then a sigmoid focal
-    loss over all queries and classes and L1 + GIoU losses on matched boxes, each
-    normalized by the number of target boxes averaged over workers. With
-    auxiliary outputs, every decoder layer is matched and supervised the same way.
+    The set losses: match predictions to targets, then a classification loss and
+    L1 + GIoU losses on matched boxes, normalized by the number of target boxes
+    averaged over workers. The classification loss is Conditional DETR's sigmoid focal
+    loss over all queries and classes (normalized the same way), or with
+    `class_loss="softmax"` DETR's cross-entropy over num_classes + 1 logits, the last
+    one "no object", weighted `eos_coef` for unmatched queries. With auxiliary
+    outputs, every decoder layer is matched and supervised the same way.
     """
 
-    def __init__(self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0):
+    def __init__(
+        self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0,
+        class_loss="focal", eos_coef=0.1,
+    ):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
+        self.class_loss = check_class_loss(class_loss)
+        class_weight = torch.ones(num_classes + 1)
+        class_weight[-1] = eos_coef
+        # not persistent: official checkpoints hold no criterion state
+        self.register_buffer("softmax_class_weight", class_weight, persistent=False)
 
     def loss_labels(self, outputs, targets, indices, num_boxes):
         logits = outputs["pred_logits"]
         batch_idx, src_idx = _prediction_index(indices, logits.device)
-        onehot = torch.zeros_like(logits)
         matched_classes = torch.cat([t["labels"][j.to(logits.device)] for t, (_, j) in zip(targets, indices)])
+        if self.class_loss == "softmax":
+            target_classes = torch.full(logits.shape[:2], self.num_classes, device=logits.device)
+            target_classes[batch_idx, src_idx] = matched_classes
+            # [batch, num_classes + 1, num_queries] against [batch, num_queries]
+            loss = F.cross_entropy(logits.transpose(1, 2), target_classes, self.softmax_class_weight)
+            return {"loss_ce": loss}
+        onehot = torch.zeros_like(logits)
         onehot[batch_idx, src_idx, matched_classes] = 1
         loss = sigmoid_focal_loss(
             logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"

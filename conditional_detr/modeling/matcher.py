@@ -16,15 +16,33 @@ def focal_class_cost(logits, target_classes, alpha, gamma):
     return pos_cost[:, target_classes] - neg_cost[:, target_classes]
 
 
+def softmax_class_cost(logits, target_classes):
+    """DETR's class cost: minus the softmax probability of the target class."""
+    return -logits.softmax(-1)[:, target_classes]
+
+
+CLASS_LOSSES = ("focal", "softmax")
+
+
+def check_class_loss(class_loss):
+    if class_loss not in CLASS_LOSSES:
+        raise ValueError(f"class loss must be one of {CLASS_LOSSES}, got {class_loss!r}")
+    return class_loss
+
+
 class HungarianMatcher(nn.Module):
     """
     One-to-one assignment of predictions to targets minimizing a weighted sum of the
-    focal class cost, the L1 distance of boxes and their negative GIoU. Predictions
-    left unmatched are background.
+    class cost (focal, or DETR's softmax one with `class_loss="softmax"`), the L1
+    distance of boxes and their negative GIoU. Predictions left unmatched are background.
     """
 
-    def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0):
+    def __init__(
+        self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, focal_alpha=0.25, focal_gamma=2.0,
+        class_loss="focal",
+    ):
         super().__init__()
+        self.class_loss = check_class_loss(class_loss)
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("at least one matching cost must be non-zero")
         self.cost_class = cost_class
@@ -37,7 +55,7 @@ class HungarianMatcher(nn.Module):
     def forward(self, outputs, targets):
         """
         Args:
-            outputs: "pred_logits" [batch, num_queries, num_classes] and
+            outputs: "pred_logits" [batch, num_queries, num_classes (+ 1 no-object for softmax)] and
                 "pred_boxes" [batch, num_queries, 4] normalized cxcywh.
             targets: per image, "labels" [num_targets] and "boxes" [num_targets, 4].
         Returns:
@@ -49,9 +67,12 @@ class HungarianMatcher(nn.Module):
         target_classes = torch.cat([t["labels"] for t in targets])
         target_boxes = torch.cat([t["boxes"] for t in targets])
 
+        if self.class_loss == "focal":
+            class_cost = focal_class_cost(logits, target_classes, self.focal_alpha, self.focal_gamma)
+        else:
+            class_cost = softmax_class_cost(logits, target_classes)
         cost = (
-            self.cost_class
-            * focal_class_cost(logits, target_classes, self.focal_alpha, self.focal_gamma)
+            self.cost_class * class_cost
             + self.cost_bbox * torch.cdist(pred_boxes, target_boxes, p=1)
             - self.cost_giou
             * generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))

@@ -8,20 +8,35 @@ from torch import nn
 from .backbone import build_resnet_like_torchvision, feature_padding_mask
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from .criterion import SetCriterion
-from .matcher import HungarianMatcher
+from .matcher import CLASS_LOSSES, HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
-from .transformer import MLP, Transformer
+from .transformer import (
+    MLP, REFERENCE_POINTS, SPATIAL_QUERIES, TRANSFORMATIONS, ConditionalDecoder, Transformer,
+    TransformerEncoder,
+)
 
 
-@META_ARCH_REGISTRY.register()
-class ConditionalDETR(nn.Module):
+def config_choice(cfg, key, choices):
+    """The value of MODEL.CONDITIONAL_DETR.<key>, which must be one of `choices`."""
+    value = cfg.MODEL.CONDITIONAL_DETR.get(key)
+    if value not in choices:
+        raise ValueError(f"MODEL.CONDITIONAL_DETR.{key} must be one of {choices}, got {value!r}")
+    return value
+
+
+class SetPredictionDetector(nn.Module):
     """
-    Conditional DETR: a ResNet, DETR's encoder, the conditional decoder, and shared
-    class and box heads. Boxes are predicted as offsets from each query's reference
-    point in the sigmoid-inverse space (the paper's equation 1).
+    What DETR and Conditional DETR share: a ResNet with a padding mask and sine
+    positions, DETR's encoder, a decoder given by the subclass, class and box heads on
+    every decoder layer, the Hungarian set losses, and detectron2's inputs and outputs.
+
+    With MODEL.CONDITIONAL_DETR.CLASS_LOSS "focal" the class head has NUM_CLASSES
+    logits, trained with the sigmoid focal loss, and inference keeps the top-k
+    (query, class) pairs; with "softmax" it has one more, "no object", trained with
+    cross-entropy, and inference keeps the best class of each query, as in DETR.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, build_decoder):
         super().__init__()
         args = cfg.MODEL.CONDITIONAL_DETR
         hidden_dim = args.HIDDEN_DIM
@@ -29,45 +44,41 @@ class ConditionalDETR(nn.Module):
         self.num_queries = args.NUM_OBJECT_QUERIES
         self.num_topk = args.NUM_TOPK
         self.deep_supervision = args.DEEP_SUPERVISION
+        self.class_loss = config_choice(cfg, "CLASS_LOSS", CLASS_LOSSES)
 
         self.backbone, self.feature_name = build_resnet_like_torchvision(cfg)
         feature_channels = self.backbone.output_shape()[self.feature_name].channels
         self.input_proj = nn.Conv2d(feature_channels, hidden_dim, kernel_size=1)
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
-        self.transformer = Transformer(
-            d_model=hidden_dim,
-            nhead=args.NHEADS,
-            num_encoder_layers=args.ENC_LAYERS,
-            num_decoder_layers=args.DEC_LAYERS,
-            dim_feedforward=args.DIM_FEEDFORWARD,
-            dropout=args.DROPOUT,
-            attention_impl=args.ATTENTION_IMPL,
-        )
+        encoder = TransformerEncoder(hidden_dim, args.NHEADS, args.ENC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT)
+        self.transformer = Transformer(encoder, build_decoder(args))
         self.query_embed = nn.Embedding(self.num_queries, hidden_dim)
-        self.class_embed = nn.Linear(hidden_dim, self.num_classes)
+        self.class_embed = nn.Linear(hidden_dim, self.num_class_logits)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-
-        # focal-loss prior: every class starts at probability 0.01
-        prior_prob = 0.01
-        nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
-        # boxes start at the reference points
-        nn.init.constant_(self.bbox_embed.layers[-1].weight, 0)
-        nn.init.constant_(self.bbox_embed.layers[-1].bias, 0)
+        if self.class_loss == "focal":
+            # focal-loss prior: every class starts at probability 0.01
+            prior_prob = 0.01
+            nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
 
         matcher = HungarianMatcher(
             cost_class=args.COST_CLASS, cost_bbox=args.COST_BBOX, cost_giou=args.COST_GIOU,
-            focal_alpha=args.FOCAL_ALPHA, focal_gamma=args.FOCAL_GAMMA,
+            focal_alpha=args.FOCAL_ALPHA, focal_gamma=args.FOCAL_GAMMA, class_loss=self.class_loss,
         )
         weight_dict = {"loss_ce": args.CLASS_WEIGHT, "loss_bbox": args.L1_WEIGHT, "loss_giou": args.GIOU_WEIGHT}
         if self.deep_supervision:
             for i in range(args.DEC_LAYERS - 1):
                 weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
         self.criterion = SetCriterion(
-            self.num_classes, matcher, weight_dict, args.FOCAL_ALPHA, args.FOCAL_GAMMA
+            self.num_classes, matcher, weight_dict, args.FOCAL_ALPHA, args.FOCAL_GAMMA,
+            class_loss=self.class_loss, eos_coef=args.EOS_COEF,
         )
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+
+    @property
+    def num_class_logits(self):
+        return self.num_classes + (1 if self.class_loss == "softmax" else 0)
 
     @property
     def device(self):
@@ -79,9 +90,13 @@ class ConditionalDETR(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images)
 
+    def predict_boxes(self, hs, reference):
+        """Normalized cxcywh boxes of every layer from its embeddings `hs`."""
+        raise NotImplementedError
+
     def forward_outputs(self, images: ImageList):
         """
-        Returns the official output dict: "pred_logits" [batch, num_queries, num_classes],
+        Returns the official output dict: "pred_logits" [batch, num_queries, num_class_logits],
         "pred_boxes" [batch, num_queries, 4] normalized cxcywh, and "aux_outputs",
         the same for every decoder layer but the last.
         """
@@ -92,11 +107,8 @@ class ConditionalDETR(nn.Module):
         pos = self.position_embedding(mask).to(features.dtype)
         hs, reference = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
 
-        outputs_class = self.class_embed(hs)  # [num_layers, batch, num_queries, num_classes]
-        box_offsets = self.bbox_embed(hs)
-        outputs_coord = torch.cat(
-            [box_offsets[..., :2] + inverse_sigmoid(reference), box_offsets[..., 2:]], dim=-1
-        ).sigmoid()
+        outputs_class = self.class_embed(hs)  # [num_layers, batch, num_queries, num_class_logits]
+        outputs_coord = self.predict_boxes(hs, reference)
         return {
             "pred_logits": outputs_class[-1],
             "pred_boxes": outputs_coord[-1],
@@ -137,16 +149,21 @@ class ConditionalDETR(nn.Module):
 
     def inference(self, pred_logits, pred_boxes, image_sizes):
         """
-        The official post-processing: the top-k (query, class) pairs of sigmoid scores
-        per image, so one query can give several detections.
+        Focal loss: the official top-k (query, class) pairs of sigmoid scores per image,
+        so one query can give several detections. Softmax: DETR's best class of each
+        query, "no object" left out.
         """
-        batch, num_queries, num_classes = pred_logits.shape
-        prob = pred_logits.sigmoid().view(batch, -1)
-        k = min(self.num_topk, num_queries * num_classes)
-        scores, flat_index = torch.topk(prob, k, dim=1)
-        query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
-        labels = flat_index % num_classes
-        boxes = torch.gather(box_cxcywh_to_xyxy(pred_boxes), 1, query_index.unsqueeze(-1).repeat(1, 1, 4))
+        boxes = box_cxcywh_to_xyxy(pred_boxes)
+        if self.class_loss == "softmax":
+            scores, labels = pred_logits.softmax(-1)[..., :-1].max(-1)
+        else:
+            batch, num_queries, num_classes = pred_logits.shape
+            prob = pred_logits.sigmoid().view(batch, -1)
+            k = min(self.num_topk, num_queries * num_classes)
+            scores, flat_index = torch.topk(prob, k, dim=1)
+            query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+            labels = flat_index % num_classes
+            boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).repeat(1, 1, 4))
 
         results = []
         for i, (h, w) in enumerate(image_sizes):
@@ -157,3 +174,50 @@ class ConditionalDETR(nn.Module):
             result.pred_classes = labels[i]
             results.append(result)
         return results
+
+
+@META_ARCH_REGISTRY.register()
+class ConditionalDETR(SetPredictionDetector):
+    """
+    Conditional DETR: a ResNet, DETR's encoder, the conditional decoder, and shared
+    class and box heads. Boxes are predicted as offsets from each query's reference
+    point in the sigmoid-inverse space (the paper's equation 1), or on their own with
+    MODEL.CONDITIONAL_DETR.BOX_OFFSET off. The ablations of the paper's Section 4.3 are
+    MODEL.CONDITIONAL_DETR.REFERENCE_POINTS, SPATIAL_QUERY, TRANSFORMATION, CLASS_LOSS
+    and BOX_OFFSET (see `ConditionalDecoder`).
+    """
+
+    def __init__(self, cfg):
+        reference_points = config_choice(cfg, "REFERENCE_POINTS", REFERENCE_POINTS)
+        spatial_query = config_choice(cfg, "SPATIAL_QUERY", SPATIAL_QUERIES)
+        transformation = config_choice(cfg, "TRANSFORMATION", TRANSFORMATIONS)
+        if spatial_query in ("CSQ-C", "CSQ-T", "CSQ-P") and transformation != "diagonal":
+            raise ValueError(
+                f"MODEL.CONDITIONAL_DETR.SPATIAL_QUERY {spatial_query!r} has no transformation T to "
+                f"shape: MODEL.CONDITIONAL_DETR.TRANSFORMATION must stay 'diagonal', got {transformation!r}"
+            )
+
+        def build_decoder(args):
+            return ConditionalDecoder(
+                args.HIDDEN_DIM, args.NHEADS, args.DEC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT,
+                args.ATTENTION_IMPL, reference_points, spatial_query, transformation,
+                args.NUM_OBJECT_QUERIES,
+            )
+
+        super().__init__(cfg, build_decoder)
+        self.box_offset = cfg.MODEL.CONDITIONAL_DETR.BOX_OFFSET
+        # boxes start at the reference points
+        nn.init.constant_(self.bbox_embed.layers[-1].weight, 0)
+        nn.init.constant_(self.bbox_embed.layers[-1].bias, 0)
+        learned_points = self.transformer.decoder.reference_point_embed
+        if learned_points is not None:
+            # spread over the image, where xavier would gather them at its centre
+            learned_points.weight.data = inverse_sigmoid(torch.rand_like(learned_points.weight))
+
+    def predict_boxes(self, hs, reference):
+        box_offsets = self.bbox_embed(hs)
+        if not self.box_offset:
+            return box_offsets.sigmoid()
+        return torch.cat(
+            [box_offsets[..., :2] + inverse_sigmoid(reference), box_offsets[..., 2:]], dim=-1
+        ).sigmoid()

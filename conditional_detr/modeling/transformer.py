@@ -26,26 +26,36 @@ class MLP(nn.Module):
         return x
 
 
+def add_feed_forward_and_norms(layer, d_model, dim_feedforward, dropout, num_residuals):
+    """
+    The feed-forward block of a post-norm layer and a LayerNorm and Dropout per
+    residual branch, under the official names (linear1, linear2, norm1, dropout1, ...).
+    """
+    layer.linear1 = nn.Linear(d_model, dim_feedforward)
+    layer.dropout = nn.Dropout(dropout)
+    layer.linear2 = nn.Linear(dim_feedforward, d_model)
+    for i in range(1, num_residuals + 1):
+        setattr(layer, f"norm{i}", nn.LayerNorm(d_model))
+        setattr(layer, f"dropout{i}", nn.Dropout(dropout))
+
+
+def feed_forward(layer, x):
+    return layer.linear2(layer.dropout(F.relu(layer.linear1(x))))
+
+
 class TransformerEncoderLayer(nn.Module):
     """Post-norm encoder layer; positions are added to queries and keys only."""
 
     def __init__(self, d_model, nhead, dim_feedforward, dropout):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
+        add_feed_forward_and_norms(self, d_model, dim_feedforward, dropout, num_residuals=2)
 
     def forward(self, src, key_padding_mask, pos):
         q = k = src + pos
         src2 = self.self_attn(q, k, value=src, key_padding_mask=key_padding_mask, need_weights=False)[0]
         src = self.norm1(src + self.dropout1(src2))
-        src2 = self.linear2(self.dropout(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout2(src2))
+        return self.norm2(src + self.dropout2(feed_forward(self, src)))
 
 
 class TransformerEncoder(nn.Module):
@@ -88,15 +98,7 @@ class ConditionalDecoderLayer(nn.Module):
         self.ca_qpos_sine_proj = nn.Linear(d_model, d_model)
         self.cross_attn = ConditionalCrossAttention(d_model, nhead, dropout, attention_impl)
 
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        add_feed_forward_and_norms(self, d_model, dim_feedforward, dropout, num_residuals=3)
 
     def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, spatial_query):
         """
@@ -107,11 +109,21 @@ class ConditionalDecoderLayer(nn.Module):
             query_pos: [num_queries, batch, d_model] object queries.
             spatial_query: [num_queries, batch, d_model] λq ⊙ sinusoidal(reference points).
         """
+        content_query = self.self_attention(tgt, query_pos)
+        return self.cross_attention_and_feed_forward(
+            content_query, memory, memory_key_padding_mask, pos, query_pos, spatial_query
+        )
+
+    def self_attention(self, tgt, query_pos):
+        """Returns the content query c_q of the cross-attention."""
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
         tgt2 = self.self_attn(q, k, self.sa_v_proj(tgt))
-        tgt = self.norm1(tgt + self.dropout1(tgt2))
+        return self.norm1(tgt + self.dropout1(tgt2))
 
+    def cross_attention_and_feed_forward(
+        self, tgt, memory, memory_key_padding_mask, pos, query_pos, spatial_query
+    ):
         q_content = self.ca_qcontent_proj(tgt)
         k_content = self.ca_kcontent_proj(memory)
         k_pos = self.ca_kpos_proj(pos)
@@ -123,27 +135,84 @@ class ConditionalDecoderLayer(nn.Module):
             self.ca_v_proj(memory), memory_key_padding_mask,
         )
         tgt = self.norm2(tgt + self.dropout2(tgt2))
+        return self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
 
-        tgt2 = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout3(tgt2))
+
+# Section 4.3: where the reference points s come from
+REFERENCE_POINTS = ("predicted", "learned", "zero")
+# Table 3: what the conditional spatial query is made of
+SPATIAL_QUERIES = ("CSQ", "CSQ-C", "CSQ-T", "CSQ-P", "CSQ-I")
+# Figure 5: the form of the transformation T applied to sinusoidal(s)
+TRANSFORMATIONS = ("diagonal", "identity", "scalar", "block", "full")
+
+
+def transformation_size(form, d_model, nhead):
+    """Numbers the query_scale FFN predicts per query to form T."""
+    head_dim = d_model // nhead
+    return {"identity": 0, "scalar": 1, "diagonal": d_model, "block": d_model * head_dim, "full": d_model**2}[form]
+
+
+def apply_transformation(form, transformation, positional, nhead):
+    """
+    T p_s for T predicted as `transformation` [num_queries, batch, transformation_size]
+    and p_s `positional` [num_queries, batch, d_model]; "diagonal" is done by the caller.
+    """
+    if form == "scalar":
+        return transformation * positional
+    d_model = positional.shape[-1]
+    blocks = nhead if form == "block" else 1
+    block = d_model // blocks
+    matrices = transformation.unflatten(-1, (blocks, block, block))
+    return (matrices @ positional.unflatten(-1, (blocks, block, 1))).flatten(-3)
 
 
 class ConditionalDecoder(nn.Module):
     """
-    Predicts one reference point per object query, then runs the decoder layers,
-    each with the spatial query λq ⊙ sinusoidal(reference), λq from `query_scale`
-    applied to the layer's input embedding (identity in the first layer).
+    Forms one reference point per object query, then runs the decoder layers, each
+    with a conditional spatial query. The paper's method (the defaults): reference
+    points predicted from the object queries (`ref_point_head`), and the spatial query
+    λq ⊙ sinusoidal(reference), λq predicted by `query_scale` from the layer's input
+    embedding f (identity in the first layer). The paper's ablations:
+
+    - reference_points: "learned" (a free 2D point per query) or "zero" (DETR's s = 0,
+      the image centre after the sigmoid);
+    - spatial_query: "CSQ-C" the embedding f itself, "CSQ-T" λq alone (ones in the
+      first layer), "CSQ-P" sinusoidal(reference) alone, "CSQ-I" λq predicted from the
+      layer's self-attention output c_q instead of f;
+    - transformation: the form of T in T p_s, predicted by `query_scale`: "diagonal"
+      (λq), "identity" (none), "scalar", "block" (one head_dim x head_dim block per
+      head) or "full" (d_model x d_model).
     """
 
-    def __init__(self, d_model, nhead, num_layers, dim_feedforward, dropout, attention_impl="auto"):
+    def __init__(
+        self, d_model, nhead, num_layers, dim_feedforward, dropout, attention_impl="auto",
+        reference_points="predicted", spatial_query="CSQ", transformation="diagonal",
+        num_queries=None,
+    ):
         super().__init__()
+        for name, value, choices in (
+            ("reference_points", reference_points, REFERENCE_POINTS),
+            ("spatial_query", spatial_query, SPATIAL_QUERIES),
+            ("transformation", transformation, TRANSFORMATIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if spatial_query in ("CSQ-C", "CSQ-T", "CSQ-P") and transformation != "diagonal":
+            raise ValueError(f"spatial_query {spatial_query!r} uses no transformation form; got {transformation!r}")
         self.layers = nn.ModuleList(
             ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, i == 0, attention_impl)
             for i in range(num_layers)
         )
         self.norm = nn.LayerNorm(d_model)
-        self.query_scale = MLP(d_model, d_model, d_model, 2)
-        self.ref_point_head = MLP(d_model, d_model, 2, 2)
+        self.nhead = nhead
+        self.reference_points = reference_points
+        self.spatial_query_form = spatial_query
+        self.transformation = "identity" if spatial_query in ("CSQ-C", "CSQ-P") else transformation
+        size = transformation_size(self.transformation, d_model, nhead)
+        self.query_scale = MLP(d_model, d_model, size, 2) if size else None
+        self.ref_point_head = MLP(d_model, d_model, 2, 2) if reference_points == "predicted" else None
+        # unnormalized, as the paper's s; the meta-architecture spreads them over the image
+        self.reference_point_embed = nn.Embedding(num_queries, 2) if reference_points == "learned" else None
         self.attention_impl = attention_impl
 
     def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
@@ -153,31 +222,57 @@ class ConditionalDecoder(nn.Module):
                 shared final norm.
             reference_points: [batch, num_queries, 2] normalized (x, y).
         """
-        reference_points = self.ref_point_head(query_pos).sigmoid()  # [num_queries, batch, 2]
+        reference_points = self.normalized_reference_points(query_pos)  # [num_queries, batch, 2]
         output = tgt
         intermediate = []
-        identity_scale = query_pos.new_ones(()).expand_as(query_pos)
         for layer in self.layers:
-            query_scale = identity_scale if layer.is_first else self.query_scale(output)
-            spatial_query = ops.conditional_spatial_query(
-                reference_points, query_scale, impl=self.attention_impl
+            content_query = layer.self_attention(output, query_pos)
+            spatial_query = self.spatial_query(output, content_query, reference_points, layer.is_first)
+            output = layer.cross_attention_and_feed_forward(
+                content_query, memory, memory_key_padding_mask, pos, query_pos, spatial_query
             )
-            output = layer(output, memory, memory_key_padding_mask, pos, query_pos, spatial_query)
             intermediate.append(self.norm(output))
         return torch.stack(intermediate).transpose(1, 2), reference_points.transpose(0, 1)
 
+    def normalized_reference_points(self, query_pos):
+        if self.reference_points == "predicted":
+            return self.ref_point_head(query_pos).sigmoid()
+        num_queries, batch = query_pos.shape[:2]
+        if self.reference_points == "learned":
+            return self.reference_point_embed.weight.sigmoid().unsqueeze(1).expand(num_queries, batch, 2)
+        return query_pos.new_full((num_queries, batch, 2), 0.5)  # sigmoid(0)
+
+    def spatial_query(self, layer_input, content_query, reference_points, is_first):
+        """The conditional spatial query before its projection: [num_queries, batch, d_model]."""
+        form = self.spatial_query_form
+        if form == "CSQ-C":
+            return layer_input
+        identity = layer_input.new_ones(()).expand_as(layer_input)
+        # the first layer's input is zeros: T is the identity there, as in the official code
+        if is_first or self.query_scale is None:
+            transformation = None
+        else:
+            transformation = self.query_scale(content_query if form == "CSQ-I" else layer_input)
+        if form == "CSQ-T":
+            return identity if transformation is None else transformation
+        if transformation is not None and self.transformation == "diagonal":
+            return ops.conditional_spatial_query(reference_points, transformation, impl=self.attention_impl)
+        positional = ops.conditional_spatial_query(reference_points, identity, impl=self.attention_impl)
+        if transformation is None:
+            return positional
+        return apply_transformation(self.transformation, transformation, positional, self.nhead)
+
 
 class Transformer(nn.Module):
-    def __init__(
-        self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
-        dim_feedforward=2048, dropout=0.1, attention_impl="auto",
-    ):
+    """
+    DETR's encoder followed by a decoder (conditional or DETR's), both re-initialized
+    as the official code does: xavier on every matrix.
+    """
+
+    def __init__(self, encoder, decoder):
         super().__init__()
-        self.encoder = TransformerEncoder(d_model, nhead, num_encoder_layers, dim_feedforward, dropout)
-        self.decoder = ConditionalDecoder(
-            d_model, nhead, num_decoder_layers, dim_feedforward, dropout, attention_impl
-        )
-        self.d_model = d_model
+        self.encoder = encoder
+        self.decoder = decoder
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
@@ -189,6 +284,9 @@ class Transformer(nn.Module):
             mask: [batch, H, W] bool, True at padding.
             query_embed: [num_queries, d_model] object queries.
             pos_embed: [batch, d_model, H, W]
+        Returns:
+            what the decoder returns: every layer's output [num_layers, batch, num_queries,
+            d_model] and the reference points [batch, num_queries, 2] (None for DETR).
         """
         batch = src.shape[0]
         src = src.flatten(2).permute(2, 0, 1)  # [HW, batch, d_model]

@@ -1,12 +1,13 @@
 """
-Convert an official Conditional DETR checkpoint (Atten4Vis/ConditionalDETR,
-`{"model": state_dict}`) into a detectron2 checkpoint of this project.
+Convert an official Conditional DETR checkpoint (Atten4Vis/ConditionalDETR) or DETR
+checkpoint (facebookresearch/detr), `{"model": state_dict}`, into a detectron2
+checkpoint of this project (`ConditionalDETR` or `DETR`); the format is told by the keys.
 
     python -m conditional_detr.tools.convert_official SRC.pth DST.pth [--num-classes 80|91]
 
 The transformer and heads keep their names; the torchvision ResNet becomes
 detectron2's ResNet; the 91 COCO-id class logits become detectron2's 80 contiguous
-COCO classes unless --num-classes 91.
+COCO classes unless --num-classes 91. DETR's last, "no object" logit stays last.
 """
 import argparse
 import re
@@ -41,13 +42,23 @@ def is_official_state_dict(state_dict):
     return any(k.startswith(OFFICIAL_BACKBONE_PREFIX) for k in state_dict)
 
 
+def official_format(state_dict):
+    """
+    "detr" for facebookresearch/detr, whose decoder cross-attention is a standard
+    `multihead_attn`, else "conditional_detr".
+    """
+    return "detr" if any(".multihead_attn." in k for k in state_dict) else "conditional_detr"
+
+
 def convert_state_dict(state_dict, num_classes=80):
     """
     Args:
-        state_dict: official model state dict (91 class logits indexed by COCO id).
-        num_classes: 80 (detectron2's contiguous COCO classes) or the source's own count.
+        state_dict: official Conditional DETR or DETR state dict (91 class logits indexed
+            by COCO id; DETR has a 92nd, "no object").
+        num_classes: foreground classes to keep: 80 (detectron2's contiguous COCO
+            classes) or the source's own count (None: the source's).
     Returns:
-        a float32 state dict for `ConditionalDETR`.
+        a float32 state dict for `ConditionalDETR` or `DETR`.
     """
     converted = {}
     for key, value in state_dict.items():
@@ -59,16 +70,18 @@ def convert_state_dict(state_dict, num_classes=80):
             value = value.float()
         converted[key] = value
 
-    source_classes = converted["class_embed.weight"].shape[0]
-    if num_classes != source_classes:
+    no_object = 1 if official_format(state_dict) == "detr" else 0
+    source_classes = converted["class_embed.weight"].shape[0] - no_object
+    if num_classes is not None and num_classes != source_classes:
         category_ids = coco_contiguous_to_category_id()
         if num_classes != len(category_ids) or source_classes <= max(category_ids):
             raise ValueError(
                 f"cannot map {source_classes} class logits to {num_classes} classes: only the "
                 f"COCO mapping (91 COCO-id logits -> 80 contiguous classes) is known"
             )
+        rows = category_ids + [source_classes] * no_object
         for key in CLASS_KEYS:
-            converted[key] = converted[key][category_ids].clone()
+            converted[key] = converted[key][rows].clone()
     return converted
 
 
@@ -79,7 +92,7 @@ def load_official_checkpoint(path):
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not is_official_state_dict(state_dict):
         raise ValueError(
-            f"{path}: not an official Conditional DETR checkpoint (expected a 'model' state dict "
+            f"{path}: not an official Conditional DETR or DETR checkpoint (expected a 'model' state dict "
             f"with keys starting with {OFFICIAL_BACKBONE_PREFIX!r})"
         )
     return state_dict
