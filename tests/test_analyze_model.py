@@ -47,7 +47,7 @@ def test_full_size_flops_match_official(config_name):
     assert flops / 1e9 == pytest.approx(OFFICIAL_GFLOPS[config_name], rel=0.02)
 
 
-def test_complete_count_adds_the_encoder_attention_logits():
+def test_complete_count_adds_the_masked_encoder_attention_logits():
     cfg, model = tiny_model()
     # stride 32: a 2x3 feature map, 6 keys and queries per encoder layer
     flops, all_flops, _, _ = analyze_model.count_flops(model, analyze_model.synthetic_inputs(64, 96))

@@ -13,8 +13,8 @@ MODEL.WEIGHTS is given on the command line.
 As fvcore counts: one FLOP per multiply-add of convolutions, linear layers, matrix
 products and normalizations; elementwise ops (add, mul, softmax, sigmoid, the sine
 embeddings) are not counted. The reported "gflops" follow the official implementation's
-counts (see `encoder_attention_logit_flops`); "gflops_with_encoder_attention_logits"
-counts every matrix product.
+counts (see `count_flops`); "gflops_with_masked_attention_logits" counts every matrix
+product.
 """
 
 import argparse
@@ -33,7 +33,6 @@ from fvcore.nn.jit_handles import get_shape
 
 from .. import ops
 from ..engine import Trainer, get_config
-from ..modeling.transformer import TransformerEncoder
 from .inference import build_eval_model
 
 logger = logging.getLogger("detectron2")
@@ -42,14 +41,18 @@ TASKS = ("flop", "parameter")
 
 
 def _attention_flops(inputs, outputs):
-    # aten::scaled_dot_product_attention: query [..., Lq, E], key [..., Lk, E], value [..., Lk, Ev]
+    """
+    aten::scaled_dot_product_attention: query [..., Lq, E], key [..., Lk, E], value
+    [..., Lk, Ev], attn_mask. The logits of a masked call are reported on their own as
+    "masked_attention_logits", which the official counts leave out (see `count_flops`).
+    """
     *batch, num_queries, channels = get_shape(inputs[0])
     num_keys = get_shape(inputs[1])[-2]
     value_channels = get_shape(inputs[2])[-1]
     pairs = int(np.prod(batch)) * num_queries * num_keys
-    return Counter(
-        {"attention_logits": pairs * channels, "attention_values": pairs * value_channels}
-    )
+    masked = get_shape(inputs[3]) is not None
+    logits = "masked_attention_logits" if masked else "attention_logits"
+    return Counter({logits: pairs * channels, "attention_values": pairs * value_channels})
 
 
 def _no_flops(inputs, outputs):
@@ -72,39 +75,27 @@ def flop_analysis(model, inputs):
     return analysis
 
 
-def encoder_attention_logit_flops(model, analysis):
-    """
-    The Q.K^T products of the encoder's self-attention, which the official FLOP counts
-    leave out.
-
-    The official encoder is torch's nn.MultiheadAttention called with the padding mask and
-    need_weights=True: since torch 1.12 it computes the masked logits with
-    baddbmm(mask, q, k^T), for which fvcore has no handle, while its weights . V (bmm),
-    the decoder's attention (the official model's own bmm) and every linear layer are
-    counted. fvcore on the official model at 800x1216 gives 94.8 (R50) and 187.9
-    (DC5-R50) GFLOPs; the counts here less these products give 94.79 and 187.93, with
-    them 96.2 and 210.1 (the DC5 encoder has 3,800 tokens: 22 GFLOPs of logits).
-    """
-    wrapped_names = analysis.by_module_and_operator()
-    total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, TransformerEncoder):
-            # detectron2's TracingAdapter holds the model as "model"
-            total += wrapped_names.get(f"model.{name}", {}).get("attention_logits", 0)
-    return total
-
-
 def count_flops(model, inputs):
     """
     (official-comparable FLOPs, all FLOPs, per-operator Counter, the fvcore analysis) on
-    one batch of inputs; see `encoder_attention_logit_flops` for the difference.
+    one batch of inputs.
+
+    The official counts leave out the logits Q.K^T of attention with a padding mask: the
+    official encoder (and DETR's cross-attention) is torch's nn.MultiheadAttention, called
+    with the mask and need_weights=True, and since torch 1.12 it computes masked logits
+    with baddbmm(mask, q, k^T), for which fvcore has no handle; its weights . V (bmm), the
+    official conditional decoder's attention (its own bmm) and every linear layer are
+    counted. Here those are the masked scaled_dot_product_attention calls (the encoder's).
+    fvcore on the official model at 800x1216 gives 94.8 (R50) and 187.9 (DC5-R50) GFLOPs;
+    the counts here without these logits give 94.79 and 187.93, with them 96.2 and 210.1
+    (the DC5 encoder has 3,800 tokens: 22 GFLOPs of logits).
     """
     with torch.no_grad():
         analysis = flop_analysis(model, inputs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         total = analysis.total()
-        uncounted = encoder_attention_logit_flops(model, analysis)
-        return total - uncounted, total, analysis.by_operator(), analysis
+        by_operator = analysis.by_operator()
+        return total - by_operator.get("masked_attention_logits", 0), total, by_operator, analysis
 
 
 def synthetic_inputs(height, width):
@@ -139,7 +130,7 @@ def analyze_flops(cfg, model, input_size=None, num_inputs=None):
     return {
         "gflops": float(np.mean(official)) / 1e9,
         "gflops_std": float(np.std(official)) / 1e9,
-        "gflops_with_encoder_attention_logits": float(np.mean(complete)) / 1e9,
+        "gflops_with_masked_attention_logits": float(np.mean(complete)) / 1e9,
         "gflops_by_operator": {k: v / len(batches) / 1e9 for k, v in by_operator.items()},
         "num_inputs": len(batches),
     }
@@ -205,8 +196,8 @@ def main(argv=None):
         spread = f" ± {results['gflops_std']:.1f}" if args.num_inputs else ""
         print(f"GFLOPs on {where}: {results['gflops']:.1f}{spread}")
         print(
-            "  with the encoder's attention logits (left out of the official counts): "
-            f"{results['gflops_with_encoder_attention_logits']:.1f}"
+            "  with the logits of masked attention (left out of the official counts): "
+            f"{results['gflops_with_masked_attention_logits']:.1f}"
         )
         for name, value in sorted(results["gflops_by_operator"].items(), key=lambda kv: -kv[1]):
             print(f"  {name}: {value:.3f}")
