@@ -128,6 +128,28 @@ def test_bad_indices_are_named(tmp_path):
         tool.main(common + ["--query", "10", "MODEL.DEVICE", "cpu"])
     with pytest.raises(ValueError, match=r"--layer 2 is out of range.*2 decoder layers"):
         tool.main(common + ["--layer", "2", "MODEL.DEVICE", "cpu"])
+    with pytest.raises(ValueError, match="must be an image file.*is a folder"):
+        tool.main(["--config-file", INSTANT_CONFIG, "--input", str(tmp_path), "--output", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="missing.png"):
         tool.main(["--config-file", INSTANT_CONFIG, "--input", str(tmp_path / "missing.png"),
                    "--output", str(tmp_path)])
+
+
+def test_softmax_class_scores_leave_out_no_object(tmp_path):
+    image = write_image(tmp_path / "x.png")
+    (drawn,) = tool.main(
+        ["--config-file", INSTANT_CONFIG, "--input", image, "--output", str(tmp_path / "out"),
+         "MODEL.DEVICE", "cpu", "MODEL.CONDITIONAL_DETR.CLASS_LOSS", "softmax"]
+    )
+    assert drawn["class"] in {"circle", "rectangle", "triangle", "star", "cross"}
+    assert 0.0 < drawn["score"] < 1.0
+
+
+def test_model_without_conditional_attention_is_named(tmp_path):
+    image = write_image(tmp_path / "x.png")
+    with pytest.raises(ValueError, match="'DETR' has no conditional cross-attention"):
+        tool.main(
+            ["--config-file", INSTANT_CONFIG, "--input", image, "--output", str(tmp_path),
+             "MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", "DETR",
+             "MODEL.CONDITIONAL_DETR.CLASS_LOSS", "softmax"]
+        )

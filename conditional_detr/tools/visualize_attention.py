@@ -134,6 +134,13 @@ def choose_queries(scores, query=None, top=None):
     return scores.argsort(descending=True)[: min(top, num_queries)].tolist()
 
 
+def class_scores(model, logits):
+    """(best score, its class) per query of `logits` [num_queries, num_class_logits]."""
+    if getattr(model, "class_loss", "focal") == "softmax":
+        return logits.softmax(-1)[:, :-1].max(-1)  # "no object" left out
+    return logits.sigmoid().max(-1)
+
+
 def run_with_attention(cfg, model, image):
     """
     Run the model on one image (INPUT.FORMAT, HWC uint8). Returns its output dict
@@ -143,6 +150,11 @@ def run_with_attention(cfg, model, image):
     images = model.preprocess_image([model_input(cfg, image)])
     with torch.no_grad(), capture_cross_attention(model) as captured:
         outputs = model.forward_outputs(images)
+    if not captured["layers"]:
+        raise ValueError(
+            f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r} has no conditional "
+            "cross-attention to draw"
+        )
     return outputs, captured["layers"], captured["feature_size"]
 
 
@@ -225,11 +237,11 @@ def main(argv=None):
     height, width = image.shape[:2]
     outputs, layers, feature_size = run_with_attention(cfg, model, image)
     layer = resolve_layer(args.layer, len(layers))
-    final_scores = outputs["pred_logits"][0].sigmoid().max(dim=-1).values
+    final_scores, _ = class_scores(model, outputs["pred_logits"][0])
     queries = choose_queries(final_scores, args.query, args.top)
 
     layer_outputs = outputs["aux_outputs"] + [outputs]
-    class_scores, labels = layer_outputs[layer]["pred_logits"][0].sigmoid().max(dim=-1)
+    scores, labels = class_scores(model, layer_outputs[layer]["pred_logits"][0])
     boxes = box_cxcywh_to_xyxy(layer_outputs[layer]["pred_boxes"][0])
     boxes = boxes * torch.tensor([width, height, width, height], dtype=boxes.dtype)
 
@@ -245,7 +257,7 @@ def main(argv=None):
         grids = {kind: unpadded_grid(maps[kind][0, :, query], mask, feature_size) for kind in maps}
         label = int(labels[query])
         name = class_names[label] if class_names else str(label)
-        score = float(class_scores[query])
+        score = float(scores[query])
         figure_path = os.path.join(args.output, f"{stem}_query{query}_layer{layer}.png")
         box = boxes[query].tolist()
         draw_attention(
