@@ -16,7 +16,9 @@ from conditional_detr.tools import analyze_model
 from conditional_detr.tools.inference import build_eval_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml")
+INSTANT_CONFIG = os.path.join(
+    REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml"
+)
 COCO_CONFIGS = os.path.join(REPO, "configs", "COCO-Detection")
 
 # fvcore on the official implementation, one 800x1216 image
@@ -50,7 +52,9 @@ def test_full_size_flops_match_official(config_name):
 def test_complete_count_adds_the_masked_encoder_attention_logits():
     cfg, model = tiny_model()
     # stride 32: a 2x3 feature map, 6 keys and queries per encoder layer
-    flops, all_flops, _, _ = analyze_model.count_flops(model, analyze_model.synthetic_inputs(64, 96))
+    flops, all_flops, _, _ = analyze_model.count_flops(
+        model, analyze_model.synthetic_inputs(64, 96)
+    )
     args = cfg.MODEL.CONDITIONAL_DETR
     assert all_flops - flops == args.ENC_LAYERS * 6 * 6 * args.HIDDEN_DIM
 
@@ -70,8 +74,17 @@ def test_same_count_with_either_attention_impl():
 def test_json_output(tmp_path):
     path = tmp_path / "out" / "analysis.json"
     results = analyze_model.main(
-        ["--config-file", INSTANT_CONFIG, "--input-size", "64", "96", "--json", str(path),
-         "MODEL.DEVICE", "cpu"]
+        [
+            "--config-file",
+            INSTANT_CONFIG,
+            "--input-size",
+            "64",
+            "96",
+            "--json",
+            str(path),
+            "MODEL.DEVICE",
+            "cpu",
+        ]
     )
     with open(path) as f:
         written = json.load(f)
@@ -89,8 +102,18 @@ def test_average_over_dataset_images(tmp_path):
         prefix="analyze_shapes",
     )
     results = analyze_model.main(
-        ["--config-file", INSTANT_CONFIG, "--tasks", "flop", "--num-inputs", "2",
-         "MODEL.DEVICE", "cpu", "DATASETS.TEST", "('analyze_shapes_val',)"]
+        [
+            "--config-file",
+            INSTANT_CONFIG,
+            "--tasks",
+            "flop",
+            "--num-inputs",
+            "2",
+            "MODEL.DEVICE",
+            "cpu",
+            "DATASETS.TEST",
+            "('analyze_shapes_val',)",
+        ]
     )
     assert results["num_inputs"] == 2 and results["dataset"] == "analyze_shapes_val"
     assert results["gflops"] > 0 and "params" not in results

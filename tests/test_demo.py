@@ -13,7 +13,9 @@ from conditional_detr.tools import demo
 from conditional_detr.tools.inference import build_eval_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml")
+INSTANT_CONFIG = os.path.join(
+    REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml"
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,16 +44,26 @@ def checkpoint(tmp_path):
 
 def run_demo(inputs, output, *extra):
     return demo.main(
-        ["--config-file", INSTANT_CONFIG, "--input", *inputs, "--output", str(output), *extra,
-         "MODEL.DEVICE", "cpu"]
+        [
+            "--config-file",
+            INSTANT_CONFIG,
+            "--input",
+            *inputs,
+            "--output",
+            str(output),
+            *extra,
+            "MODEL.DEVICE",
+            "cpu",
+        ]
     )
 
 
 def test_draws_the_checkpoint_predictions(tmp_path, checkpoint):
     cfg, model, weights = checkpoint
     image = write_image(tmp_path / "photo.jpg")
-    summary = run_demo([image], tmp_path / "out", "--confidence-threshold", "0.0",
-                       "MODEL.WEIGHTS", weights)
+    summary = run_demo(
+        [image], tmp_path / "out", "--confidence-threshold", "0.0", "MODEL.WEIGHTS", weights
+    )
     drawn = tmp_path / "out" / "photo.jpg"
     assert Image.open(drawn).size == (72, 48)
     (entry,) = summary
@@ -91,5 +103,6 @@ def test_empty_folder_is_named(tmp_path):
 
 def test_bad_threshold():
     with pytest.raises(SystemExit):
-        demo.parse_args(["--config-file", "x", "--input", "x", "--output", "y",
-                         "--confidence-threshold", "2"])
+        demo.parse_args(
+            ["--config-file", "x", "--input", "x", "--output", "y", "--confidence-threshold", "2"]
+        )

@@ -19,7 +19,9 @@ from conditional_detr.tools import visualize_attention as tool
 from conditional_detr.tools.inference import build_eval_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml")
+INSTANT_CONFIG = os.path.join(
+    REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml"
+)
 IMPLS = ["pytorch"] + (["compiled"] if ops.has_ops_for("cpu") else [])
 
 
@@ -68,7 +70,8 @@ def test_combined_map_is_the_attention_the_model_used(tmp_path, impl):
         torch.testing.assert_close(out, used, rtol=1e-4, atol=1e-5)
         oracle = reference.conditional_cross_attention(
             *(inputs[k] for k in ("q_content", "q_spatial", "k_content", "k_spatial", "value")),
-            inputs["key_padding_mask"], inputs["num_heads"],
+            inputs["key_padding_mask"],
+            inputs["num_heads"],
         )
         torch.testing.assert_close(out, oracle, rtol=1e-4, atol=1e-5)
 
@@ -78,8 +81,14 @@ def test_maps_are_softmaxes_that_skip_padding():
     q = torch.randn(3, 2, 8)
     k = torch.randn(5, 2, 8)
     mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
-    inputs = {"q_content": q, "q_spatial": -q, "k_content": k, "k_spatial": k.flip(0),
-              "key_padding_mask": mask, "num_heads": 2}
+    inputs = {
+        "q_content": q,
+        "q_spatial": -q,
+        "k_content": k,
+        "k_spatial": k.flip(0),
+        "key_padding_mask": mask,
+        "num_heads": 2,
+    }
     maps = tool.attention_maps(inputs)
     for kind in tool.MAP_KINDS:
         torch.testing.assert_close(maps[kind].sum(-1), torch.ones(2, 2, 3))
@@ -103,8 +112,22 @@ def test_figures_and_json_are_written(tmp_path):
     torch.save({"model": model.state_dict()}, weights)
     image = write_image(tmp_path / "scene.jpg")
     drawn = tool.main(
-        ["--config-file", INSTANT_CONFIG, "--input", image, "--output", str(tmp_path / "out"),
-         "--top", "2", "--layer", "0", "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", weights]
+        [
+            "--config-file",
+            INSTANT_CONFIG,
+            "--input",
+            image,
+            "--output",
+            str(tmp_path / "out"),
+            "--top",
+            "2",
+            "--layer",
+            "0",
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.WEIGHTS",
+            weights,
+        ]
     )
     assert len(drawn) == 2 and all(d["layer"] == 0 for d in drawn)
     for d in drawn:
@@ -114,8 +137,20 @@ def test_figures_and_json_are_written(tmp_path):
         assert json.load(f) == drawn
 
     (one,) = tool.main(
-        ["--config-file", INSTANT_CONFIG, "--input", image, "--output", str(tmp_path / "out"),
-         "--query", "7", "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", weights]
+        [
+            "--config-file",
+            INSTANT_CONFIG,
+            "--input",
+            image,
+            "--output",
+            str(tmp_path / "out"),
+            "--query",
+            "7",
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.WEIGHTS",
+            weights,
+        ]
     )
     last = cfg.MODEL.CONDITIONAL_DETR.DEC_LAYERS - 1
     assert one["query"] == 7 and one["figure"].endswith(f"scene_query7_layer{last}.png")
@@ -129,17 +164,37 @@ def test_bad_indices_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"--layer 2 is out of range.*2 decoder layers"):
         tool.main(common + ["--layer", "2", "MODEL.DEVICE", "cpu"])
     with pytest.raises(ValueError, match="must be an image file.*is a folder"):
-        tool.main(["--config-file", INSTANT_CONFIG, "--input", str(tmp_path), "--output", str(tmp_path)])
+        tool.main(
+            ["--config-file", INSTANT_CONFIG, "--input", str(tmp_path), "--output", str(tmp_path)]
+        )
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        tool.main(["--config-file", INSTANT_CONFIG, "--input", str(tmp_path / "missing.png"),
-                   "--output", str(tmp_path)])
+        tool.main(
+            [
+                "--config-file",
+                INSTANT_CONFIG,
+                "--input",
+                str(tmp_path / "missing.png"),
+                "--output",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_softmax_class_scores_leave_out_no_object(tmp_path):
     image = write_image(tmp_path / "x.png")
     (drawn,) = tool.main(
-        ["--config-file", INSTANT_CONFIG, "--input", image, "--output", str(tmp_path / "out"),
-         "MODEL.DEVICE", "cpu", "MODEL.CONDITIONAL_DETR.CLASS_LOSS", "softmax"]
+        [
+            "--config-file",
+            INSTANT_CONFIG,
+            "--input",
+            image,
+            "--output",
+            str(tmp_path / "out"),
+            "MODEL.DEVICE",
+            "cpu",
+            "MODEL.CONDITIONAL_DETR.CLASS_LOSS",
+            "softmax",
+        ]
     )
     assert drawn["class"] in {"circle", "rectangle", "triangle", "star", "cross"}
     assert 0.0 < drawn["score"] < 1.0
@@ -149,7 +204,18 @@ def test_model_without_conditional_attention_is_named(tmp_path):
     image = write_image(tmp_path / "x.png")
     with pytest.raises(ValueError, match="'DETR' has no conditional cross-attention"):
         tool.main(
-            ["--config-file", INSTANT_CONFIG, "--input", image, "--output", str(tmp_path),
-             "MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", "DETR",
-             "MODEL.CONDITIONAL_DETR.CLASS_LOSS", "softmax"]
+            [
+                "--config-file",
+                INSTANT_CONFIG,
+                "--input",
+                image,
+                "--output",
+                str(tmp_path),
+                "MODEL.DEVICE",
+                "cpu",
+                "MODEL.META_ARCHITECTURE",
+                "DETR",
+                "MODEL.CONDITIONAL_DETR.CLASS_LOSS",
+                "softmax",
+            ]
         )

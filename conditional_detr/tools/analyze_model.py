@@ -151,7 +151,10 @@ def parse_args(argv=None):
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     inputs = parser.add_mutually_exclusive_group()
     inputs.add_argument(
-        "--input-size", nargs=2, type=int, metavar=("H", "W"),
+        "--input-size",
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
         help="size of the synthetic input (default 800 1216)",
     )
     inputs.add_argument(

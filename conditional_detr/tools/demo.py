@@ -97,9 +97,7 @@ def main(argv=None):
                 "output": os.path.abspath(destination),
                 "boxes": instances.pred_boxes.tensor.tolist(),
                 "scores": instances.scores.tolist(),
-                "classes": [
-                    names[c] if names else c for c in instances.pred_classes.tolist()
-                ],
+                "classes": [names[c] if names else c for c in instances.pred_classes.tolist()],
             }
         )
         logger.info(f"{path}: {len(instances)} detections -> {destination}")

@@ -173,7 +173,10 @@ def draw_attention(path, image_rgb, grids, box, title):
     num_heads = grids["combined"].shape[0]
     panel = 3.0
     figure, axes = plt.subplots(
-        num_heads, len(MAP_KINDS), squeeze=False, layout="constrained",
+        num_heads,
+        len(MAP_KINDS),
+        squeeze=False,
+        layout="constrained",
         figsize=(panel * len(MAP_KINDS), panel * height / width * num_heads + 0.6),
     )
     for kind_index, kind in enumerate(MAP_KINDS):
@@ -228,7 +231,9 @@ def main(argv=None):
     if not logger.handlers:
         setup_logger(name="detectron2")
     if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: drawing the attention of a randomly initialized model")
+        logger.warning(
+            "MODEL.WEIGHTS is empty: drawing the attention of a randomly initialized model"
+        )
     model = build_eval_model(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
     class_names = metadata.get("thing_classes", None) if metadata else None
@@ -261,12 +266,21 @@ def main(argv=None):
         figure_path = os.path.join(args.output, f"{stem}_query{query}_layer{layer}.png")
         box = boxes[query].tolist()
         draw_attention(
-            figure_path, image_rgb, grids, box,
+            figure_path,
+            image_rgb,
+            grids,
+            box,
             f"{stem}: query {query}, decoder layer {layer}, {name} {score:.2f}",
         )
         drawn.append(
-            {"query": query, "layer": layer, "class": name, "score": score, "box": box,
-             "figure": os.path.abspath(figure_path)}
+            {
+                "query": query,
+                "layer": layer,
+                "class": name,
+                "score": score,
+                "box": box,
+                "figure": os.path.abspath(figure_path),
+            }
         )
         logger.info(f"query {query} ({name} {score:.2f}) -> {figure_path}")
     with open(os.path.join(args.output, f"{stem}_attention.json"), "w") as f:
