@@ -163,22 +163,18 @@ def draw_attention(path, image_rgb, grids, box, title):
     A figure with one row per head and one column per kind of map, each map upsampled
     to the image and drawn over it with the box (XYXY pixels).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own, not pyplot: no GUI backend, no global state
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     height, width = image_rgb.shape[:2]
     num_heads = grids["combined"].shape[0]
     panel = 3.0
-    figure, axes = plt.subplots(
-        num_heads,
-        len(MAP_KINDS),
-        squeeze=False,
-        layout="constrained",
+    figure = Figure(
         figsize=(panel * len(MAP_KINDS), panel * height / width * num_heads + 0.6),
+        layout="constrained",
     )
+    axes = figure.subplots(num_heads, len(MAP_KINDS), squeeze=False)
     for kind_index, kind in enumerate(MAP_KINDS):
         upsampled = F.interpolate(grids[kind][:, None], size=(height, width), mode="bilinear")
         for head in range(num_heads):
@@ -196,7 +192,6 @@ def draw_attention(path, image_rgb, grids, box, title):
                 axis.set_ylabel(f"head {head}")
     figure.suptitle(title)
     figure.savefig(path)
-    plt.close(figure)
 
 
 def parse_args(argv=None):
