@@ -39,13 +39,7 @@ def register_tiny_shapes(root):
     register_shapes_datasets(root=root, params=TINY_SHAPES)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The models are tiny: one thread is fastest, and robust to other processes on the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,7 @@ INSTANT_CONFIG = os.path.join(
 IMPLS = ["pytorch"] + (["compiled"] if ops.has_ops_for("cpu") else [])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_image(path, size=(60, 90)):
