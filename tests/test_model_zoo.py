@@ -42,6 +42,9 @@ def test_official_checkpoints_fit_their_configs():
     configs = set(model_zoo.list_configs())
     for name, checkpoint in OFFICIAL_CHECKPOINTS.items():
         assert (checkpoint.url or checkpoint.page or "").startswith("https://"), name
+        if checkpoint.kind == "torchvision-resnet":
+            assert checkpoint.config is None and checkpoint.sha256_prefix, name
+            continue
         if checkpoint.config.startswith("COCO-Detection/conditional_detr_"):
             assert checkpoint.config in configs, name
         if checkpoint.config in configs:
@@ -215,3 +218,41 @@ def test_share_page_checkpoint_is_used_once_saved_by_hand(tiny_zoo, official_pat
     model_zoo.get(TINY_CONFIG, trained=True)
     assert downloads == []
     assert (cache / (TINY_NAME + ".pth")).is_file() and saved_by_user.is_file()
+
+
+def test_torchvision_imagenet_backbone_is_converted_and_cached(tmp_path, monkeypatch):
+    """The R101 configs' initialization: a torchvision ResNet becomes `backbone.*` weights."""
+    import torchvision
+
+    monkeypatch.setenv("CONDITIONAL_DETR_CACHE", str(tmp_path / "cache"))
+    resnet = torchvision.models.resnet18(weights=None)
+    source = tmp_path / "resnet18.pth"
+    torch.save(resnet.state_dict(), source)
+    name = "ImageNet/torchvision-R-18"
+    monkeypatch.setitem(
+        OFFICIAL_CHECKPOINTS,
+        name,
+        OfficialCheckpoint(None, source.as_uri(), kind="torchvision-resnet"),
+    )
+    cfg = tiny_fixture_cfg()
+    cfg.MODEL.WEIGHTS = SCHEME + name
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    backbone = model.state_dict()
+    assert torch.equal(backbone["backbone.stem.conv1.weight"], resnet.conv1.weight)
+    assert torch.equal(backbone["backbone.res5.1.conv2.norm.running_var"], resnet.layer4[1].bn2.running_var)
+    assert torch.equal(backbone["backbone.res3.0.shortcut.weight"], resnet.layer2[0].downsample[0].weight)
+    assert os.path.isfile(tmp_path / "cache" / "ImageNet" / "torchvision-R-18.pth")
+    assert "fc.weight" not in torch.load(tmp_path / "cache" / "ImageNet" / "torchvision-R-18.pth")["model"]
+
+
+def test_r101_configs_start_from_torchvision_resnet101():
+    for config_path in model_zoo.list_configs():
+        cfg = model_zoo.get_config(config_path)
+        if cfg.MODEL.RESNETS.DEPTH == 101:
+            assert cfg.MODEL.WEIGHTS == SCHEME + "ImageNet/torchvision-R-101", config_path
+            assert official_checkpoint_of(cfg.MODEL.WEIGHTS).kind == "torchvision-resnet"
+
+
+def official_checkpoint_of(weights):
+    return OFFICIAL_CHECKPOINTS[weights[len(SCHEME) :]]

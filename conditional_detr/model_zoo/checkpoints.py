@@ -11,10 +11,14 @@ SCHEME = "conditional-detr://"
 
 @dataclass(frozen=True)
 class OfficialCheckpoint:
-    config: str  # the config, relative to configs/, whose model the checkpoint fits
+    # the config, relative to configs/, whose model the checkpoint fits (None: a backbone)
+    config: Optional[str]
     url: Optional[str]  # a direct download, or None when only a share page is published
     page: Optional[str] = None  # the link the official README gives, when it is not `url`
     sha256_prefix: Optional[str] = None  # checked after download when the publisher gives it
+    # "detector": an official Conditional DETR or DETR checkpoint; "torchvision-resnet": the
+    # ImageNet ResNet of torchvision the official models start from (backbone weights only)
+    kind: str = "detector"
 
 
 # The official README links Conditional DETR's weights to SharePoint share pages, which
@@ -80,6 +84,20 @@ OFFICIAL_CHECKPOINTS = {
 }
 
 
+# The ImageNet initialization of the official models: torchvision's ResNets (V1 weights).
+# detectron2 publishes R-50 converted (detectron2://ImageNetPretrained/torchvision/R-50.pkl)
+# but not R-101, which the R101 configs take from here.
+_TORCHVISION = "https://download.pytorch.org/models/"
+OFFICIAL_CHECKPOINTS["ImageNet/torchvision-R-50"] = OfficialCheckpoint(
+    None, _TORCHVISION + "resnet50-0676ba61.pth", sha256_prefix="0676ba61",
+    kind="torchvision-resnet",
+)
+OFFICIAL_CHECKPOINTS["ImageNet/torchvision-R-101"] = OfficialCheckpoint(
+    None, _TORCHVISION + "resnet101-63fe2227.pth", sha256_prefix="63fe2227",
+    kind="torchvision-resnet",
+)
+
+
 def official_checkpoint(name):
     """The entry of `name` (scheme optional); a ValueError lists the known names."""
     name = name[len(SCHEME) :] if name.startswith(SCHEME) else name
@@ -96,7 +114,7 @@ def checkpoint_name_for_config(config_path):
     for name, checkpoint in OFFICIAL_CHECKPOINTS.items():
         if checkpoint.config == config_path:
             return SCHEME + name
-    with_checkpoint = ", ".join(c.config for c in OFFICIAL_CHECKPOINTS.values())
+    with_checkpoint = ", ".join(c.config for c in OFFICIAL_CHECKPOINTS.values() if c.config)
     raise RuntimeError(
         f"no official checkpoint is published for config {config_path}; configs with one: "
         + with_checkpoint

@@ -13,7 +13,11 @@ from urllib.parse import urlparse
 import torch
 from iopath.common.file_io import PathHandler, file_lock, get_cache_dir
 
-from ..tools.convert_official import convert_state_dict, load_official_checkpoint
+from ..tools.convert_official import (
+    convert_state_dict,
+    convert_torchvision_resnet,
+    load_official_checkpoint,
+)
 from .checkpoints import SCHEME, official_checkpoint
 
 # detectron2's contiguous COCO classes, those of every COCO config of this project
@@ -57,7 +61,7 @@ class OfficialCheckpointHandler(PathHandler):
         converted_path = os.path.join(cache_dir(), name + ".pth")
         if os.path.isfile(converted_path) and not force:
             return converted_path
-        os.makedirs(cache_dir(), exist_ok=True)
+        os.makedirs(os.path.dirname(converted_path), exist_ok=True)
         # the processes of a multi-GPU run all ask for the file: one converts, the others wait
         with file_lock(converted_path):
             if force or not os.path.isfile(converted_path):
@@ -76,16 +80,22 @@ class OfficialCheckpointHandler(PathHandler):
             state_dict = self._read(name, saved_by_user)
         else:
             with tempfile.TemporaryDirectory(
-                dir=cache_dir(), prefix=f".{name}.download."
+                dir=cache_dir(), prefix=f".{os.path.basename(name)}.download."
             ) as folder:
                 downloaded = self._download(name, folder, saved_by_user)
                 state_dict = self._read(name, downloaded)
         try:
-            converted = convert_state_dict(state_dict, CONVERTED_NUM_CLASSES)
+            converted = self._convert(name, state_dict)
         except (KeyError, ValueError) as e:
             raise ValueError(f"{SCHEME}{name}: cannot convert the official checkpoint: {e}") from e
         _save_atomically({"model": converted, "matching_heuristics": False}, converted_path)
-        logger.info(f"Cached {SCHEME}{name} ({CONVERTED_NUM_CLASSES} classes) at {converted_path}")
+        logger.info(f"Cached {SCHEME}{name} at {converted_path}")
+
+    @staticmethod
+    def _convert(name, state_dict):
+        if official_checkpoint(name).kind == "torchvision-resnet":
+            return convert_torchvision_resnet(state_dict)
+        return convert_state_dict(state_dict, CONVERTED_NUM_CLASSES)
 
     def _download(self, name, folder, saved_by_user):
         checkpoint = official_checkpoint(name)
@@ -108,6 +118,8 @@ class OfficialCheckpointHandler(PathHandler):
     @staticmethod
     def _read(name, path):
         try:
+            if official_checkpoint(name).kind == "torchvision-resnet":
+                return torch.load(path, map_location="cpu", weights_only=True)
             return load_official_checkpoint(path)
         except Exception as e:
             raise RuntimeError(

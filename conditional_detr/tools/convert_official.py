@@ -85,6 +85,21 @@ def convert_state_dict(state_dict, num_classes=80):
     return converted
 
 
+def convert_torchvision_resnet(state_dict):
+    """
+    An ImageNet ResNet state dict of torchvision (the official models' initialization)
+    -> the `backbone.*` weights of this project's models; the classifier is dropped.
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            continue
+        converted[_convert_backbone_key(OFFICIAL_BACKBONE_PREFIX + key)] = value.float()
+    if "backbone.stem.conv1.weight" not in converted:
+        raise ValueError("not a torchvision ResNet state dict (no 'conv1.weight')")
+    return converted
+
+
 def load_official_checkpoint(path):
     # official checkpoints pickle their argparse.Namespace next to the weights
     with torch.serialization.safe_globals([argparse.Namespace]):
