@@ -242,39 +242,36 @@ float exp_and_sum(float* row, int64_t n, float shift) {
   return sum;
 }
 
-// row = exp(row - shift) with masked keys at 0 (backward: shift is the log-sum-exp).
+// Backward, one key's row of a transposed tile: row[i] = exp(row[i] - lse[i]) over queries i.
 template <typename acc_t>
-void masked_exp(acc_t* row, const bool* mask, int64_t n, acc_t shift) {
-  for (int64_t j = 0; j < n; ++j) {
-    row[j] = (mask && mask[j]) ? acc_t(0) : exp_approx(row[j] - shift);
-  }
+void exp_minus_lse(acc_t* row, const acc_t* lse, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) row[i] = exp_approx(row[i] - lse[i]);
 }
 
 CDETR_VECTOR_CLONES
-void masked_exp(float* row, const bool* mask, int64_t n, float shift) {
-  for (int64_t j = 0; j < n; ++j) row[j] = exp_approx(row[j] - shift);
-  if (mask) {
-    for (int64_t j = 0; j < n; ++j) row[j] = mask[j] ? 0.f : row[j];
-  }
+void exp_minus_lse(float* row, const float* lse, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) row[i] = exp_approx(row[i] - lse[i]);
 }
 
-// dS = P (dP - D) in place of dP.
+// dS = P (dP - D) in place of dP, along one key's row of a transposed tile.
 template <typename acc_t>
-void softmax_grad(const acc_t* p, acc_t* dp, int64_t n, acc_t d) {
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
+void softmax_grad(const acc_t* p, acc_t* dp, const acc_t* delta, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - delta[i]);
 }
 
 CDETR_VECTOR_CLONES
-void softmax_grad(const float* p, float* dp, int64_t n, float d) {
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - d);
+void softmax_grad(const float* p, float* dp, const float* delta, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - delta[i]);
 }
 
-// Multiplies row[j] by keep_scale or 0 according to the dropout hash of element first + j.
+// Multiplies row[j] by keep_scale or 0 according to the dropout hash of element
+// first + j * stride (stride K walks a query column of the [queries, keys] matrix).
 template <typename acc_t>
-void apply_dropout(acc_t* row, int64_t n, const DropoutParams& dropout, uint64_t first) {
+void apply_dropout(acc_t* row, int64_t n, const DropoutParams& dropout, uint64_t first,
+                   uint64_t stride = 1) {
   const acc_t keep_scale = static_cast<acc_t>(dropout.keep_scale);
   for (int64_t j = 0; j < n; ++j) {
-    const bool keep = dropout_hash(dropout.seed, first + j) >= dropout.threshold;
+    const bool keep = dropout_hash(dropout.seed, first + j * stride) >= dropout.threshold;
     row[j] = keep ? row[j] * keep_scale : acc_t(0);
   }
 }
@@ -310,16 +307,6 @@ void pack_rows(HeadRows<scalar_t> src, int64_t first, int64_t count, int64_t col
   }
 }
 
-// The transpose: dst[offset + c][r] = rows[first + r][c].
-template <typename scalar_t, typename acc_t>
-void pack_columns(HeadRows<scalar_t> src, int64_t first, int64_t count, int64_t cols, acc_t* dst,
-                  int64_t ld, int64_t offset) {
-  for (int64_t r = 0; r < count; ++r) {
-    const scalar_t* row = src.data + (first + r) * src.ld;
-    for (int64_t c = 0; c < cols; ++c) dst[(offset + c) * ld + r] = static_cast<acc_t>(row[c]);
-  }
-}
-
 template <typename scalar_t>
 void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
                     const DropoutParams& dropout, at::Tensor& out, at::Tensor& lse) {
@@ -333,14 +320,24 @@ void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
 
   at::parallel_for(0, s.batch * H * query_blocks, 1, [&](int64_t begin, int64_t end) {
     // queries as [q_c | q_p] rows, keys transposed to [k_c | k_p] columns: one product of
-    // depth 2 * head_dim gives the summed content and spatial logits
-    std::vector<acc_t> queries(kQueryBlock * qk), keys_t(qk * kKeyBlock), values(kKeyBlock * vd);
+    // depth 2 * head_dim gives the summed content and spatial logits. A thread's tasks are
+    // consecutive, so it packs the keys and values of a (batch, head) once for all of its
+    // query blocks.
+    std::vector<acc_t> queries(kQueryBlock * qk), keys(K * qk), keys_t(qk * K), values(K * vd);
     std::vector<acc_t> scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * vd);
     std::vector<acc_t> row_max(kQueryBlock), row_sum(kQueryBlock);
+    int64_t packed_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % query_blocks, bh = task / query_blocks;
       const int64_t b = bh / H, h = bh % H;
       const int64_t q0 = qb * kQueryBlock, nq = std::min(kQueryBlock, Q - q0);
+      if (bh != packed_bh) {
+        pack_rows(head_rows<scalar_t>(in.k_content, b, h, hd), 0, K, hd, keys.data(), qk, 0);
+        pack_rows(head_rows<scalar_t>(in.k_spatial, b, h, hd), 0, K, hd, keys.data(), qk, hd);
+        transpose_tile(keys.data(), K, qk, qk, keys_t.data(), K);
+        pack_rows(head_rows<scalar_t>(in.value, b, h, vd), 0, K, vd, values.data(), vd, 0);
+        packed_bh = bh;
+      }
       pack_rows(head_rows<scalar_t>(in.q_content, b, h, hd), q0, nq, hd, queries.data(), qk, 0);
       pack_rows(head_rows<scalar_t>(in.q_spatial, b, h, hd), q0, nq, hd, queries.data(), qk, hd);
       const bool* mask_b = mask ? mask + b * K : nullptr;
@@ -350,12 +347,7 @@ void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
 
       for (int64_t k0 = 0; k0 < K; k0 += kKeyBlock) {
         const int64_t nk = std::min(kKeyBlock, K - k0);
-        pack_columns(head_rows<scalar_t>(in.k_content, b, h, hd), k0, nk, hd, keys_t.data(),
-                     kKeyBlock, 0);
-        pack_columns(head_rows<scalar_t>(in.k_spatial, b, h, hd), k0, nk, hd, keys_t.data(),
-                     kKeyBlock, hd);
-        pack_rows(head_rows<scalar_t>(in.value, b, h, vd), k0, nk, vd, values.data(), vd, 0);
-        gemm_tile(nq, nk, qk, scale, queries.data(), qk, keys_t.data(), kKeyBlock, acc_t(0),
+        gemm_tile(nq, nk, qk, scale, queries.data(), qk, keys_t.data() + k0, K, acc_t(0),
                   scores.data(), kKeyBlock);
         for (int64_t i = 0; i < nq; ++i) {
           acc_t* row = scores.data() + i * kKeyBlock;
@@ -378,7 +370,7 @@ void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
           }
         }
         // acc[nq x vd] += P v
-        gemm_tile(nq, vd, nk, acc_t(1), scores.data(), kKeyBlock, values.data(), vd,
+        gemm_tile(nq, vd, nk, acc_t(1), scores.data(), kKeyBlock, values.data() + k0 * vd, vd,
                   acc_t(1), acc.data(), vd);
       }
 
@@ -395,6 +387,21 @@ void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
   });
 }
 
+// Writes rows [first, first + count) of one head's slice of a [length, batch, channels]
+// gradient from a packed [count x cols] buffer (leading dim ld, column offset).
+template <typename scalar_t, typename acc_t>
+void unpack_rows(const acc_t* src, int64_t ld, int64_t offset, int64_t first, int64_t count,
+                 int64_t cols, at::Tensor& dst, int64_t b, int64_t h) {
+  scalar_t* base = dst.data_ptr<scalar_t>() + b * dst.stride(1) + h * cols;
+  for (int64_t r = 0; r < count; ++r) {
+    scalar_t* row = base + (first + r) * dst.stride(0);
+    for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<scalar_t>(src[r * ld + offset + c]);
+  }
+}
+
+// The backward pass works on transposed tiles, [keys x queries]: then every product reads
+// its operands row by row (dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T) and no tile is
+// ever transposed; the softmax statistics of a query become a vector along each row.
 template <typename scalar_t>
 void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
                      const DropoutParams& dropout, const at::Tensor& grad_out,
@@ -408,88 +415,85 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
   // Each task owns one (batch, head): its slices of every gradient are disjoint from the
   // others', so no reduction across threads is needed.
   at::parallel_for(0, s.batch * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> keys_t(qk * K), keys(K * qk), values_t(vd * K);
+    // the head's keys as [k_c | k_p] rows and transposed, its values as rows
+    std::vector<acc_t> keys(K * qk), keys_t(qk * K), values(K * vd);
     std::vector<acc_t> dkeys(K * qk), dvalues(K * vd);
-    std::vector<acc_t> queries(kQueryBlock * qk), dqueries(kQueryBlock * qk);
-    std::vector<acc_t> dout(kQueryBlock * vd), outs(kQueryBlock * vd), delta(kQueryBlock);
-    std::vector<acc_t> probs(kQueryBlock * kKeyBlock), dprobs(kQueryBlock * kKeyBlock);
+    // a block of queries: [q_c | q_p] and dO as rows and transposed, the query statistics
+    std::vector<acc_t> queries(kQueryBlock * qk), queries_t(qk * kQueryBlock);
+    std::vector<acc_t> dout(kQueryBlock * vd), dout_t(vd * kQueryBlock), outs(kQueryBlock * vd);
+    std::vector<acc_t> delta(kQueryBlock), lse_block(kQueryBlock), dqueries_t(qk * kQueryBlock);
+    // [keys x queries] tiles: P^T, dP^T (then dS^T), and P^T after dropout
     std::vector<acc_t> probs_t(kKeyBlock * kQueryBlock), dprobs_t(kKeyBlock * kQueryBlock);
-    std::vector<acc_t> dropped(dropout.enabled ? kQueryBlock * kKeyBlock : 0);
+    std::vector<acc_t> dropped_t(dropout.enabled ? kKeyBlock * kQueryBlock : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const bool* mask_b = mask ? mask + b * K : nullptr;
-      const auto kc = head_rows<scalar_t>(in.k_content, b, h, hd);
-      const auto ks = head_rows<scalar_t>(in.k_spatial, b, h, hd);
-      const auto v = head_rows<scalar_t>(in.value, b, h, vd);
-      pack_columns(kc, 0, K, hd, keys_t.data(), K, 0);
-      pack_columns(ks, 0, K, hd, keys_t.data(), K, hd);
-      pack_rows(kc, 0, K, hd, keys.data(), qk, 0);
-      pack_rows(ks, 0, K, hd, keys.data(), qk, hd);
-      pack_columns(v, 0, K, vd, values_t.data(), K, 0);
+      pack_rows(head_rows<scalar_t>(in.k_content, b, h, hd), 0, K, hd, keys.data(), qk, 0);
+      pack_rows(head_rows<scalar_t>(in.k_spatial, b, h, hd), 0, K, hd, keys.data(), qk, hd);
+      transpose_tile(keys.data(), K, qk, qk, keys_t.data(), K);
+      pack_rows(head_rows<scalar_t>(in.value, b, h, vd), 0, K, vd, values.data(), vd, 0);
       std::fill(dkeys.begin(), dkeys.end(), acc_t(0));
       std::fill(dvalues.begin(), dvalues.end(), acc_t(0));
       for (int64_t q0 = 0; q0 < Q; q0 += kQueryBlock) {
         const int64_t nq = std::min(kQueryBlock, Q - q0);
         pack_rows(head_rows<scalar_t>(in.q_content, b, h, hd), q0, nq, hd, queries.data(), qk, 0);
         pack_rows(head_rows<scalar_t>(in.q_spatial, b, h, hd), q0, nq, hd, queries.data(), qk, hd);
+        transpose_tile(queries.data(), nq, qk, qk, queries_t.data(), kQueryBlock);
         pack_rows(head_rows<scalar_t>(grad_out, b, h, vd), q0, nq, vd, dout.data(), vd, 0);
+        transpose_tile(dout.data(), nq, vd, vd, dout_t.data(), kQueryBlock);
         pack_rows(head_rows<scalar_t>(out, b, h, vd), q0, nq, vd, outs.data(), vd, 0);
-        // delta_i = dO_i . O_i, the softmax-gradient correction (dropout included)
         for (int64_t i = 0; i < nq; ++i) {
+          // delta_i = dO_i . O_i, the softmax-gradient correction (dropout included)
           acc_t d = 0;
           for (int64_t c = 0; c < vd; ++c) d += dout[i * vd + c] * outs[i * vd + c];
           delta[i] = d;
+          lse_block[i] = lse_data[bh * Q + q0 + i];
         }
-        std::fill(dqueries.begin(), dqueries.end(), acc_t(0));
+        std::fill(dqueries_t.begin(), dqueries_t.end(), acc_t(0));
         for (int64_t k0 = 0; k0 < K; k0 += kKeyBlock) {
           const int64_t nk = std::min(kKeyBlock, K - k0);
-          gemm_tile(nq, nk, qk, scale, queries.data(), qk, keys_t.data() + k0, K, acc_t(0),
-                    probs.data(), kKeyBlock);
-          // dP = dO v^T
-          gemm_tile(nq, nk, vd, acc_t(1), dout.data(), vd, values_t.data() + k0, K,
-                    acc_t(0), dprobs.data(), kKeyBlock);
-          for (int64_t i = 0; i < nq; ++i) {
-            acc_t* p = probs.data() + i * kKeyBlock;
-            acc_t* dp = dprobs.data() + i * kKeyBlock;
-            masked_exp(p, mask_b ? mask_b + k0 : nullptr, nk, lse_data[bh * Q + q0 + i]);
-            if (dropout.enabled) {
-              const uint64_t first = ((bh * Q) + q0 + i) * K + k0;
-              acc_t* pd = dropped.data() + i * kKeyBlock;
-              std::copy(p, p + nk, pd);
-              apply_dropout(pd, nk, dropout, first);
-              apply_dropout(dp, nk, dropout, first);
+          // S^T = scale k q^T ; dP^T = v dO^T
+          gemm_tile(nk, nq, qk, scale, keys.data() + k0 * qk, qk, queries_t.data(), kQueryBlock,
+                    acc_t(0), probs_t.data(), kQueryBlock);
+          gemm_tile(nk, nq, vd, acc_t(1), values.data() + k0 * vd, vd, dout_t.data(), kQueryBlock,
+                    acc_t(0), dprobs_t.data(), kQueryBlock);
+          for (int64_t j = 0; j < nk; ++j) {
+            acc_t* p = probs_t.data() + j * kQueryBlock;
+            acc_t* dp = dprobs_t.data() + j * kQueryBlock;
+            acc_t* pd = dropout.enabled ? dropped_t.data() + j * kQueryBlock : p;
+            if (mask_b && mask_b[k0 + j]) {
+              // a padded key takes no attention and gets no gradient
+              std::fill(p, p + nq, acc_t(0));
+              std::fill(dp, dp + nq, acc_t(0));
+              std::fill(pd, pd + nq, acc_t(0));
+              continue;
             }
-            softmax_grad(p, dp, nk, delta[i]);
+            exp_minus_lse(p, lse_block.data(), nq);
+            if (dropout.enabled) {
+              const uint64_t first = (bh * Q + q0) * K + k0 + j;
+              std::copy(p, p + nq, pd);
+              apply_dropout(pd, nq, dropout, first, K);
+              apply_dropout(dp, nq, dropout, first, K);
+            }
+            softmax_grad(p, dp, delta.data(), nq);
           }
-          const acc_t* p_used = dropout.enabled ? dropped.data() : probs.data();
-          transpose_tile(p_used, nq, nk, kKeyBlock, probs_t.data(), kQueryBlock);
-          transpose_tile(dprobs.data(), nq, nk, kKeyBlock, dprobs_t.data(), kQueryBlock);
-          // dv += P_dropped^T dO ; dq += scale dS k ; dk += scale dS^T q
-          gemm_tile(nk, vd, nq, acc_t(1), probs_t.data(), kQueryBlock, dout.data(), vd, acc_t(1),
+          const acc_t* p_used = dropout.enabled ? dropped_t.data() : probs_t.data();
+          // dv += P_dropped^T dO ; dk += scale dS^T q ; dq^T += scale k^T dS^T
+          gemm_tile(nk, vd, nq, acc_t(1), p_used, kQueryBlock, dout.data(), vd, acc_t(1),
                     dvalues.data() + k0 * vd, vd);
-          gemm_tile(nq, qk, nk, scale, dprobs.data(), kKeyBlock, keys.data() + k0 * qk, qk,
-                    acc_t(1), dqueries.data(), qk);
           gemm_tile(nk, qk, nq, scale, dprobs_t.data(), kQueryBlock, queries.data(), qk, acc_t(1),
                     dkeys.data() + k0 * qk, qk);
+          gemm_tile(qk, nq, nk, scale, keys_t.data() + k0, K, dprobs_t.data(), kQueryBlock,
+                    acc_t(1), dqueries_t.data(), kQueryBlock);
         }
-        for (int64_t i = 0; i < nq; ++i) {
-          for (int part = 0; part < 2; ++part) {
-            at::Tensor& g = grads[part];
-            scalar_t* dst = g.data_ptr<scalar_t>() + (q0 + i) * g.stride(0) + b * g.stride(1) + h * hd;
-            const acc_t* src = dqueries.data() + i * qk + part * hd;
-            for (int64_t c = 0; c < hd; ++c) dst[c] = static_cast<scalar_t>(src[c]);
-          }
-        }
+        // dq^T [qk x nq] back to rows, reusing the queries buffer
+        transpose_tile(dqueries_t.data(), qk, nq, kQueryBlock, queries.data(), qk);
+        unpack_rows<scalar_t>(queries.data(), qk, 0, q0, nq, hd, grads[0], b, h);
+        unpack_rows<scalar_t>(queries.data(), qk, hd, q0, nq, hd, grads[1], b, h);
       }
-      for (int64_t j = 0; j < K; ++j) {
-        for (int part = 2; part < 5; ++part) {
-          at::Tensor& g = grads[part];
-          const int64_t width = part == 4 ? vd : hd;
-          scalar_t* dst = g.data_ptr<scalar_t>() + j * g.stride(0) + b * g.stride(1) + h * width;
-          const acc_t* src = part == 4 ? dvalues.data() + j * vd : dkeys.data() + j * qk + (part - 2) * hd;
-          for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(src[c]);
-        }
-      }
+      unpack_rows<scalar_t>(dkeys.data(), qk, 0, 0, K, hd, grads[2], b, h);
+      unpack_rows<scalar_t>(dkeys.data(), qk, hd, 0, K, hd, grads[3], b, h);
+      unpack_rows<scalar_t>(dvalues.data(), vd, 0, 0, K, vd, grads[4], b, h);
     }
   });
 }
