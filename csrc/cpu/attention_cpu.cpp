@@ -39,10 +39,11 @@ constexpr int64_t kKeyBlock = 256;
 #define CDETR_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // Register block of the tile products: kRows rows x kVecs vectors of C, accumulated in
-// registers across the whole reduction. GCC's vector extension states the vector width
+// registers across the whole reduction (6 x 2 vectors: 12 accumulators, 2 rows of B and a
+// broadcast fill AVX2's 16 registers). GCC's vector extension states the vector width
 // outright instead of hoping the loop vectorizer finds it; 32-byte vectors are native on
 // AVX2 and measured as fast as 64-byte ones on AVX-512 here (the loop is load-bound).
-constexpr int kRows = 4;
+constexpr int kRows = 6;
 
 template <typename T>
 struct Vec32 {
@@ -57,15 +58,15 @@ CDETR_ALWAYS_INLINE void load_vec(V& v, const void* p) {
   std::memcpy(&v, p, sizeof(V));
 }
 
-template <typename T, int kVecs>
+template <typename T, int kBlockRows, int kVecs>
 CDETR_ALWAYS_INLINE void gemm_block(int64_t m0, int64_t n0, int64_t depth, T alpha, const T* a,
                                     int64_t lda, const T* b, int64_t ldb, T beta, T* c,
                                     int64_t ldc) {
   using V = typename Vec32<T>::type;
   constexpr int kLanes = Vec32<T>::kLanes;
-  V acc[kRows][kVecs];
+  V acc[kBlockRows][kVecs];
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < kBlockRows; ++r) {
 #pragma GCC unroll 8
     for (int v = 0; v < kVecs; ++v) acc[r][v] = V{};
   }
@@ -74,14 +75,14 @@ CDETR_ALWAYS_INLINE void gemm_block(int64_t m0, int64_t n0, int64_t depth, T alp
 #pragma GCC unroll 8
     for (int v = 0; v < kVecs; ++v) load_vec(b_vecs[v], b + l * ldb + n0 + v * kLanes);
 #pragma GCC unroll 8
-    for (int r = 0; r < kRows; ++r) {
+    for (int r = 0; r < kBlockRows; ++r) {
       const T a_rl = a[(m0 + r) * lda + l];
 #pragma GCC unroll 8
       for (int v = 0; v < kVecs; ++v) acc[r][v] += a_rl * b_vecs[v];
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < kBlockRows; ++r) {
 #pragma GCC unroll 8
     for (int v = 0; v < kVecs; ++v) {
       T* dst = c + (m0 + r) * ldc + n0 + v * kLanes;
@@ -115,20 +116,22 @@ CDETR_ALWAYS_INLINE void gemm_body(int64_t m, int64_t n, int64_t depth, T alpha,
                                    int64_t lda, const T* b, int64_t ldb, T beta, T* c,
                                    int64_t ldc) {
   constexpr int kLanes = Vec32<T>::kLanes;
-  const int64_t m_full = m / kRows * kRows;
   int64_t n0 = 0;
   for (; n0 + 2 * kLanes <= n; n0 += 2 * kLanes) {
-    for (int64_t m0 = 0; m0 < m_full; m0 += kRows) {
-      gemm_block<T, 2>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+    int64_t m0 = 0;
+    for (; m0 + kRows <= m; m0 += kRows) {
+      gemm_block<T, kRows, 2>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
     }
+    for (; m0 < m; ++m0) gemm_block<T, 1, 2>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
   }
   for (; n0 + kLanes <= n; n0 += kLanes) {
-    for (int64_t m0 = 0; m0 < m_full; m0 += kRows) {
-      gemm_block<T, 1>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+    int64_t m0 = 0;
+    for (; m0 + kRows <= m; m0 += kRows) {
+      gemm_block<T, kRows, 1>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
     }
+    for (; m0 < m; ++m0) gemm_block<T, 1, 1>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
   }
-  gemm_edge<T>(0, m_full, n0, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
-  gemm_edge<T>(m_full, m, 0, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_edge<T>(0, m, n0, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // Row-major C[m x n] = alpha A B + beta C for the small tiles of this kernel, with the rows of
