@@ -3,11 +3,14 @@ Times conditional cross-attention side by side in one process: the compiled op, 
 pure-PyTorch reference, and torch's scaled_dot_product_attention with the setup it needs
 (per-head concatenation of content and spatial parts, a boolean mask), forward and
 forward+backward, at the decoder's shapes (300 queries, 8 heads, 256 channels; 850 keys for
-R50, 3400 for DC5). Prints a table and writes JSON.
+R50, 3400 for DC5). Every repeat times the implementations in turn and the median is kept,
+so that a change of load on the machine weighs on all of them alike. Prints a table and
+writes JSON.
 
     python -m conditional_detr.tools.benchmark_attention [--device cpu|cuda] [--json PATH] [--quick]
 """
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -65,17 +68,30 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_call(fn, device, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
+def interleaved_medians(fns, device, repeats, warmup):
+    """
+    Median milliseconds of each named callable, timed in turn within every repeat, so that
+    a change in machine load mid-run affects all of them alike. A callable that raises a
+    RuntimeError in warm-up (e.g. an SDPA backend refusing a dtype) gets its error instead.
+    """
+    results, live = {}, {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            live[name] = fn
+        except RuntimeError as e:
+            results[name] = RuntimeError(str(e).splitlines()[0])
+    times = {name: [] for name in live}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, fn in live.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    results.update({name: statistics.median(t) for name, t in times.items()})
+    return results
 
 
 def saved_activation_bytes(fn, inputs):
@@ -114,31 +130,46 @@ def benchmark(device, dtypes, cases, repeats, warmup):
         num_keys = BACKBONE_KEYS[backbone]
         for dtype in dtypes:
             tensors, mask = make_inputs(batch, num_keys, dtype, device)
-            for name, attention in implementations().items():
-                leaves = [t.detach().requires_grad_(True) for t in tensors]
-                grad = torch.randn(NUM_QUERIES, batch, CHANNELS, device=device, dtype=dtype)
+            leaves = [t.detach().requires_grad_(True) for t in tensors]
+            grad = torch.randn(NUM_QUERIES, batch, CHANNELS, device=device, dtype=dtype)
 
-                def forward():
-                    with torch.no_grad():
-                        return attention(*tensors, mask, NUM_HEADS)
+            def forward(attention):
+                with torch.no_grad():
+                    return attention(*tensors, mask, NUM_HEADS)
 
-                def forward_backward():
-                    out = attention(*leaves, mask, NUM_HEADS)
-                    torch.autograd.grad(out, leaves, grad)
+            def forward_backward(attention):
+                out = attention(*leaves, mask, NUM_HEADS)
+                torch.autograd.grad(out, leaves, grad)
 
+            impls = implementations()
+            forward_ms = interleaved_medians(
+                {name: functools.partial(forward, fn) for name, fn in impls.items()},
+                device, repeats, warmup,
+            )
+            forward_backward_ms = interleaved_medians(
+                {name: functools.partial(forward_backward, fn) for name, fn in impls.items()},
+                device, repeats, warmup,
+            )
+            for name, attention in impls.items():
                 row = {
                     "backbone": backbone, "batch": batch, "keys": num_keys,
                     "dtype": str(dtype).replace("torch.", ""), "impl": name,
                 }
-                try:
-                    row["forward_ms"] = time_call(forward, device, repeats, warmup)
-                    row["forward_backward_ms"] = time_call(forward_backward, device, repeats, warmup)
+                failure = next(
+                    (r for r in (forward_ms[name], forward_backward_ms[name])
+                     if isinstance(r, Exception)),
+                    None,
+                )
+                if failure is not None:
+                    row["error"] = str(failure)
+                else:
+                    row["forward_ms"] = forward_ms[name]
+                    row["forward_backward_ms"] = forward_backward_ms[name]
                     row["saved_for_backward_MiB"] = saved_activation_bytes(
                         lambda: attention(*leaves, mask, NUM_HEADS), leaves) / 2**20
-                    peak = peak_memory_bytes(forward_backward, device)
+                    peak = peak_memory_bytes(
+                        functools.partial(forward_backward, attention), device)
                     row["peak_forward_backward_MiB"] = None if peak is None else peak / 2**20
-                except RuntimeError as e:  # e.g. an SDPA backend refusing a dtype
-                    row["error"] = str(e).splitlines()[0]
                 results.append(row)
                 print(format_row(row), flush=True)
     return results
@@ -204,7 +235,7 @@ def main(argv=None):
         dtypes = [torch.float32, torch.bfloat16]
         if device == "cuda" and not torch.cuda.is_bf16_supported():
             dtypes = [torch.float32]
-    repeats = args.repeats or (3 if device == "cpu" or args.quick else 20)
+    repeats = args.repeats or (7 if device == "cpu" or args.quick else 20)
     warmup = 1 if device == "cpu" else 5
 
     header = {
