@@ -137,6 +137,28 @@ def test_attention_without_mask_and_different_value_width(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_attention_with_padding_inside_the_keys(device):
+    # an image padded on the right pads the end of every row of its feature map: padded keys
+    # before unpadded ones, across key-block boundaries, and a padded tail
+    height, width = 23, 29
+    mask = torch.zeros(2, height, width, dtype=torch.bool)
+    mask[0, :, 21:] = True
+    mask[1, 17:, :] = True
+    mask[1, :, 25:] = True
+    mask = mask.flatten(1).to(device)
+    tensors = attention_inputs(70, height * width, 2, 64, device)
+    grad_out = torch.randn(70, 2, 64, device=device)
+    out, grads = run("compiled", tensors, mask, 4, grad_out)
+    expected, expected_grads = run("pytorch", detached_copy(tensors), mask, 4, grad_out)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
+    # padded keys get no gradient
+    for g in grads[2:]:
+        assert g.transpose(0, 1)[mask].abs().max() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_attention_fully_padded_batch_element(device):
     tensors = attention_inputs(6, 9, 3, 16, device)
     mask = padding_mask(3, 9, device, fully_padded=(1,))

@@ -184,33 +184,35 @@ inline double exp_approx(double x) { return std::exp(x); }
 
 constexpr int kLanes = 16;
 
-// Sets masked keys to -inf and returns the row maximum.
+// Adds the keys' bias (0, or -inf for padding) and returns the row maximum.
 template <typename acc_t>
-acc_t mask_and_max(acc_t* row, const bool* mask, int64_t n) {
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  acc_t best = neg_inf;
+acc_t mask_and_max(acc_t* row, const acc_t* key_bias, int64_t n) {
+  acc_t best = -std::numeric_limits<acc_t>::infinity();
   for (int64_t j = 0; j < n; ++j) {
-    if (mask && mask[j]) row[j] = neg_inf;
+    if (key_bias) row[j] += key_bias[j];
     best = std::max(best, row[j]);
   }
   return best;
 }
 
 CDETR_VECTOR_CLONES
-float mask_and_max(float* row, const bool* mask, int64_t n) {
+float mask_and_max(float* row, const float* key_bias, int64_t n) {
+  using V = Vec32<float>::type;
+  constexpr int kWidth = Vec32<float>::kLanes;
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  if (mask) {
-    for (int64_t j = 0; j < n; ++j) row[j] = mask[j] ? neg_inf : row[j];
+  if (key_bias) {
+    for (int64_t j = 0; j < n; ++j) row[j] += key_bias[j];
   }
-  float lanes[kLanes];
-  for (int l = 0; l < kLanes; ++l) lanes[l] = neg_inf;
+  V lanes = V{} + neg_inf;
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lanes[l] = row[j + l] > lanes[l] ? row[j + l] : lanes[l];
+  for (; j + kWidth <= n; j += kWidth) {
+    V x;
+    load_vec(x, row + j);
+    lanes = x > lanes ? x : lanes;
   }
   float best = neg_inf;
   for (; j < n; ++j) best = row[j] > best ? row[j] : best;
-  for (int l = 0; l < kLanes; ++l) best = lanes[l] > best ? lanes[l] : best;
+  for (int l = 0; l < kWidth; ++l) best = lanes[l] > best ? lanes[l] : best;
   return best;
 }
 
@@ -310,6 +312,16 @@ void pack_rows(HeadRows<scalar_t> src, int64_t first, int64_t count, int64_t col
   }
 }
 
+// Keys after a batch element's last unpadded key take no attention and get no gradient:
+// both passes stop there (images padded at the bottom pad a tail of the keys).
+std::vector<int64_t> unpadded_key_counts(const bool* mask, int64_t batch, int64_t num_keys) {
+  std::vector<int64_t> counts(batch, num_keys);
+  for (int64_t b = 0; mask && b < batch; ++b) {
+    while (counts[b] > 0 && mask[b * num_keys + counts[b] - 1]) --counts[b];
+  }
+  return counts;
+}
+
 template <typename scalar_t>
 void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
                     const DropoutParams& dropout, at::Tensor& out, at::Tensor& lse) {
@@ -321,40 +333,48 @@ void forward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
   scalar_t* out_data = out.data_ptr<scalar_t>();
   acc_t* lse_data = lse.data_ptr<acc_t>();
 
+  const auto key_counts = unpadded_key_counts(mask, s.batch, K);
+
+  // tasks run head-major, so that each thread gets a mix of batch elements (whose unpadded
+  // lengths differ) and consecutive tasks share a (batch, head)
   at::parallel_for(0, s.batch * H * query_blocks, 1, [&](int64_t begin, int64_t end) {
     // queries as [q_c | q_p] rows, keys transposed to [k_c | k_p] columns: one product of
     // depth 2 * head_dim gives the summed content and spatial logits. A thread's tasks are
     // consecutive, so it packs the keys and values of a (batch, head) once for all of its
     // query blocks.
     std::vector<acc_t> queries(kQueryBlock * qk), keys(K * qk), keys_t(qk * K), values(K * vd);
+    // the padding mask as an additive bias, 0 or -inf per key, which vectorizes
+    std::vector<acc_t> key_bias(mask ? K : 0);
     std::vector<acc_t> scores(kQueryBlock * kKeyBlock), acc(kQueryBlock * vd);
     std::vector<acc_t> row_max(kQueryBlock), row_sum(kQueryBlock);
     int64_t packed_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % query_blocks, bh = task / query_blocks;
-      const int64_t b = bh / H, h = bh % H;
+      const int64_t qb = task % query_blocks, pair = task / query_blocks;
+      const int64_t h = pair / s.batch, b = pair % s.batch, bh = b * H + h, Kb = key_counts[b];
       const int64_t q0 = qb * kQueryBlock, nq = std::min(kQueryBlock, Q - q0);
       if (bh != packed_bh) {
-        pack_rows(head_rows<scalar_t>(in.k_content, b, h, hd), 0, K, hd, keys.data(), qk, 0);
-        pack_rows(head_rows<scalar_t>(in.k_spatial, b, h, hd), 0, K, hd, keys.data(), qk, hd);
-        transpose_tile(keys.data(), K, qk, qk, keys_t.data(), K);
-        pack_rows(head_rows<scalar_t>(in.value, b, h, vd), 0, K, vd, values.data(), vd, 0);
+        pack_rows(head_rows<scalar_t>(in.k_content, b, h, hd), 0, Kb, hd, keys.data(), qk, 0);
+        pack_rows(head_rows<scalar_t>(in.k_spatial, b, h, hd), 0, Kb, hd, keys.data(), qk, hd);
+        transpose_tile(keys.data(), Kb, qk, qk, keys_t.data(), K);
+        pack_rows(head_rows<scalar_t>(in.value, b, h, vd), 0, Kb, vd, values.data(), vd, 0);
+        for (int64_t j = 0; j < static_cast<int64_t>(key_bias.size()); ++j) {
+          key_bias[j] = mask[b * K + j] ? -std::numeric_limits<acc_t>::infinity() : acc_t(0);
+        }
         packed_bh = bh;
       }
       pack_rows(head_rows<scalar_t>(in.q_content, b, h, hd), q0, nq, hd, queries.data(), qk, 0);
       pack_rows(head_rows<scalar_t>(in.q_spatial, b, h, hd), q0, nq, hd, queries.data(), qk, hd);
-      const bool* mask_b = mask ? mask + b * K : nullptr;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
 
-      for (int64_t k0 = 0; k0 < K; k0 += kKeyBlock) {
-        const int64_t nk = std::min(kKeyBlock, K - k0);
+      for (int64_t k0 = 0; k0 < Kb; k0 += kKeyBlock) {
+        const int64_t nk = std::min(kKeyBlock, Kb - k0);
         gemm_tile(nq, nk, qk, scale, queries.data(), qk, keys_t.data() + k0, K, acc_t(0),
                   scores.data(), kKeyBlock);
         for (int64_t i = 0; i < nq; ++i) {
           acc_t* row = scores.data() + i * kKeyBlock;
-          const acc_t block_max = mask_and_max(row, mask_b ? mask_b + k0 : nullptr, nk);
+          const acc_t block_max = mask_and_max(row, mask ? key_bias.data() + k0 : nullptr, nk);
           const acc_t new_max = std::max(row_max[i], block_max);
           if (new_max == -std::numeric_limits<acc_t>::infinity()) {
             // every key so far is padding: nothing to add yet
@@ -417,6 +437,9 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
 
   // Each task owns one (batch, head): its slices of every gradient are disjoint from the
   // others', so no reduction across threads is needed.
+  const auto key_counts = unpadded_key_counts(mask, s.batch, K);
+
+  // head-major, as in the forward pass
   at::parallel_for(0, s.batch * H, 1, [&](int64_t begin, int64_t end) {
     // the head's keys as [k_c | k_p] rows and transposed, its values as rows
     std::vector<acc_t> keys(K * qk), keys_t(qk * K), values(K * vd);
@@ -428,13 +451,13 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
     // [keys x queries] tiles: P^T, dP^T (then dS^T), and P^T after dropout
     std::vector<acc_t> probs_t(kKeyBlock * kQueryBlock), dprobs_t(kKeyBlock * kQueryBlock);
     std::vector<acc_t> dropped_t(dropout.enabled ? kKeyBlock * kQueryBlock : 0);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t h = pair / s.batch, b = pair % s.batch, bh = b * H + h, Kb = key_counts[b];
       const bool* mask_b = mask ? mask + b * K : nullptr;
-      pack_rows(head_rows<scalar_t>(in.k_content, b, h, hd), 0, K, hd, keys.data(), qk, 0);
-      pack_rows(head_rows<scalar_t>(in.k_spatial, b, h, hd), 0, K, hd, keys.data(), qk, hd);
-      transpose_tile(keys.data(), K, qk, qk, keys_t.data(), K);
-      pack_rows(head_rows<scalar_t>(in.value, b, h, vd), 0, K, vd, values.data(), vd, 0);
+      pack_rows(head_rows<scalar_t>(in.k_content, b, h, hd), 0, Kb, hd, keys.data(), qk, 0);
+      pack_rows(head_rows<scalar_t>(in.k_spatial, b, h, hd), 0, Kb, hd, keys.data(), qk, hd);
+      transpose_tile(keys.data(), Kb, qk, qk, keys_t.data(), K);
+      pack_rows(head_rows<scalar_t>(in.value, b, h, vd), 0, Kb, vd, values.data(), vd, 0);
       std::fill(dkeys.begin(), dkeys.end(), acc_t(0));
       std::fill(dvalues.begin(), dvalues.end(), acc_t(0));
       for (int64_t q0 = 0; q0 < Q; q0 += kQueryBlock) {
@@ -453,8 +476,8 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
           lse_block[i] = lse_data[bh * Q + q0 + i];
         }
         std::fill(dqueries_t.begin(), dqueries_t.end(), acc_t(0));
-        for (int64_t k0 = 0; k0 < K; k0 += kKeyBlock) {
-          const int64_t nk = std::min(kKeyBlock, K - k0);
+        for (int64_t k0 = 0; k0 < Kb; k0 += kKeyBlock) {
+          const int64_t nk = std::min(kKeyBlock, Kb - k0);
           // S^T = scale k q^T ; dP^T = v dO^T
           gemm_tile(nk, nq, qk, scale, keys.data() + k0 * qk, qk, queries_t.data(), kQueryBlock,
                     acc_t(0), probs_t.data(), kQueryBlock);
