@@ -65,6 +65,16 @@ def run(impl, tensors, mask, num_heads, grad_out=None):
     return out, grads
 
 
+def assert_compiled_matches_reference(tensors, mask, num_heads, grad_out):
+    """fp32 output and input gradients of the compiled op against the reference; the grads."""
+    out, grads = run("compiled", tensors, mask, num_heads, grad_out)
+    expected, expected_grads = run("pytorch", detached_copy(tensors), mask, num_heads, grad_out)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
+    return grads
+
+
 # ---------------------------------------------------------------------------- gradcheck
 
 
@@ -118,22 +128,14 @@ def test_attention_matches_reference(device, num_queries, num_keys, batch, chann
     tensors = attention_inputs(num_queries, num_keys, batch, channels, device)
     mask = padding_mask(batch, num_keys, device)
     grad_out = torch.randn(num_queries, batch, channels, device=device)
-    out, grads = run("compiled", tensors, mask, heads, grad_out)
-    expected, expected_grads = run("pytorch", detached_copy(tensors), mask, heads, grad_out)
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
+    assert_compiled_matches_reference(tensors, mask, heads, grad_out)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_attention_without_mask_and_different_value_width(device):
     tensors = attention_inputs(9, 11, 2, 16, device, value_channels=24)
     grad_out = torch.randn(9, 2, 24, device=device)
-    out, grads = run("compiled", tensors, None, 4, grad_out)
-    expected, expected_grads = run("pytorch", detached_copy(tensors), None, 4, grad_out)
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
+    assert_compiled_matches_reference(tensors, None, 4, grad_out)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -148,11 +150,7 @@ def test_attention_with_padding_inside_the_keys(device):
     mask = mask.flatten(1).to(device)
     tensors = attention_inputs(70, height * width, 2, 64, device)
     grad_out = torch.randn(70, 2, 64, device=device)
-    out, grads = run("compiled", tensors, mask, 4, grad_out)
-    expected, expected_grads = run("pytorch", detached_copy(tensors), mask, 4, grad_out)
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
-    for g, e in zip(grads, expected_grads):
-        torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
+    grads = assert_compiled_matches_reference(tensors, mask, 4, grad_out)
     # padded keys get no gradient
     for g in grads[2:]:
         assert g.transpose(0, 1)[mask].abs().max() == 0
