@@ -40,6 +40,11 @@ def tiny(*opts):
     return cfg, build_eval_model(cfg)
 
 
+def cli(image, output, *rest):
+    """The tool's arguments for the instant-test config."""
+    return ["--config-file", INSTANT_CONFIG, "--input", str(image), "--output", str(output), *rest]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_combined_map_is_the_attention_the_model_used(tmp_path, impl):
     cfg, model = tiny("MODEL.CONDITIONAL_DETR.ATTENTION_IMPL", impl)
@@ -107,12 +112,8 @@ def test_figures_and_json_are_written(tmp_path):
     torch.save({"model": model.state_dict()}, weights)
     image = write_image(tmp_path / "scene.jpg")
     drawn = tool.main(
-        [
-            "--config-file",
-            INSTANT_CONFIG,
-            "--input",
+        cli(
             image,
-            "--output",
             str(tmp_path / "out"),
             "--top",
             "2",
@@ -122,7 +123,7 @@ def test_figures_and_json_are_written(tmp_path):
             "cpu",
             "MODEL.WEIGHTS",
             weights,
-        ]
+        )
     )
     assert len(drawn) == 2 and all(d["layer"] == 0 for d in drawn)
     for d in drawn:
@@ -132,12 +133,8 @@ def test_figures_and_json_are_written(tmp_path):
         assert json.load(f) == drawn
 
     (one,) = tool.main(
-        [
-            "--config-file",
-            INSTANT_CONFIG,
-            "--input",
+        cli(
             image,
-            "--output",
             str(tmp_path / "out"),
             "--query",
             "7",
@@ -145,7 +142,7 @@ def test_figures_and_json_are_written(tmp_path):
             "cpu",
             "MODEL.WEIGHTS",
             weights,
-        ]
+        )
     )
     last = cfg.MODEL.CONDITIONAL_DETR.DEC_LAYERS - 1
     assert one["query"] == 7 and one["figure"].endswith(f"scene_query7_layer{last}.png")
@@ -153,43 +150,29 @@ def test_figures_and_json_are_written(tmp_path):
 
 def test_bad_indices_are_named(tmp_path):
     image = write_image(tmp_path / "x.png")
-    common = ["--config-file", INSTANT_CONFIG, "--input", image, "--output", str(tmp_path)]
     with pytest.raises(ValueError, match=r"--query 10 is out of range.*10 object queries \(0..9\)"):
-        tool.main(common + ["--query", "10", "MODEL.DEVICE", "cpu"])
+        tool.main(cli(image, tmp_path, "--query", "10", "MODEL.DEVICE", "cpu"))
     with pytest.raises(ValueError, match=r"--layer 2 is out of range.*2 decoder layers"):
-        tool.main(common + ["--layer", "2", "MODEL.DEVICE", "cpu"])
+        tool.main(cli(image, tmp_path, "--layer", "2", "MODEL.DEVICE", "cpu"))
     with pytest.raises(ValueError, match="must be an image file.*is a folder"):
         tool.main(
             ["--config-file", INSTANT_CONFIG, "--input", str(tmp_path), "--output", str(tmp_path)]
         )
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        tool.main(
-            [
-                "--config-file",
-                INSTANT_CONFIG,
-                "--input",
-                str(tmp_path / "missing.png"),
-                "--output",
-                str(tmp_path),
-            ]
-        )
+        tool.main(cli(str(tmp_path / "missing.png"), str(tmp_path)))
 
 
 def test_softmax_class_scores_leave_out_no_object(tmp_path):
     image = write_image(tmp_path / "x.png")
     (drawn,) = tool.main(
-        [
-            "--config-file",
-            INSTANT_CONFIG,
-            "--input",
+        cli(
             image,
-            "--output",
             str(tmp_path / "out"),
             "MODEL.DEVICE",
             "cpu",
             "MODEL.CONDITIONAL_DETR.CLASS_LOSS",
             "softmax",
-        ]
+        )
     )
     assert drawn["class"] in {"circle", "rectangle", "triangle", "star", "cross"}
     assert 0.0 < drawn["score"] < 1.0
@@ -199,12 +182,8 @@ def test_model_without_conditional_attention_is_named(tmp_path):
     image = write_image(tmp_path / "x.png")
     with pytest.raises(ValueError, match="'DETR' has no conditional cross-attention"):
         tool.main(
-            [
-                "--config-file",
-                INSTANT_CONFIG,
-                "--input",
+            cli(
                 image,
-                "--output",
                 str(tmp_path),
                 "MODEL.DEVICE",
                 "cpu",
@@ -212,5 +191,5 @@ def test_model_without_conditional_attention_is_named(tmp_path):
                 "DETR",
                 "MODEL.CONDITIONAL_DETR.CLASS_LOSS",
                 "softmax",
-            ]
+            )
         )
