@@ -75,6 +75,59 @@ AttentionShape check_attention_backward_inputs(
 void check_sine_query_inputs(const at::Tensor& reference_points,
                              const std::optional<at::Tensor>& query_scale, int64_t dim);
 
+// What every device's kernels share around the math: checked, contiguous inputs and
+// allocated outputs, so that the CPU and CUDA entry points differ only in the launch.
+
+// An optional input made contiguous, or an undefined tensor when absent.
+inline at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// The log-sum-exp is kept in fp32 (fp64 for fp64 inputs).
+inline at::ScalarType lse_dtype_for(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// out [num_queries, batch, value channels] and lse [batch, heads, queries], uninitialized;
+// with no query or no batch element, lse is +inf and there is nothing to compute.
+std::tuple<at::Tensor, at::Tensor> allocate_attention_outputs(const at::Tensor& q_content,
+                                                              const at::Tensor& value,
+                                                              const AttentionShape& shape);
+
+// Gradients shaped like the five inputs: zeros when there is no query, batch element or
+// key (`has_work` false), else uninitialized for the kernel to fill.
+struct AttentionGrads {
+  at::Tensor q_content, q_spatial, k_content, k_spatial, value;
+  bool has_work;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> as_tuple() const {
+    return {q_content, q_spatial, k_content, k_spatial, value};
+  }
+};
+AttentionGrads allocate_attention_grads(const at::Tensor& q_content, const at::Tensor& q_spatial,
+                                        const at::Tensor& k_content, const at::Tensor& k_spatial,
+                                        const at::Tensor& value, const at::Tensor& out,
+                                        const AttentionShape& shape);
+
+// sine_query: checked contiguous inputs (scale undefined when absent), the allocated output,
+// and the number of (x, y) points.
+struct SineQueryForward {
+  at::Tensor points, scale, out;
+  int64_t rows;
+};
+SineQueryForward prepare_sine_query(const at::Tensor& reference_points,
+                                    const std::optional<at::Tensor>& query_scale, int64_t dim);
+
+// sine_query_backward: the same, with the incoming gradient in the points' dtype and the
+// allocated input gradients (grad_scale is empty when there is no scale).
+struct SineQueryBackward {
+  at::Tensor grad, points, scale, grad_points, grad_scale;
+  int64_t rows;
+};
+SineQueryBackward prepare_sine_query_backward(const at::Tensor& grad,
+                                              const at::Tensor& reference_points,
+                                              const std::optional<at::Tensor>& query_scale,
+                                              int64_t dim);
+
 // CPU kernels
 at::Tensor sine_query_cpu(const at::Tensor& reference_points,
                           const std::optional<at::Tensor>& query_scale, int64_t dim);

@@ -1,8 +1,10 @@
-// Operator schemas of the conditional_detr library and the input checks shared by every
-// backend. Kernels register themselves per device in cpu/ and cuda/; fake (meta) kernels and
-// autograd formulas are registered from Python in conditional_detr/ops/_extension.py.
+// Operator schemas of the conditional_detr library and the input checks and allocations shared
+// by every backend. Kernels register themselves per device in cpu/ and cuda/; fake (meta)
+// kernels and autograd formulas are registered from Python in conditional_detr/ops/_extension.py.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "common.h"
 
@@ -118,6 +120,64 @@ void check_sine_query_inputs(const at::Tensor& reference_points,
                 "conditional_spatial_query: query_scale is on ", scale.device(),
                 " but reference_points is on ", reference_points.device());
   }
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_attention_outputs(const at::Tensor& q_content,
+                                                              const at::Tensor& value,
+                                                              const AttentionShape& shape) {
+  auto out = at::empty({shape.num_queries, shape.batch, value.size(2)}, q_content.options());
+  auto lse = at::empty({shape.batch, shape.num_heads, shape.num_queries},
+                       q_content.options().dtype(lse_dtype_for(q_content.scalar_type())));
+  if (out.numel() == 0) lse.fill_(std::numeric_limits<double>::infinity());
+  return {out, lse};
+}
+
+AttentionGrads allocate_attention_grads(const at::Tensor& q_content, const at::Tensor& q_spatial,
+                                        const at::Tensor& k_content, const at::Tensor& k_spatial,
+                                        const at::Tensor& value, const at::Tensor& out,
+                                        const AttentionShape& shape) {
+  AttentionGrads grads{at::empty(q_content.sizes(), q_content.options()),
+                       at::empty(q_spatial.sizes(), q_spatial.options()),
+                       at::empty(k_content.sizes(), k_content.options()),
+                       at::empty(k_spatial.sizes(), k_spatial.options()),
+                       at::empty(value.sizes(), value.options()),
+                       out.numel() > 0 && shape.num_keys > 0};
+  if (!grads.has_work) {
+    for (auto* g : {&grads.q_content, &grads.q_spatial, &grads.k_content, &grads.k_spatial,
+                    &grads.value}) {
+      g->zero_();
+    }
+  }
+  return grads;
+}
+
+SineQueryForward prepare_sine_query(const at::Tensor& reference_points,
+                                    const std::optional<at::Tensor>& query_scale, int64_t dim) {
+  check_sine_query_inputs(reference_points, query_scale, dim);
+  SineQueryForward prepared;
+  prepared.points = reference_points.contiguous();
+  prepared.scale = contiguous_or_undefined(query_scale);
+  auto out_sizes = reference_points.sizes().vec();
+  out_sizes.back() = dim;
+  prepared.out = at::empty(out_sizes, prepared.points.options());
+  prepared.rows = prepared.points.numel() / 2;
+  return prepared;
+}
+
+SineQueryBackward prepare_sine_query_backward(const at::Tensor& grad,
+                                              const at::Tensor& reference_points,
+                                              const std::optional<at::Tensor>& query_scale,
+                                              int64_t dim) {
+  check_sine_query_inputs(reference_points, query_scale, dim);
+  SineQueryBackward prepared;
+  prepared.points = reference_points.contiguous();
+  prepared.scale = contiguous_or_undefined(query_scale);
+  prepared.grad = grad.contiguous().to(prepared.points.scalar_type());
+  prepared.grad_points = at::empty_like(prepared.points);
+  prepared.grad_scale = prepared.scale.defined() ? at::empty_like(prepared.scale)
+                                                 : at::empty({0}, prepared.points.options());
+  prepared.rows = prepared.points.numel() / 2;
+  return prepared;
 }
 
 // The CUDA runtime version the extension was compiled against, -1 without CUDA; lets Python

@@ -428,7 +428,7 @@ void unpack_rows(const acc_t* src, int64_t ld, int64_t offset, int64_t first, in
 template <typename scalar_t>
 void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s,
                      const DropoutParams& dropout, const at::Tensor& grad_out,
-                     const at::Tensor& out, const at::Tensor& lse, at::Tensor grads[5]) {
+                     const at::Tensor& out, const at::Tensor& lse, AttentionGrads& grads) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Q = s.num_queries, K = s.num_keys, H = s.num_heads;
   const int64_t hd = s.head_dim, vd = s.value_head_dim, qk = 2 * hd;
@@ -514,12 +514,12 @@ void backward_kernel(const Inputs& in, const bool* mask, const AttentionShape& s
         }
         // dq^T [qk x nq] back to rows, reusing the queries buffer
         transpose_tile(dqueries_t.data(), qk, nq, kQueryBlock, queries.data(), qk);
-        unpack_rows<scalar_t>(queries.data(), qk, 0, q0, nq, hd, grads[0], b, h);
-        unpack_rows<scalar_t>(queries.data(), qk, hd, q0, nq, hd, grads[1], b, h);
+        unpack_rows<scalar_t>(queries.data(), qk, 0, q0, nq, hd, grads.q_content, b, h);
+        unpack_rows<scalar_t>(queries.data(), qk, hd, q0, nq, hd, grads.q_spatial, b, h);
       }
-      unpack_rows<scalar_t>(dkeys.data(), qk, 0, 0, K, hd, grads[2], b, h);
-      unpack_rows<scalar_t>(dkeys.data(), qk, hd, 0, K, hd, grads[3], b, h);
-      unpack_rows<scalar_t>(dvalues.data(), vd, 0, 0, K, vd, grads[4], b, h);
+      unpack_rows<scalar_t>(dkeys.data(), qk, 0, 0, K, hd, grads.k_content, b, h);
+      unpack_rows<scalar_t>(dkeys.data(), qk, hd, 0, K, hd, grads.k_spatial, b, h);
+      unpack_rows<scalar_t>(dvalues.data(), vd, 0, 0, K, vd, grads.value, b, h);
     }
   });
 }
@@ -538,18 +538,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   const Inputs in{unit_channel_stride(q_content), unit_channel_stride(q_spatial),
                   unit_channel_stride(k_content), unit_channel_stride(k_spatial),
                   unit_channel_stride(value)};
-  const auto dtype = q_content.scalar_type();
-  const auto lse_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty({shape.num_queries, shape.batch, value.size(2)}, q_content.options());
-  auto lse = at::empty({shape.batch, num_heads, shape.num_queries},
-                       q_content.options().dtype(lse_dtype));
-  if (out.numel() == 0) {
-    lse.fill_(std::numeric_limits<double>::infinity());
-    return {out, lse};
-  }
-  const auto mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  at::Tensor out, lse;
+  std::tie(out, lse) = allocate_attention_outputs(q_content, value, shape);
+  if (out.numel() == 0) return {out, lse};
+  const auto mask = contiguous_or_undefined(key_padding_mask);
   const bool* mask_data = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "attention_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_content.scalar_type(),
+                                  "attention_forward_cpu", [&] {
     forward_kernel<scalar_t>(in, mask_data, shape, dropout, out, lse);
   });
   return {out, lse};
@@ -566,28 +561,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
                                                      lse, num_heads);
   TORCH_CHECK(q_content.device().is_cpu(), "attention_backward_cpu: expected CPU tensors");
   const auto dropout = make_dropout_params(dropout_p, rng_state);
+  auto grads = allocate_attention_grads(q_content, q_spatial, k_content, k_spatial, value, out,
+                                        shape);
+  if (!grads.has_work) return grads.as_tuple();
   const auto dtype = q_content.scalar_type();
-  const auto lse_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const Inputs in{unit_channel_stride(q_content), unit_channel_stride(q_spatial),
                   unit_channel_stride(k_content), unit_channel_stride(k_spatial),
                   unit_channel_stride(value)};
-  at::Tensor grads[5] = {
-      at::empty(q_content.sizes(), q_content.options()), at::empty(q_spatial.sizes(), q_spatial.options()),
-      at::empty(k_content.sizes(), k_content.options()), at::empty(k_spatial.sizes(), k_spatial.options()),
-      at::empty(value.sizes(), value.options())};
-  if (out.numel() == 0 || shape.num_keys == 0) {
-    for (auto& g : grads) g.zero_();
-    return {grads[0], grads[1], grads[2], grads[3], grads[4]};
-  }
   const auto grad_c = unit_channel_stride(grad_out.to(dtype));
   const auto out_c = unit_channel_stride(out);
-  const auto lse_c = lse.to(lse_dtype).contiguous();
-  const auto mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  const auto lse_c = lse.to(lse_dtype_for(dtype)).contiguous();
+  const auto mask = contiguous_or_undefined(key_padding_mask);
   const bool* mask_data = mask.defined() ? mask.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "attention_backward_cpu", [&] {
     backward_kernel<scalar_t>(in, mask_data, shape, dropout, grad_c, out_c, lse_c, grads);
   });
-  return {grads[0], grads[1], grads[2], grads[3], grads[4]};
+  return grads.as_tuple();
 }
 
 TORCH_LIBRARY_IMPL(conditional_detr, CPU, m) {

@@ -103,48 +103,33 @@ void sine_query_backward_kernel(const scalar_t* grad, const scalar_t* points,
 
 at::Tensor sine_query_cpu(const at::Tensor& reference_points,
                           const std::optional<at::Tensor>& query_scale, int64_t dim) {
-  check_sine_query_inputs(reference_points, query_scale, dim);
   TORCH_CHECK(reference_points.device().is_cpu(), "sine_query_cpu: expected CPU tensors");
-  const auto points = reference_points.contiguous();
-  const auto scale = query_scale.has_value() ? query_scale->contiguous() : at::Tensor();
-  auto out_sizes = reference_points.sizes().vec();
-  out_sizes.back() = dim;
-  auto out = at::empty(out_sizes, points.options());
-  const int64_t rows = points.numel() / 2;
-  if (rows == 0) {
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, points.scalar_type(), "sine_query_cpu",
-                                  [&] {
+  auto q = prepare_sine_query(reference_points, query_scale, dim);
+  if (q.rows == 0) return q.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.points.scalar_type(),
+                                  "sine_query_cpu", [&] {
     sine_query_forward_kernel<scalar_t>(
-        points.data_ptr<scalar_t>(), scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
-        out.data_ptr<scalar_t>(), rows, dim);
+        q.points.data_ptr<scalar_t>(), q.scale.defined() ? q.scale.data_ptr<scalar_t>() : nullptr,
+        q.out.data_ptr<scalar_t>(), q.rows, dim);
   });
-  return out;
+  return q.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> sine_query_backward_cpu(
     const at::Tensor& grad, const at::Tensor& reference_points,
     const std::optional<at::Tensor>& query_scale, int64_t dim) {
-  check_sine_query_inputs(reference_points, query_scale, dim);
   TORCH_CHECK(reference_points.device().is_cpu(), "sine_query_backward_cpu: expected CPU tensors");
-  const auto points = reference_points.contiguous();
-  const auto scale = query_scale.has_value() ? query_scale->contiguous() : at::Tensor();
-  const auto grad_c = grad.contiguous().to(points.scalar_type());
-  auto grad_points = at::empty_like(points);
-  auto grad_scale = scale.defined() ? at::empty_like(scale) : at::empty({0}, points.options());
-  const int64_t rows = points.numel() / 2;
-  if (rows == 0) {
-    return {grad_points, grad_scale};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, points.scalar_type(),
+  auto q = prepare_sine_query_backward(grad, reference_points, query_scale, dim);
+  if (q.rows == 0) return {q.grad_points, q.grad_scale};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.points.scalar_type(),
                                   "sine_query_backward_cpu", [&] {
+    const bool scaled = q.scale.defined();
     sine_query_backward_kernel<scalar_t>(
-        grad_c.data_ptr<scalar_t>(), points.data_ptr<scalar_t>(),
-        scale.defined() ? scale.data_ptr<scalar_t>() : nullptr, grad_points.data_ptr<scalar_t>(),
-        scale.defined() ? grad_scale.data_ptr<scalar_t>() : nullptr, rows, dim);
+        q.grad.data_ptr<scalar_t>(), q.points.data_ptr<scalar_t>(),
+        scaled ? q.scale.data_ptr<scalar_t>() : nullptr, q.grad_points.data_ptr<scalar_t>(),
+        scaled ? q.grad_scale.data_ptr<scalar_t>() : nullptr, q.rows, dim);
   });
-  return {grad_points, grad_scale};
+  return {q.grad_points, q.grad_scale};
 }
 
 TORCH_LIBRARY_IMPL(conditional_detr, CPU, m) {

@@ -434,10 +434,6 @@ void dispatch_head_width(const AttentionShape& s, F&& f) {
   }
 }
 
-at::Tensor contiguous_or_defined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->contiguous() : at::Tensor();
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
@@ -451,17 +447,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
   const c10::cuda::CUDAGuard guard(q_content.device());
   const auto dropout = make_dropout_params(dropout_p, rng_state);
   const auto dtype = q_content.scalar_type();
-  const auto lse_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty({shape.num_queries, shape.batch, value.size(2)}, q_content.options());
-  auto lse = at::empty({shape.batch, num_heads, shape.num_queries},
-                       q_content.options().dtype(lse_dtype));
-  if (out.numel() == 0) {
-    lse.fill_(std::numeric_limits<double>::infinity());
-    return {out, lse};
-  }
+  at::Tensor out, lse;
+  std::tie(out, lse) = allocate_attention_outputs(q_content, value, shape);
+  if (out.numel() == 0) return {out, lse};
   const auto qc = q_content.contiguous(), qs = q_spatial.contiguous();
   const auto kc = k_content.contiguous(), ks = k_spatial.contiguous(), v = value.contiguous();
-  const auto mask = contiguous_or_defined(key_padding_mask);
+  const auto mask = contiguous_or_undefined(key_padding_mask);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -491,19 +482,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const c10::cuda::CUDAGuard guard(q_content.device());
   const auto dropout = make_dropout_params(dropout_p, rng_state);
   const auto dtype = q_content.scalar_type();
-  const auto lse_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  auto grad_qc = at::empty(q_content.sizes(), q_content.options());
-  auto grad_qs = at::empty(q_spatial.sizes(), q_spatial.options());
-  auto grad_kc = at::empty(k_content.sizes(), k_content.options());
-  auto grad_ks = at::empty(k_spatial.sizes(), k_spatial.options());
-  auto grad_v = at::empty(value.sizes(), value.options());
-  if (out.numel() == 0 || shape.num_keys == 0) {
-    for (auto* g : {&grad_qc, &grad_qs, &grad_kc, &grad_ks, &grad_v}) g->zero_();
-    return {grad_qc, grad_qs, grad_kc, grad_ks, grad_v};
-  }
+  const auto lse_dtype = lse_dtype_for(dtype);
+  auto grads = allocate_attention_grads(q_content, q_spatial, k_content, k_spatial, value, out,
+                                        shape);
+  if (!grads.has_work) return grads.as_tuple();
   const auto qc = q_content.contiguous(), qs = q_spatial.contiguous();
   const auto kc = k_content.contiguous(), ks = k_spatial.contiguous(), v = value.contiguous();
-  const auto mask = contiguous_or_defined(key_padding_mask);
+  const auto mask = contiguous_or_undefined(key_padding_mask);
   const auto go = grad_out.to(dtype).contiguous();
   const auto lse_c = lse.to(lse_dtype).contiguous();
   // delta = rowsum(dO * O) per head, [B, H, Q]; with dropout O already holds the dropped weights
@@ -519,11 +504,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     params.grad_out = go.const_data_ptr<scalar_t>();
     params.lse = const_cast<acc_t*>(lse_c.const_data_ptr<acc_t>());
     params.delta = delta.const_data_ptr<acc_t>();
-    params.grad_q_content = grad_qc.data_ptr<scalar_t>();
-    params.grad_q_spatial = grad_qs.data_ptr<scalar_t>();
-    params.grad_k_content = grad_kc.data_ptr<scalar_t>();
-    params.grad_k_spatial = grad_ks.data_ptr<scalar_t>();
-    params.grad_value = grad_v.data_ptr<scalar_t>();
+    params.grad_q_content = grads.q_content.data_ptr<scalar_t>();
+    params.grad_q_spatial = grads.q_spatial.data_ptr<scalar_t>();
+    params.grad_k_content = grads.k_content.data_ptr<scalar_t>();
+    params.grad_k_spatial = grads.k_spatial.data_ptr<scalar_t>();
+    params.grad_value = grads.value.data_ptr<scalar_t>();
     const dim3 dq_grid((shape.num_queries + kRowsPerBlock - 1) / kRowsPerBlock,
                        shape.batch * num_heads);
     const dim3 dkv_grid((shape.num_keys + kRowsPerBlock - 1) / kRowsPerBlock,
@@ -535,7 +520,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {grad_qc, grad_qs, grad_kc, grad_ks, grad_v};
+  return grads.as_tuple();
 }
 
 TORCH_LIBRARY_IMPL(conditional_detr, CUDA, m) {

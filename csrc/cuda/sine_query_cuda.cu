@@ -92,52 +92,41 @@ int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads
 
 at::Tensor sine_query_cuda(const at::Tensor& reference_points,
                            const std::optional<at::Tensor>& query_scale, int64_t dim) {
-  check_sine_query_inputs(reference_points, query_scale, dim);
   TORCH_CHECK(reference_points.is_cuda(), "sine_query_cuda: expected CUDA tensors");
   const c10::cuda::CUDAGuard guard(reference_points.device());
-  const auto points = reference_points.contiguous();
-  const auto scale = query_scale.has_value() ? query_scale->contiguous() : at::Tensor();
-  auto out_sizes = reference_points.sizes().vec();
-  out_sizes.back() = dim;
-  auto out = at::empty(out_sizes, points.options());
-  const int64_t rows = points.numel() / 2;
-  if (rows == 0) return out;
+  auto q = prepare_sine_query(reference_points, query_scale, dim);
+  if (q.rows == 0) return q.out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, points.scalar_type(), "sine_query_cuda",
-                                  [&] {
-    sine_query_forward_kernel<scalar_t><<<blocks_for(rows * dim / 2), kThreads, 0, stream>>>(
-        points.const_data_ptr<scalar_t>(),
-        scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
-        rows, dim);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.points.scalar_type(),
+                                  "sine_query_cuda", [&] {
+    sine_query_forward_kernel<scalar_t><<<blocks_for(q.rows * dim / 2), kThreads, 0, stream>>>(
+        q.points.const_data_ptr<scalar_t>(),
+        q.scale.defined() ? q.scale.const_data_ptr<scalar_t>() : nullptr,
+        q.out.data_ptr<scalar_t>(), q.rows, dim);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return q.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> sine_query_backward_cuda(
     const at::Tensor& grad, const at::Tensor& reference_points,
     const std::optional<at::Tensor>& query_scale, int64_t dim) {
-  check_sine_query_inputs(reference_points, query_scale, dim);
   TORCH_CHECK(reference_points.is_cuda(), "sine_query_backward_cuda: expected CUDA tensors");
   const c10::cuda::CUDAGuard guard(reference_points.device());
-  const auto points = reference_points.contiguous();
-  const auto scale = query_scale.has_value() ? query_scale->contiguous() : at::Tensor();
-  const auto grad_c = grad.contiguous().to(points.scalar_type());
-  auto grad_points = at::empty_like(points);
-  auto grad_scale = scale.defined() ? at::empty_like(scale) : at::empty({0}, points.options());
-  const int64_t rows = points.numel() / 2;
-  if (rows == 0) return {grad_points, grad_scale};
+  auto q = prepare_sine_query_backward(grad, reference_points, query_scale, dim);
+  if (q.rows == 0) return {q.grad_points, q.grad_scale};
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, points.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.points.scalar_type(),
                                   "sine_query_backward_cuda", [&] {
-    sine_query_backward_kernel<scalar_t><<<blocks_for(rows * 2 * 32), kThreads, 0, stream>>>(
-        grad_c.const_data_ptr<scalar_t>(), points.const_data_ptr<scalar_t>(),
-        scale.defined() ? scale.const_data_ptr<scalar_t>() : nullptr,
-        grad_points.data_ptr<scalar_t>(),
-        scale.defined() ? grad_scale.data_ptr<scalar_t>() : nullptr, rows, dim);
+    const bool scaled = q.scale.defined();
+    sine_query_backward_kernel<scalar_t><<<blocks_for(q.rows * 2 * 32), kThreads, 0, stream>>>(
+        q.grad.const_data_ptr<scalar_t>(), q.points.const_data_ptr<scalar_t>(),
+        scaled ? q.scale.const_data_ptr<scalar_t>() : nullptr,
+        q.grad_points.data_ptr<scalar_t>(), scaled ? q.grad_scale.data_ptr<scalar_t>() : nullptr,
+        q.rows, dim);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_points, grad_scale};
+  return {q.grad_points, q.grad_scale};
 }
 
 TORCH_LIBRARY_IMPL(conditional_detr, CUDA, m) {
