@@ -129,6 +129,25 @@ __device__ __forceinline__ void load_value_tile(const scalar_t* value, int lengt
   }
 }
 
+// Flat index of channel 0 of head h of batch element b at position `row` of a
+// sequence-first [length, batch, heads * width] tensor.
+__device__ __forceinline__ int64_t element_offset(int row, int b, int h, int B, int H, int width) {
+  return (static_cast<int64_t>(row) * B + b) * H * width + static_cast<int64_t>(h) * width;
+}
+
+// The keys, values and padding flags of the key tile starting at k0 (keys past K count as
+// padding), for the kernels that stream keys.
+template <int D, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_key_tile(const Params<scalar_t, acc_t>& p, int k0, int b,
+                                              int h, acc_t* keys, acc_t* values, bool* padded) {
+  using T = Tile<D, acc_t>;
+  load_pair_tile<D>(p.k_content, p.k_spatial, p.K, k0, b, h, p.B, p.H, p.hd, keys);
+  load_value_tile<D>(p.value, p.K, k0, b, h, p.B, p.H, p.vd, values);
+  for (int r = threadIdx.x; r < T::kRows; r += kThreads) {
+    padded[r] = k0 + r >= p.K || (p.mask != nullptr && p.mask[static_cast<int64_t>(b) * p.K + k0 + r]);
+  }
+}
+
 template <typename acc_t>
 __device__ __forceinline__ bool dropout_keep(const DropoutParams& dropout, int64_t bh, int Q,
                                              int K, int q, int k) {
@@ -149,8 +168,7 @@ attention_forward_kernel(const Params<scalar_t, acc_t> p) {
   const int split = threadIdx.x % kSplit;
   const int q = blockIdx.x * kRowsPerBlock + threadIdx.x / kSplit;
   const bool valid = q < p.Q;
-  const int64_t q_offset = static_cast<int64_t>(q) * p.B * p.H * p.hd +
-                           static_cast<int64_t>(b) * p.H * p.hd + static_cast<int64_t>(h) * p.hd;
+  const int64_t q_offset = element_offset(q, b, h, p.B, p.H, p.hd);
 
   acc_t query[2 * D];
 #pragma unroll
@@ -166,11 +184,7 @@ attention_forward_kernel(const Params<scalar_t, acc_t> p) {
 
   for (int k0 = 0; k0 < p.K; k0 += T::kRows) {
     __syncthreads();  // the previous tile is no longer read
-    load_pair_tile<D>(p.k_content, p.k_spatial, p.K, k0, b, h, p.B, p.H, p.hd, keys);
-    load_value_tile<D>(p.value, p.K, k0, b, h, p.B, p.H, p.vd, values);
-    for (int r = threadIdx.x; r < T::kRows; r += kThreads) {
-      padded[r] = k0 + r >= p.K || (p.mask != nullptr && p.mask[static_cast<int64_t>(b) * p.K + k0 + r]);
-    }
+    load_key_tile<D>(p, k0, b, h, keys, values, padded);
     __syncthreads();
 
     acc_t logits[kPerThread];
@@ -217,8 +231,7 @@ attention_forward_kernel(const Params<scalar_t, acc_t> p) {
   if (!valid) return;
   const bool empty = merged_sum == acc_t(0);
   const acc_t inv = empty ? acc_t(0) : acc_t(1) / merged_sum;
-  const int64_t o_offset = static_cast<int64_t>(q) * p.B * p.H * p.vd +
-                           static_cast<int64_t>(b) * p.H * p.vd + static_cast<int64_t>(h) * p.vd;
+  const int64_t o_offset = element_offset(q, b, h, p.B, p.H, p.vd);
 #pragma unroll
   for (int d = 0; d < D; ++d) {
     if (d % kSplit == split && d < p.vd) p.out[o_offset + d] = static_cast<scalar_t>(acc[d] * inv);
@@ -243,10 +256,8 @@ attention_backward_dq_kernel(const Params<scalar_t, acc_t> p) {
   const int split = threadIdx.x % kSplit;
   const int q = blockIdx.x * kRowsPerBlock + threadIdx.x / kSplit;
   const bool valid = q < p.Q;
-  const int64_t q_offset = static_cast<int64_t>(q) * p.B * p.H * p.hd +
-                           static_cast<int64_t>(b) * p.H * p.hd + static_cast<int64_t>(h) * p.hd;
-  const int64_t o_offset = static_cast<int64_t>(q) * p.B * p.H * p.vd +
-                           static_cast<int64_t>(b) * p.H * p.vd + static_cast<int64_t>(h) * p.vd;
+  const int64_t q_offset = element_offset(q, b, h, p.B, p.H, p.hd);
+  const int64_t o_offset = element_offset(q, b, h, p.B, p.H, p.vd);
 
   acc_t query[2 * D], grad_out[D], grad_query[2 * D];
 #pragma unroll
@@ -265,11 +276,7 @@ attention_backward_dq_kernel(const Params<scalar_t, acc_t> p) {
 
   for (int k0 = 0; k0 < p.K; k0 += T::kRows) {
     __syncthreads();
-    load_pair_tile<D>(p.k_content, p.k_spatial, p.K, k0, b, h, p.B, p.H, p.hd, keys);
-    load_value_tile<D>(p.value, p.K, k0, b, h, p.B, p.H, p.vd, values);
-    for (int r = threadIdx.x; r < T::kRows; r += kThreads) {
-      padded[r] = k0 + r >= p.K || (p.mask != nullptr && p.mask[static_cast<int64_t>(b) * p.K + k0 + r]);
-    }
+    load_key_tile<D>(p, k0, b, h, keys, values, padded);
     __syncthreads();
     // keys are independent here (no tile-wide max), so a short unroll is enough for ILP and
     // keeps the q, dO and dq registers from spilling
@@ -321,10 +328,8 @@ attention_backward_dkv_kernel(const Params<scalar_t, acc_t> p) {
   const int k = blockIdx.x * kRowsPerBlock + threadIdx.x / kSplit;
   const bool valid = k < p.K;
   const bool padded = !valid || (p.mask != nullptr && p.mask[static_cast<int64_t>(b) * p.K + k]);
-  const int64_t k_offset = static_cast<int64_t>(k) * p.B * p.H * p.hd +
-                           static_cast<int64_t>(b) * p.H * p.hd + static_cast<int64_t>(h) * p.hd;
-  const int64_t v_offset = static_cast<int64_t>(k) * p.B * p.H * p.vd +
-                           static_cast<int64_t>(b) * p.H * p.vd + static_cast<int64_t>(h) * p.vd;
+  const int64_t k_offset = element_offset(k, b, h, p.B, p.H, p.hd);
+  const int64_t v_offset = element_offset(k, b, h, p.B, p.H, p.vd);
 
   acc_t key[2 * D], value[D], grad_key[2 * D], grad_value[D];
 #pragma unroll
