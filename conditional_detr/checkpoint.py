@@ -1,10 +1,10 @@
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .modeling import DETR, ConditionalDETR
+from .modeling import DETR, ConditionalDETR, DeformableDETR
 from .tools.convert_official import convert_state_dict, is_official_state_dict, official_format
 
 # the official format each meta-architecture loads
-OFFICIAL_FORMATS = {ConditionalDETR: "conditional_detr", DETR: "detr"}
+OFFICIAL_FORMATS = {ConditionalDETR: "conditional_detr", DETR: "detr", DeformableDETR: "deformable_detr"}
 
 
 class ConditionalDETRCheckpointer(DetectionCheckpointer):

@@ -5,8 +5,9 @@ from .data.dataset_mapper import add_detr_augmentation_config
 
 def add_conditional_detr_config(cfg):
     """
-    Add the config keys of Conditional DETR, and of DETR (the `DETR` meta-architecture
-    reads the same keys), to a detectron2 config.
+    Add the config keys of Conditional DETR, and of DETR and Deformable DETR (which read
+    the same keys, Deformable DETR also its own under MODEL.DEFORMABLE_DETR), to a
+    detectron2 config.
     """
     cfg.MODEL.CONDITIONAL_DETR = CN()
     # Number of foreground classes (80 for COCO in detectron2's contiguous ids).
@@ -68,6 +69,24 @@ def add_conditional_detr_config(cfg):
     # "compiled" (fail if unavailable) or "pytorch" (the reference path).
     cfg.MODEL.CONDITIONAL_DETR.ATTENTION_IMPL = "auto"
 
+    # Deformable DETR (MODEL.META_ARCHITECTURE "DeformableDETR"); it reads the keys above too.
+    cfg.MODEL.DEFORMABLE_DETR = CN()
+    # Feature levels: the ResNet stages of MODEL.RESNETS.OUT_FEATURES (res3-res5), then
+    # stride-2 3x3 convs with GroupNorm, the first on the raw output of the last stage.
+    cfg.MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS = 4
+    # Sampling points per head and feature level in the encoder's deformable attention.
+    cfg.MODEL.DEFORMABLE_DETR.ENC_N_POINTS = 4
+    # Sampling points per head and feature level in the decoder's deformable attention.
+    cfg.MODEL.DEFORMABLE_DETR.DEC_N_POINTS = 4
+    # Iterative box refinement: every decoder layer refines the previous layer's boxes,
+    # with class and box heads of its own.
+    cfg.MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE = False
+    # Two-stage: the decoder starts from the encoder's best-scoring proposals instead of
+    # learned queries (needs WITH_BOX_REFINE).
+    cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE = False
+    # Learning-rate multiplier of the sampling-offset and reference-point projections.
+    cfg.MODEL.DEFORMABLE_DETR.LINEAR_PROJ_LR_MULTIPLIER = 0.1
+
     # AdamW with a reduced learning rate on the backbone, as the official recipe.
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier of the backbone parameters.
@@ -80,3 +99,19 @@ def add_conditional_detr_config(cfg):
 
     # DETR's resize-then-crop augmentation (INPUT.CROP.*)
     add_detr_augmentation_config(cfg)
+
+    # Your own data: datasets from the config, fine-tuning to other classes, EMA.
+    # COCO-format datasets to register, each (name, json_file, image_root); the names can
+    # then be used in DATASETS.TRAIN / DATASETS.TEST (see data/datasets.py).
+    cfg.DATASETS.COCO_INSTANCES = ()
+    # What loading a checkpoint whose classes are not the model's does with its class head
+    # (a checkpoint with the model's classes always loads whole): "keep" (load it; another
+    # class count is an error), "reinit" (the model's own initialization, the focal-loss
+    # prior, everything else loaded) or "match_names" (the checkpoint's rows of classes
+    # whose names the model's dataset has too, the model's initialization for the others).
+    cfg.MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD = "keep"
+    cfg.SOLVER.EMA = CN()
+    # Keep an exponential moving average of the weights, evaluated and checkpointed with the model.
+    cfg.SOLVER.EMA.ENABLED = False
+    # Weight of the average at every step: average = DECAY * average + (1 - DECAY) * weights.
+    cfg.SOLVER.EMA.DECAY = 0.9997

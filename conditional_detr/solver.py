@@ -37,16 +37,24 @@ def maybe_add_full_model_gradient_clipping(
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """
     The optimizer of the official recipe: AdamW, with the learning rate of the
-    backbone (parameters named `backbone.*`) scaled by SOLVER.BACKBONE_MULTIPLIER,
-    and gradient clipping from SOLVER.CLIP_GRADIENTS.
+    backbone (parameters named `backbone.*`) scaled by SOLVER.BACKBONE_MULTIPLIER, the
+    model's own `lr_multipliers` ({part of a parameter name: multiplier}, e.g. Deformable
+    DETR's sampling offsets) applied elsewhere, and gradient clipping from SOLVER.CLIP_GRADIENTS.
     """
-    multiplier = cfg.SOLVER.BACKBONE_MULTIPLIER
+    backbone_multiplier = cfg.SOLVER.BACKBONE_MULTIPLIER
+    model_multipliers = getattr(model, "lr_multipliers", {})
+
+    def lr_factor(name):
+        if name.startswith("backbone."):
+            return backbone_multiplier
+        return next((m for part, m in model_multipliers.items() if part in name), 1.0)
+
     params = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        lr_factor_func=lambda name: multiplier if name.startswith("backbone.") else 1.0,
+        lr_factor_func=lr_factor,
     )
 
     name = cfg.SOLVER.OPTIMIZER.upper()

@@ -140,3 +140,24 @@ def assert_same_losses(model, outputs, reference_io):
     for name, value in reference_io["losses"].items():
         assert losses[name].item() == pytest.approx(value, rel=1e-5), name
     assert model.criterion.weight_dict == reference_io["weight_dict"]
+
+
+DEFORMABLE_VARIANTS = ("plain", "refine", "two_stage")
+
+
+def deformable_resnet_cfg(depth=50, num_classes=91, variant="plain"):
+    """A config with the official Deformable DETR model (official defaults) of `variant`."""
+    cfg = resnet_cfg(depth, num_classes)
+    cfg.MODEL.META_ARCHITECTURE = "DeformableDETR"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
+    args = cfg.MODEL.CONDITIONAL_DETR
+    args.DIM_FEEDFORWARD = 1024
+    cfg.MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE = variant in ("refine", "two_stage")
+    cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE = variant == "two_stage"
+    return cfg
+
+
+def tiny_deformable_fixture_cfg(variant, attention_impl="pytorch"):
+    cfg = shrink_to_tiny_fixture(deformable_resnet_cfg(18, 91, variant), num_queries=30)
+    cfg.MODEL.CONDITIONAL_DETR.ATTENTION_IMPL = attention_impl
+    return cfg

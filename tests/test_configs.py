@@ -12,6 +12,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
 ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
 COCO_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "COCO-Detection", "*.yaml")))
+# Conditional DETR's and DETR's: one feature map, and the same recipe but for the losses
+SINGLE_LEVEL_COCO_CONFIGS = [p for p in COCO_CONFIGS if not os.path.basename(p).startswith("deformable_")]
+DEFORMABLE_COCO_CONFIGS = [p for p in COCO_CONFIGS if os.path.basename(p).startswith("deformable_")]
 
 COCO_TRAIN2017_IMAGES = 118287
 
@@ -24,20 +27,31 @@ def test_configs_found():
             for backbone in ("50", "50_DC5", "101", "101_DC5")
             for epochs in schedules
         } <= names
-    assert len(COCO_CONFIGS) == 12 + 8
+    assert {
+        f"COCO-Detection/deformable_detr_R_50{variant}_50ep.yaml" for variant in ("", "_refine", "_two_stage")
+    } <= names
+    assert len(COCO_CONFIGS) == 12 + 8 + 3
     assert {
         "Base-ConditionalDETR.yaml",
         "Base-DETR.yaml",
+        "Base-DeformableDETR.yaml",
         "quick_schedules/conditional_detr_shapes.yaml",
         "quick_schedules/conditional_detr_instant_test.yaml",
+        "quick_schedules/deformable_detr_shapes.yaml",
+        "quick_schedules/deformable_detr_instant_test.yaml",
     } <= names
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_config_loads(path):
     cfg = get_config(path)
-    is_detr = os.path.basename(path).lower().startswith(("detr_", "base-detr"))
-    assert cfg.MODEL.META_ARCHITECTURE == ("DETR" if is_detr else "ConditionalDETR")
+    name = os.path.basename(path).lower()
+    if name.startswith(("detr_", "base-detr")):
+        assert cfg.MODEL.META_ARCHITECTURE == "DETR"
+    elif name.startswith(("deformable_detr_", "base-deformabledetr")):
+        assert cfg.MODEL.META_ARCHITECTURE == "DeformableDETR"
+    else:
+        assert cfg.MODEL.META_ARCHITECTURE == "ConditionalDETR"
     assert cfg.INPUT.FORMAT == "RGB"
     assert cfg.SOLVER.OPTIMIZER == "ADAMW"
     assert cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model"
@@ -45,7 +59,7 @@ def test_config_loads(path):
     assert cfg.MODEL.DEVICE in ("cpu", "cuda")  # "auto" is resolved
 
 
-@pytest.mark.parametrize("path", COCO_CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("path", SINGLE_LEVEL_COCO_CONFIGS, ids=os.path.basename)
 def test_coco_schedule_matches_the_official_one(path):
     name = os.path.basename(path)
     method, depth, dc5, epochs = re.fullmatch(
@@ -78,6 +92,32 @@ def test_coco_schedule_matches_the_official_one(path):
     assert cfg.SOLVER.CHECKPOINT_PERIOD == iters_per_epoch
 
 
+@pytest.mark.parametrize("path", DEFORMABLE_COCO_CONFIGS, ids=os.path.basename)
+def test_deformable_detr_configs_have_the_official_recipe(path):
+    variant = re.fullmatch(r"deformable_detr_R_50(_refine|_two_stage)?_50ep\.yaml", os.path.basename(path)).group(1)
+    cfg = get_config(path)
+    args, deformable = cfg.MODEL.CONDITIONAL_DETR, cfg.MODEL.DEFORMABLE_DETR
+    assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.RESNETS.OUT_FEATURES == ["res3", "res4", "res5"]
+    assert cfg.MODEL.RESNETS.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 2
+    assert (deformable.NUM_FEATURE_LEVELS, deformable.ENC_N_POINTS, deformable.DEC_N_POINTS) == (4, 4, 4)
+    assert deformable.WITH_BOX_REFINE == (variant is not None)
+    assert deformable.TWO_STAGE == (variant == "_two_stage")
+    assert (args.ENC_LAYERS, args.DEC_LAYERS, args.HIDDEN_DIM, args.NHEADS) == (6, 6, 256, 8)
+    assert args.DIM_FEEDFORWARD == 1024 and args.DROPOUT == 0.1 and args.NUM_OBJECT_QUERIES == 300
+    assert args.CLASS_LOSS == "focal" and args.FOCAL_ALPHA == 0.25
+    assert (args.COST_CLASS, args.COST_BBOX, args.COST_GIOU) == (2, 5, 2)
+    assert (args.CLASS_WEIGHT, args.L1_WEIGHT, args.GIOU_WEIGHT) == (2, 5, 2)
+    # AdamW lr 2e-4; backbone, sampling offsets and reference points x0.1
+    assert cfg.SOLVER.BASE_LR == 2e-4 and cfg.SOLVER.WEIGHT_DECAY == 1e-4
+    assert cfg.SOLVER.BACKBONE_MULTIPLIER == 0.1 and deformable.LINEAR_PROJ_LR_MULTIPLIER == 0.1
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE == 0.1
+    # 8 processes x 2 images, 50 epochs with the drop at 40
+    iters_per_epoch = math.ceil(COCO_TRAIN2017_IMAGES / 8) // 2
+    assert cfg.SOLVER.IMS_PER_BATCH == 16
+    assert cfg.SOLVER.MAX_ITER == 50 * iters_per_epoch
+    assert cfg.SOLVER.STEPS == (40 * iters_per_epoch,)
+
+
 def test_detr_config_has_the_official_detr_recipe():
     cfg = get_config(os.path.join(CONFIG_DIR, "Base-DETR.yaml"))
     args = cfg.MODEL.CONDITIONAL_DETR
@@ -105,7 +145,10 @@ def test_base_config_matches_detr_augmentation():
 
 
 def test_quick_schedules_use_the_embedded_dataset():
-    for name in ("conditional_detr_shapes.yaml", "conditional_detr_instant_test.yaml"):
+    for name in (
+        "conditional_detr_shapes.yaml", "conditional_detr_instant_test.yaml",
+        "deformable_detr_shapes.yaml", "deformable_detr_instant_test.yaml",
+    ):
         cfg = get_config(os.path.join(CONFIG_DIR, "quick_schedules", name))
         assert cfg.DATASETS.TRAIN == ("shapes_train",) and cfg.DATASETS.TEST == ("shapes_val",)
         assert cfg.MODEL.WEIGHTS == ""

@@ -8,10 +8,10 @@ from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.resnet import BottleneckBlock
 
 
-def build_resnet_like_torchvision(cfg, input_shape=None):
+def build_resnet_like_torchvision(cfg, input_shape=None, num_features=1):
     """
-    Build the backbone of `cfg` (detectron2's own keys) and return it with the
-    name of the single feature map the transformer reads.
+    Build the backbone of `cfg` (detectron2's own keys) and return it with the names
+    of the `num_features` feature maps the transformer reads, finest first.
 
     With `RES5_DILATION` 2 (DC5), torchvision keeps dilation 1 in the 3x3 conv of
     the first res5 block and dilates only the later blocks, while detectron2 dilates
@@ -20,18 +20,18 @@ def build_resnet_like_torchvision(cfg, input_shape=None):
     """
     backbone = build_backbone(cfg, input_shape)
     out_features = backbone.output_shape()
-    if len(out_features) != 1:
+    if len(out_features) != num_features:
         raise ValueError(
-            "Conditional DETR reads one feature map; MODEL.RESNETS.OUT_FEATURES must name one "
-            f"stage, got {list(out_features)}"
+            f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} reads {num_features} feature "
+            f"map(s); MODEL.RESNETS.OUT_FEATURES must name as many stages, got {list(out_features)}"
         )
     if cfg.MODEL.RESNETS.RES5_DILATION > 1:
         first_block = backbone.res5[0]
         if isinstance(first_block, BottleneckBlock):
             first_block.conv2.dilation = (1, 1)
             first_block.conv2.padding = (1, 1)
-    (feature_name,) = out_features
-    return backbone, feature_name
+    feature_names = sorted(out_features, key=lambda name: out_features[name].stride)
+    return backbone, feature_names
 
 
 def feature_padding_mask(image_sizes, padded_size, feature_size, device):

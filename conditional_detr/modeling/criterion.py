@@ -16,7 +16,9 @@ class SetCriterion(nn.Module):
     loss over all queries and classes (normalized the same way), or with
     `class_loss="softmax"` DETR's cross-entropy over num_classes + 1 logits, the last
     one "no object", weighted `eos_coef` for unmatched queries. With auxiliary
-    outputs, every decoder layer is matched and supervised the same way.
+    outputs, every decoder layer is matched and supervised the same way; with encoder
+    outputs (two-stage Deformable DETR), the encoder's proposals are matched and
+    supervised as one class-agnostic foreground class.
     """
 
     def __init__(
@@ -72,7 +74,8 @@ class SetCriterion(nn.Module):
     def forward(self, outputs, targets):
         """
         Returns the unweighted loss terms: "loss_ce", "loss_bbox", "loss_giou" for
-        the last layer and the same with "_{i}" for auxiliary layer i.
+        the last layer, the same with "_{i}" for auxiliary layer i and with "_enc" for
+        the encoder's proposals.
         """
         num_boxes = sum(len(t["labels"]) for t in targets)
         num_boxes = torch.as_tensor([num_boxes], dtype=torch.float, device=outputs["pred_logits"].device)
@@ -83,6 +86,9 @@ class SetCriterion(nn.Module):
         losses = self._losses_of_layer(outputs, targets, num_boxes)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self._losses_of_layer(aux_outputs, targets, num_boxes, f"_{i}"))
+        if "enc_outputs" in outputs:
+            foreground = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            losses.update(self._losses_of_layer(outputs["enc_outputs"], foreground, num_boxes, "_enc"))
         return losses
 
 

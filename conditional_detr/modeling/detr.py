@@ -6,7 +6,7 @@ import torch
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from .meta_arch import SetPredictionDetector
+from .meta_arch import SingleLevelDetector
 from .transformer import add_feed_forward_and_norms, feed_forward
 
 
@@ -57,7 +57,7 @@ class DETRDecoder(nn.Module):
 
 
 @META_ARCH_REGISTRY.register()
-class DETR(SetPredictionDetector):
+class DETR(SingleLevelDetector):
     """
     DETR: learned object queries added to the decoder's queries, a zero initial
     target, boxes sigmoid(FFN(f)) with no reference point. Its recipe (100 queries,

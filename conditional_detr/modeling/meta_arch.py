@@ -26,9 +26,10 @@ def config_choice(cfg, key, choices):
 
 class SetPredictionDetector(nn.Module):
     """
-    What DETR and Conditional DETR share: a ResNet with a padding mask and sine
-    positions, DETR's encoder, a decoder given by the subclass, class and box heads on
-    every decoder layer, the Hungarian set losses, and detectron2's inputs and outputs.
+    What every detector of the package shares: the shared MODEL.CONDITIONAL_DETR keys,
+    class and box heads trained by the Hungarian set losses, inference, and detectron2's
+    inputs and outputs. Subclasses build the backbone, transformer and heads, and return
+    the official output dict from `forward_outputs`.
 
     With MODEL.CONDITIONAL_DETR.CLASS_LOSS "focal" the class head has NUM_CLASSES
     logits, trained with the sigmoid focal loss, and inference keeps the top-k
@@ -36,29 +37,14 @@ class SetPredictionDetector(nn.Module):
     cross-entropy, and inference keeps the best class of each query, as in DETR.
     """
 
-    def __init__(self, cfg, build_decoder):
+    def __init__(self, cfg):
         super().__init__()
         args = cfg.MODEL.CONDITIONAL_DETR
-        hidden_dim = args.HIDDEN_DIM
         self.num_classes = args.NUM_CLASSES
         self.num_queries = args.NUM_OBJECT_QUERIES
         self.num_topk = args.NUM_TOPK
         self.deep_supervision = args.DEEP_SUPERVISION
         self.class_loss = config_choice(cfg, "CLASS_LOSS", CLASS_LOSSES)
-
-        self.backbone, self.feature_name = build_resnet_like_torchvision(cfg)
-        feature_channels = self.backbone.output_shape()[self.feature_name].channels
-        self.input_proj = nn.Conv2d(feature_channels, hidden_dim, kernel_size=1)
-        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
-        encoder = TransformerEncoder(hidden_dim, args.NHEADS, args.ENC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT)
-        self.transformer = Transformer(encoder, build_decoder(args))
-        self.query_embed = nn.Embedding(self.num_queries, hidden_dim)
-        self.class_embed = nn.Linear(hidden_dim, self.num_class_logits)
-        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        if self.class_loss == "focal":
-            # focal-loss prior: every class starts at probability 0.01
-            prior_prob = 0.01
-            nn.init.constant_(self.class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
 
         matcher = HungarianMatcher(
             cost_class=args.COST_CLASS, cost_bbox=args.COST_BBOX, cost_giou=args.COST_GIOU,
@@ -76,6 +62,12 @@ class SetPredictionDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
 
+    def init_class_head(self, class_embed):
+        if self.class_loss == "focal":
+            # focal-loss prior: every class starts at probability 0.01
+            prior_prob = 0.01
+            nn.init.constant_(class_embed.bias, -math.log((1 - prior_prob) / prior_prob))
+
     @property
     def num_class_logits(self):
         return self.num_classes + (1 if self.class_loss == "softmax" else 0)
@@ -90,33 +82,13 @@ class SetPredictionDetector(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images)
 
-    def predict_boxes(self, hs, reference):
-        """Normalized cxcywh boxes of every layer from its embeddings `hs`."""
-        raise NotImplementedError
-
     def forward_outputs(self, images: ImageList):
         """
         Returns the official output dict: "pred_logits" [batch, num_queries, num_class_logits],
         "pred_boxes" [batch, num_queries, 4] normalized cxcywh, and "aux_outputs",
         the same for every decoder layer but the last.
         """
-        features = self.backbone(images.tensor)[self.feature_name]
-        mask = feature_padding_mask(
-            images.image_sizes, images.tensor.shape[-2:], features.shape[-2:], features.device
-        )
-        pos = self.position_embedding(mask).to(features.dtype)
-        hs, reference = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
-
-        outputs_class = self.class_embed(hs)  # [num_layers, batch, num_queries, num_class_logits]
-        outputs_coord = self.predict_boxes(hs, reference)
-        return {
-            "pred_logits": outputs_class[-1],
-            "pred_boxes": outputs_coord[-1],
-            "aux_outputs": [
-                {"pred_logits": c, "pred_boxes": b}
-                for c, b in zip(outputs_class[:-1], outputs_coord[:-1])
-            ],
-        }
+        raise NotImplementedError
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
@@ -176,8 +148,54 @@ class SetPredictionDetector(nn.Module):
         return results
 
 
+class SingleLevelDetector(SetPredictionDetector):
+    """
+    DETR and Conditional DETR: one feature map of a ResNet with a padding mask and sine
+    positions, DETR's encoder, a decoder given by the subclass, and one class and one
+    box head shared by every decoder layer.
+    """
+
+    def __init__(self, cfg, build_decoder):
+        super().__init__(cfg)
+        args = cfg.MODEL.CONDITIONAL_DETR
+        hidden_dim = args.HIDDEN_DIM
+        self.backbone, (self.feature_name,) = build_resnet_like_torchvision(cfg)
+        feature_channels = self.backbone.output_shape()[self.feature_name].channels
+        self.input_proj = nn.Conv2d(feature_channels, hidden_dim, kernel_size=1)
+        self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
+        encoder = TransformerEncoder(hidden_dim, args.NHEADS, args.ENC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT)
+        self.transformer = Transformer(encoder, build_decoder(args))
+        self.query_embed = nn.Embedding(self.num_queries, hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, self.num_class_logits)
+        self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.init_class_head(self.class_embed)
+
+    def predict_boxes(self, hs, reference):
+        """Normalized cxcywh boxes of every layer from its embeddings `hs`."""
+        raise NotImplementedError
+
+    def forward_outputs(self, images: ImageList):
+        features = self.backbone(images.tensor)[self.feature_name]
+        mask = feature_padding_mask(
+            images.image_sizes, images.tensor.shape[-2:], features.shape[-2:], features.device
+        )
+        pos = self.position_embedding(mask).to(features.dtype)
+        hs, reference = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
+
+        outputs_class = self.class_embed(hs)  # [num_layers, batch, num_queries, num_class_logits]
+        outputs_coord = self.predict_boxes(hs, reference)
+        return {
+            "pred_logits": outputs_class[-1],
+            "pred_boxes": outputs_coord[-1],
+            "aux_outputs": [
+                {"pred_logits": c, "pred_boxes": b}
+                for c, b in zip(outputs_class[:-1], outputs_coord[:-1])
+            ],
+        }
+
+
 @META_ARCH_REGISTRY.register()
-class ConditionalDETR(SetPredictionDetector):
+class ConditionalDETR(SingleLevelDetector):
     """
     Conditional DETR: a ResNet, DETR's encoder, the conditional decoder, and shared
     class and box heads. Boxes are predicted as offsets from each query's reference
