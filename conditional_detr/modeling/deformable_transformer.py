@@ -138,10 +138,11 @@ class DeformableDecoder(nn.Module):
         return torch.stack(intermediate), torch.stack(references)
 
 
-def proposal_position_embedding(proposals, num_pos_feats=128, temperature=10000):
+def proposal_position_embedding(proposals, num_pos_feats, temperature=10000):
     """
     Sine embedding of each coordinate of unnormalized proposal boxes (before the sigmoid):
-    [batch, num_proposals, 4] -> [batch, num_proposals, 4 * num_pos_feats].
+    [batch, num_proposals, 4] -> [batch, num_proposals, 4 * num_pos_feats]; the official
+    model has num_pos_feats 128 for its width of 256.
     """
     dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
     dim_t = temperature ** (2 * (dim_t // 2) / num_pos_feats)
@@ -267,7 +268,7 @@ class DeformableTransformer(nn.Module):
             top_coords = torch.gather(enc_coord_unact, 1, top.unsqueeze(-1).repeat(1, 1, 4)).detach()
             reference_points = top_coords.sigmoid()
             query_pos, tgt = torch.split(
-                self.pos_trans_norm(self.pos_trans(proposal_position_embedding(top_coords))), channels, dim=2
+                self.pos_trans_norm(self.pos_trans(proposal_position_embedding(top_coords, channels // 2))), channels, dim=2
             )
             outputs.update(enc_outputs_class=enc_class, enc_outputs_coord_unact=enc_coord_unact)
         else:
