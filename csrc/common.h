@@ -128,6 +128,98 @@ SineQueryBackward prepare_sine_query_backward(const at::Tensor& grad,
                                               const std::optional<at::Tensor>& query_scale,
                                               int64_t dim);
 
+// Multi-scale deformable attention: value [N, S, heads, C] holds the L levels' [H, W] maps
+// flattened and concatenated along S; each of Lq queries samples P points per level and head.
+struct DeformableAttentionShape {
+  int64_t batch, num_values, num_heads, channels, num_queries, num_levels, num_points;
+};
+
+// Checks devices, dtypes and shapes (and, for CPU tensors, that the levels tile S); throws with
+// the offending argument named.
+DeformableAttentionShape check_deformable_attention_inputs(const at::Tensor& value,
+                                                           const at::Tensor& spatial_shapes,
+                                                           const at::Tensor& level_start_index,
+                                                           const at::Tensor& sampling_locations,
+                                                           const at::Tensor& attention_weights);
+
+// The checked inputs made contiguous and the allocated output [N, Lq, heads * C].
+struct DeformableAttentionForward {
+  at::Tensor value, spatial_shapes, level_start_index, sampling_locations, attention_weights;
+  at::Tensor out;
+  DeformableAttentionShape shape;
+};
+DeformableAttentionForward prepare_deformable_attention(const at::Tensor& value,
+                                                        const at::Tensor& spatial_shapes,
+                                                        const at::Tensor& level_start_index,
+                                                        const at::Tensor& sampling_locations,
+                                                        const at::Tensor& attention_weights);
+
+// The same for backward, with grad_output contiguous in the inputs' dtype; grad_value is zeroed
+// (kernels accumulate into it), the other two gradients are uninitialized for the kernel to
+// fill, or zeros when there is no query, batch element or point (`has_work` false).
+struct DeformableAttentionBackward {
+  at::Tensor grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+      attention_weights;
+  at::Tensor grad_value, grad_sampling_locations, grad_attention_weights;
+  DeformableAttentionShape shape;
+  bool has_work;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads() const {
+    return {grad_value, grad_sampling_locations, grad_attention_weights};
+  }
+};
+DeformableAttentionBackward prepare_deformable_attention_backward(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights);
+
+// The four neighbours of one bilinear sample as grid_sample reads them (align_corners=False,
+// zero padding): location (x, y) in [0, 1] is pixel coordinate (x W - 0.5, y H - 0.5). Corners
+// in the order top-left, top-right, bottom-left, bottom-right; a corner outside the map has
+// index -1 and weight 0 (it reads zero and takes no gradient). CPU and CUDA kernels share this
+// so that they agree on every edge case.
+template <typename acc_t>
+struct BilinearSample {
+  int index[4];     // y * W + x within the level, or -1
+  acc_t weight[4];  // bilinear weights, 0 outside the map
+  acc_t fx, fy;     // position between the corners, for the location gradient
+};
+
+template <typename acc_t>
+CDETR_HOST_DEVICE BilinearSample<acc_t> bilinear_sample(acc_t loc_x, acc_t loc_y, int height,
+                                                        int width) {
+  BilinearSample<acc_t> s;
+  const acc_t x = loc_x * static_cast<acc_t>(width) - static_cast<acc_t>(0.5);
+  const acc_t y = loc_y * static_cast<acc_t>(height) - static_cast<acc_t>(0.5);
+  // some corner is inside exactly when x in [-1, W) and y in [-1, H); the test also rejects
+  // NaN and coordinates too large for an int
+  if (!(x >= acc_t(-1) && x < static_cast<acc_t>(width) && y >= acc_t(-1) &&
+        y < static_cast<acc_t>(height))) {
+    for (int k = 0; k < 4; ++k) {
+      s.index[k] = -1;
+      s.weight[k] = 0;
+    }
+    s.fx = s.fy = 0;
+    return s;
+  }
+  // floor of a value in [-1, W): truncation, then one down for negative fractions
+  int x0 = static_cast<int>(x), y0 = static_cast<int>(y);
+  x0 -= static_cast<acc_t>(x0) > x;
+  y0 -= static_cast<acc_t>(y0) > y;
+  s.fx = x - static_cast<acc_t>(x0);
+  s.fy = y - static_cast<acc_t>(y0);
+  const bool left = x0 >= 0, right = x0 + 1 < width, top = y0 >= 0, bottom = y0 + 1 < height;
+  const bool inside[4] = {top && left, top && right, bottom && left, bottom && right};
+  const int index[4] = {y0 * width + x0, y0 * width + x0 + 1, (y0 + 1) * width + x0,
+                        (y0 + 1) * width + x0 + 1};
+  const acc_t weight[4] = {(1 - s.fx) * (1 - s.fy), s.fx * (1 - s.fy), (1 - s.fx) * s.fy,
+                           s.fx * s.fy};
+  for (int k = 0; k < 4; ++k) {
+    s.index[k] = inside[k] ? index[k] : -1;
+    s.weight[k] = inside[k] ? weight[k] : acc_t(0);
+  }
+  return s;
+}
+
 // CPU kernels
 at::Tensor sine_query_cpu(const at::Tensor& reference_points,
                           const std::optional<at::Tensor>& query_scale, int64_t dim);
@@ -145,6 +237,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
     const at::Tensor& lse, int64_t num_heads, double dropout_p,
     const std::optional<at::Tensor>& rng_state);
+at::Tensor multi_scale_deformable_attention_cpu(const at::Tensor& value,
+                                                const at::Tensor& spatial_shapes,
+                                                const at::Tensor& level_start_index,
+                                                const at::Tensor& sampling_locations,
+                                                const at::Tensor& attention_weights);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_scale_deformable_attention_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights);
 
 // CUDA kernels (declared here, defined only when the extension is built with CUDA)
 at::Tensor sine_query_cuda(const at::Tensor& reference_points,
@@ -163,5 +264,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
     const at::Tensor& lse, int64_t num_heads, double dropout_p,
     const std::optional<at::Tensor>& rng_state);
+
+at::Tensor multi_scale_deformable_attention_cuda(const at::Tensor& value,
+                                                 const at::Tensor& spatial_shapes,
+                                                 const at::Tensor& level_start_index,
+                                                 const at::Tensor& sampling_locations,
+                                                 const at::Tensor& attention_weights);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_scale_deformable_attention_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights);
 
 }  // namespace conditional_detr

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <vector>
 
 #include "common.h"
 
@@ -180,6 +181,138 @@ SineQueryBackward prepare_sine_query_backward(const at::Tensor& grad,
   return prepared;
 }
 
+DeformableAttentionShape check_deformable_attention_inputs(const at::Tensor& value,
+                                                           const at::Tensor& spatial_shapes,
+                                                           const at::Tensor& level_start_index,
+                                                           const at::Tensor& sampling_locations,
+                                                           const at::Tensor& attention_weights) {
+  constexpr const char* op = "multi_scale_deformable_attention: ";
+  TORCH_CHECK(value.dim() == 4, op, "value must be [batch, values, heads, channels], got shape ",
+              value.sizes());
+  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2, op,
+              "sampling_locations must be [batch, queries, heads, levels, points, 2], got shape ",
+              sampling_locations.sizes());
+  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2, op,
+              "spatial_shapes must be [levels, 2] (height, width), got shape ",
+              spatial_shapes.sizes());
+  DeformableAttentionShape shape;
+  shape.batch = value.size(0);
+  shape.num_values = value.size(1);
+  shape.num_heads = value.size(2);
+  shape.channels = value.size(3);
+  shape.num_queries = sampling_locations.size(1);
+  shape.num_levels = spatial_shapes.size(0);
+  shape.num_points = sampling_locations.size(4);
+  const std::vector<int64_t> expected_locations = {shape.batch,      shape.num_queries,
+                                                   shape.num_heads,  shape.num_levels,
+                                                   shape.num_points, 2};
+  const at::IntArrayRef expected_weights = at::IntArrayRef(expected_locations).slice(0, 5);
+  TORCH_CHECK(sampling_locations.sizes() == at::IntArrayRef(expected_locations), op,
+              "sampling_locations must be [batch, queries, heads, levels, points, 2] = ",
+              at::IntArrayRef(expected_locations),
+              " (batch and heads of value, levels of spatial_shapes), got ",
+              sampling_locations.sizes());
+  TORCH_CHECK(attention_weights.sizes() == expected_weights, op,
+              "attention_weights must be [batch, queries, heads, levels, points] = ",
+              expected_weights, ", got ", attention_weights.sizes());
+  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == shape.num_levels, op,
+              "level_start_index must be [levels] = [", shape.num_levels, "], got shape ",
+              level_start_index.sizes());
+
+  const at::Tensor* tensors[] = {&spatial_shapes, &level_start_index, &sampling_locations,
+                                 &attention_weights};
+  const char* names[] = {"spatial_shapes", "level_start_index", "sampling_locations",
+                         "attention_weights"};
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK(tensors[i]->device() == value.device(), op, names[i], " is on ",
+                tensors[i]->device(), " but value is on ", value.device());
+  }
+  const auto dtype = value.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              op, "value must be float32, float64, float16 or bfloat16, got ", dtype);
+  for (int i = 2; i < 4; ++i) {
+    TORCH_CHECK(tensors[i]->scalar_type() == dtype, op, names[i], " has dtype ",
+                tensors[i]->scalar_type(), " but value has ", dtype);
+  }
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(tensors[i]->scalar_type() == at::kLong, op, names[i], " must be int64, got ",
+                tensors[i]->scalar_type());
+  }
+  // the kernels index a level's pixels and a batch element's values with 32-bit ints
+  TORCH_CHECK(shape.num_values < (1ll << 31), op, "value has ", shape.num_values,
+              " values per batch element, more than the kernels' 32-bit index range");
+  if (value.device().is_cpu()) {
+    // reading the levels of a GPU tensor would synchronize with the device: checked on CPU only
+    const auto shapes = spatial_shapes.contiguous(), starts = level_start_index.contiguous();
+    const int64_t* hw = shapes.const_data_ptr<int64_t>();
+    const int64_t* start = starts.const_data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t l = 0; l < shape.num_levels; ++l) {
+      TORCH_CHECK(hw[2 * l] >= 0 && hw[2 * l + 1] >= 0, op, "spatial_shapes[", l, "] = (",
+                  hw[2 * l], ", ", hw[2 * l + 1], ") must not be negative");
+      TORCH_CHECK(start[l] == total, op, "level_start_index[", l, "] is ", start[l],
+                  " but the levels before it hold ", total, " values");
+      total += hw[2 * l] * hw[2 * l + 1];
+    }
+    TORCH_CHECK(total == shape.num_values, op, "spatial_shapes hold ", total,
+                " values (sum of height * width) but value has ", shape.num_values);
+  }
+  return shape;
+}
+
+DeformableAttentionForward prepare_deformable_attention(const at::Tensor& value,
+                                                        const at::Tensor& spatial_shapes,
+                                                        const at::Tensor& level_start_index,
+                                                        const at::Tensor& sampling_locations,
+                                                        const at::Tensor& attention_weights) {
+  DeformableAttentionForward prepared;
+  prepared.shape = check_deformable_attention_inputs(value, spatial_shapes, level_start_index,
+                                                     sampling_locations, attention_weights);
+  const auto& s = prepared.shape;
+  prepared.value = value.contiguous();
+  prepared.spatial_shapes = spatial_shapes.contiguous();
+  prepared.level_start_index = level_start_index.contiguous();
+  prepared.sampling_locations = sampling_locations.contiguous();
+  prepared.attention_weights = attention_weights.contiguous();
+  prepared.out = at::empty({s.batch, s.num_queries, s.num_heads * s.channels}, value.options());
+  // no level or point: every output is an empty sum
+  if (s.num_levels == 0 || s.num_points == 0) prepared.out.zero_();
+  return prepared;
+}
+
+DeformableAttentionBackward prepare_deformable_attention_backward(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  DeformableAttentionBackward prepared;
+  prepared.shape = check_deformable_attention_inputs(value, spatial_shapes, level_start_index,
+                                                     sampling_locations, attention_weights);
+  const auto& s = prepared.shape;
+  const std::vector<int64_t> out_sizes = {s.batch, s.num_queries, s.num_heads * s.channels};
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_sizes),
+              "multi_scale_deformable_attention backward: grad_output must be [batch, queries, "
+              "heads * channels] = ", at::IntArrayRef(out_sizes), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.device() == value.device(),
+              "multi_scale_deformable_attention backward: grad_output is on ",
+              grad_output.device(), " but value is on ", value.device());
+  prepared.grad_output = grad_output.to(value.scalar_type()).contiguous();
+  prepared.value = value.contiguous();
+  prepared.spatial_shapes = spatial_shapes.contiguous();
+  prepared.level_start_index = level_start_index.contiguous();
+  prepared.sampling_locations = sampling_locations.contiguous();
+  prepared.attention_weights = attention_weights.contiguous();
+  prepared.grad_value = at::zeros(value.sizes(), value.options());
+  prepared.grad_sampling_locations = at::empty(sampling_locations.sizes(), value.options());
+  prepared.grad_attention_weights = at::empty(attention_weights.sizes(), value.options());
+  prepared.has_work = grad_output.numel() > 0 && sampling_locations.numel() > 0;
+  if (!prepared.has_work) {
+    prepared.grad_sampling_locations.zero_();
+    prepared.grad_attention_weights.zero_();
+  }
+  return prepared;
+}
+
 // The CUDA runtime version the extension was compiled against, -1 without CUDA; lets Python
 // explain a mismatch with torch's own CUDA instead of failing at the first kernel launch.
 static int64_t cuda_version() {
@@ -209,6 +342,18 @@ TORCH_LIBRARY(conditional_detr, m) {
       " Tensor k_spatial, Tensor value, Tensor? key_padding_mask, Tensor out, Tensor lse,"
       " int num_heads, float dropout_p, Tensor? rng_state)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Deformable DETR's multi-scale deformable attention core: value [N, S, heads, C],
+  // spatial_shapes [L, 2] and level_start_index [L] int64, sampling_locations
+  // [N, Lq, heads, L, P, 2] normalized (x, y), attention_weights [N, Lq, heads, L, P]; returns
+  // [N, Lq, heads * C]. Bilinear sampling as grid_sample (align_corners=False, zero padding).
+  m.def(
+      "multi_scale_deformable_attention(Tensor value, Tensor spatial_shapes,"
+      " Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  // Returns the gradients of (value, sampling_locations, attention_weights).
+  m.def(
+      "multi_scale_deformable_attention_backward(Tensor grad_output, Tensor value,"
+      " Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations,"
+      " Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_version() -> int", &cuda_version);
 }
 

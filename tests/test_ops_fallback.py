@@ -23,6 +23,22 @@ SCRIPT = textwrap.dedent(
         assert "not built" in str(e)
     else:
         raise AssertionError("impl='compiled' ran without the extension")
+
+    value = torch.randn(2, 3 * 4 + 2 * 2, 2, 8)
+    shapes = torch.tensor([[3, 4], [2, 2]])
+    starts = torch.tensor([0, 12])
+    locations = torch.rand(2, 5, 2, 2, 3, 2)
+    weights = torch.rand(2, 5, 2, 2, 3).softmax(-1)
+    out = ops.multi_scale_deformable_attention(value, shapes, starts, locations, weights)
+    assert out.shape == (2, 5, 16)
+    try:
+        ops.multi_scale_deformable_attention(
+            value, shapes, starts, locations, weights, impl="compiled"
+        )
+    except RuntimeError as e:
+        assert "not built" in str(e)
+    else:
+        raise AssertionError("impl='compiled' ran without the extension")
     print("ok")
     """
 )

@@ -1,5 +1,6 @@
 """
-Public conditional cross-attention ops. `impl` picks the implementation:
+Public ops: conditional cross-attention, the conditional spatial query and multi-scale
+deformable attention. `impl` picks the implementation:
 "pytorch" (reference), "compiled" (the `conditional_detr._C` extension) or
 "auto" (compiled when it is built for the tensors' device).
 """
@@ -17,6 +18,7 @@ __all__ = [
     "fvcore_handles",
     "has_ops",
     "has_ops_for",
+    "multi_scale_deformable_attention",
     "unavailable_reason",
 ]
 
@@ -103,6 +105,38 @@ def conditional_cross_attention(
     return out
 
 
+def multi_scale_deformable_attention(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl="auto"
+):
+    """
+    Deformable DETR's multi-scale deformable attention core, see
+    `reference.multi_scale_deformable_attention`.
+
+    Args:
+        value: [N, S, heads, C], the levels' maps flattened and concatenated along S.
+        spatial_shapes: [L, 2] int64 (H, W); level_start_index: [L] int64.
+        sampling_locations: [N, Lq, heads, L, P, 2] normalized (x, y).
+        attention_weights: [N, Lq, heads, L, P], normalized over L x P.
+    Returns:
+        [N, Lq, heads * C], head-major.
+    """
+    _check_impl(impl)
+    if not _use_compiled(impl, value, "multi_scale_deformable_attention"):
+        return reference.multi_scale_deformable_attention(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    # under autocast the value projection and the locations may differ in dtype: compute in
+    # the promoted one (low-precision locations would move the samples)
+    dtype = functools.reduce(
+        torch.promote_types, [value.dtype, sampling_locations.dtype, attention_weights.dtype]
+    )
+    return torch.ops.conditional_detr.multi_scale_deformable_attention(
+        value.to(dtype), spatial_shapes.to(value.device, torch.int64),
+        level_start_index.to(value.device, torch.int64), sampling_locations.to(dtype),
+        attention_weights.to(dtype),
+    )
+
+
 def _attention_flops(inputs, outputs):
     from fvcore.nn.jit_handles import get_shape
 
@@ -125,4 +159,6 @@ def fvcore_handles():
     return {
         "conditional_detr::attention_forward": _attention_flops,
         "conditional_detr::sine_query": _no_flops,
+        # fvcore counts neither the reference's grid_sample nor its weighted sum
+        "conditional_detr::multi_scale_deformable_attention": _no_flops,
     }

@@ -108,6 +108,17 @@ def _register_fake_kernels():
           num_heads, dropout_p, rng_state):
         return tuple(t.new_empty(t.shape) for t in (q_content, q_spatial, k_content, k_spatial, value))
 
+    @torch.library.register_fake("conditional_detr::multi_scale_deformable_attention")
+    def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        batch, _, num_heads, channels = value.shape
+        torch._check(sampling_locations.dim() == 6, lambda: "sampling_locations must be 6-d")
+        return value.new_empty((batch, sampling_locations.shape[1], num_heads * channels))
+
+    @torch.library.register_fake("conditional_detr::multi_scale_deformable_attention_backward")
+    def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+          attention_weights):
+        return tuple(value.new_empty(t.shape) for t in (value, sampling_locations, attention_weights))
+
 
 def _register_autograd():
     def sine_query_setup(ctx, inputs, output):
@@ -147,6 +158,22 @@ def _register_autograd():
 
     torch.library.register_autograd(
         "conditional_detr::attention_forward", attention_backward, setup_context=attention_setup
+    )
+
+    def deformable_attention_setup(ctx, inputs, output):
+        # the inputs are all that backward needs: it resamples the values
+        ctx.save_for_backward(*inputs)
+
+    def deformable_attention_backward(ctx, grad_output):
+        grads = torch.ops.conditional_detr.multi_scale_deformable_attention_backward(
+            grad_output, *ctx.saved_tensors
+        )
+        grad_value, grad_locations, grad_weights = grads
+        return grad_value, None, None, grad_locations, grad_weights
+
+    torch.library.register_autograd(
+        "conditional_detr::multi_scale_deformable_attention", deformable_attention_backward,
+        setup_context=deformable_attention_setup,
     )
 
 

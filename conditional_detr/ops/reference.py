@@ -1,6 +1,7 @@
 """
-Pure-PyTorch conditional cross-attention: the runtime fallback of the compiled
-ops and the oracle they are tested against.
+Pure-PyTorch versions of the compiled ops (conditional cross-attention, the conditional
+spatial query, multi-scale deformable attention): the runtime fallback of the compiled ops
+and the oracle they are tested against.
 """
 import math
 
@@ -92,3 +93,46 @@ def conditional_cross_attention(
 
     out = torch.bmm(weights, v)  # [batch * heads, num_queries, value_head_dim]
     return out.transpose(0, 1).reshape(num_queries, batch, num_heads * value_head_dim)
+
+
+def multi_scale_deformable_attention(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+):
+    """
+    Deformable DETR's multi-scale deformable attention core: per head, the attention-weighted
+    sum of the value maps sampled bilinearly at each level's points, as grid_sample with
+    align_corners=False and zero padding (location x in [0, 1] reads pixel coordinate
+    x * W - 0.5; neighbours outside the map read zero).
+
+    Args:
+        value: [N, S, heads, C], the levels' [H, W] maps flattened and concatenated along S.
+        spatial_shapes: [L, 2] int64 (H, W) per level.
+        level_start_index: [L] int64, where each level starts along S (unused here: the
+            levels are taken in order; kept for the compiled op's signature).
+        sampling_locations: [N, Lq, heads, L, P, 2] normalized (x, y).
+        attention_weights: [N, Lq, heads, L, P], already normalized over L x P.
+    Returns:
+        [N, Lq, heads * C], head-major.
+    """
+    batch, _, num_heads, channels = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    levels = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] coordinates
+    sampled = []
+    for level, (height, width) in enumerate(shapes):
+        # [N, H*W, heads, C] -> [N * heads, C, H, W]
+        value_map = levels[level].permute(0, 2, 3, 1).reshape(
+            batch * num_heads, channels, height, width
+        )
+        # [N, Lq, heads, P, 2] -> [N * heads, Lq, P, 2]
+        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(
+            value_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        ))  # [N * heads, C, Lq, P]
+    # [N, Lq, heads, L, P] -> [N * heads, 1, Lq, L * P]
+    weights = attention_weights.transpose(1, 2).reshape(
+        batch * num_heads, 1, num_queries, num_levels * num_points
+    )
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [N * heads, C, Lq]
+    return out.view(batch, num_heads * channels, num_queries).transpose(1, 2).contiguous()
