@@ -119,3 +119,35 @@ def test_bad_arguments_are_named():
         analyze_model.parse_args(["--config-file", INSTANT_CONFIG, "--input-size", "0", "64"])
     with pytest.raises(SystemExit):
         analyze_model.parse_args(["--config-file", INSTANT_CONFIG, "--num-inputs", "-1"])
+
+
+DEFORMABLE_INSTANT_CONFIG = os.path.join(
+    REPO, "configs", "quick_schedules", "deformable_detr_instant_test.yaml"
+)
+
+
+def test_deformable_attention_counts_its_samples():
+    cfg = get_config(DEFORMABLE_INSTANT_CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.CONDITIONAL_DETR.ATTENTION_IMPL", "pytorch"])
+    model = build_eval_model(cfg)
+    _, _, by_operator, _ = analyze_model.count_flops(model, analyze_model.synthetic_inputs(64, 96))
+    args, deformable = cfg.MODEL.CONDITIONAL_DETR, cfg.MODEL.DEFORMABLE_DETR
+    # levels of strides 8, 16, 32, 64: 8x12, 4x6, 2x3 and 1x2 positions
+    positions = 96 + 24 + 6 + 2
+    levels = deformable.NUM_FEATURE_LEVELS
+    per_query = lambda points: levels * points * args.HIDDEN_DIM * 5  # noqa: E731
+    expected = (
+        args.ENC_LAYERS * positions * per_query(deformable.ENC_N_POINTS)
+        + args.DEC_LAYERS * args.NUM_OBJECT_QUERIES * per_query(deformable.DEC_N_POINTS)
+    )
+    assert by_operator["deformable_attention"] == expected
+
+
+@pytest.mark.skipif(not ops.has_ops_for("cpu"), reason="compiled ops not built for CPU")
+def test_deformable_count_is_the_same_with_either_attention_impl():
+    inputs = analyze_model.synthetic_inputs(80, 112)
+    counts = {}
+    for impl in ("compiled", "pytorch"):
+        torch.manual_seed(0)
+        cfg = get_config(DEFORMABLE_INSTANT_CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.CONDITIONAL_DETR.ATTENTION_IMPL", impl])
+        counts[impl] = analyze_model.count_flops(build_eval_model(cfg), inputs)[:2]
+    assert counts["compiled"] == counts["pytorch"]

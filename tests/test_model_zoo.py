@@ -256,3 +256,28 @@ def test_r101_configs_start_from_torchvision_resnet101():
 
 def official_checkpoint_of(weights):
     return OFFICIAL_CHECKPOINTS[weights[len(SCHEME) :]]
+
+
+def test_deformable_detr_checkpoint_saved_by_hand_loads_into_its_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONDITIONAL_DETR_CACHE", str(tmp_path / "cache"))
+    name = "DeformableDETR-R50-two-stage-50ep"
+    config = "COCO-Detection/deformable_detr_R_50_two_stage_50ep.yaml"
+    assert OFFICIAL_CHECKPOINTS[name].page.startswith("https://drive.google.com/")
+    assert model_zoo.get_config(config, trained=True).MODEL.WEIGHTS == SCHEME + name
+    # an official-format file with the official keys and shapes, as the share page gives it
+    generator = torch.Generator().manual_seed(0)
+    official = {}
+    for line in reference_file("official_deformable_r50_two_stage_keys.txt").read_text().splitlines():
+        key, shape = line.split("\t")
+        official[key] = torch.randn(eval(shape), generator=generator)
+    saved_by_user = tmp_path / "cache" / "official" / (name + ".pth")
+    saved_by_user.parent.mkdir(parents=True)
+    torch.save({"model": official}, saved_by_user)
+
+    model = model_zoo.get(config, trained=True, device="cpu")
+    state = model.state_dict()
+    key = "transformer.encoder.layers.3.self_attn.sampling_offsets.weight"
+    assert torch.equal(state[key], official[key])
+    assert torch.equal(state["backbone.res4.2.conv1.weight"], official["backbone.0.body.layer3.2.conv1.weight"])
+    rows = convert_official.coco_contiguous_to_category_id()
+    assert torch.equal(state["class_embed.2.weight"], official["class_embed.2.weight"][rows])

@@ -1,6 +1,6 @@
 """
-The published checkpoints of the official Conditional DETR and DETR implementations,
-by the names that `conditional-detr://NAME` accepts in MODEL.WEIGHTS.
+The published checkpoints of the official Conditional DETR, DETR and Deformable DETR
+implementations, by the names that `conditional-detr://NAME` accepts in MODEL.WEIGHTS.
 """
 
 from dataclasses import dataclass
@@ -16,7 +16,7 @@ class OfficialCheckpoint:
     url: Optional[str]  # a direct download, or None when only a share page is published
     page: Optional[str] = None  # the link the official README gives, when it is not `url`
     sha256_prefix: Optional[str] = None  # checked after download when the publisher gives it
-    # "detector": an official Conditional DETR or DETR checkpoint; "torchvision-resnet": the
+    # "detector": an official Conditional DETR, DETR or Deformable DETR checkpoint; "torchvision-resnet": the
     # ImageNet ResNet of torchvision the official models start from (backbone weights only)
     kind: str = "detector"
 
@@ -82,6 +82,18 @@ OFFICIAL_CHECKPOINTS = {
         _SHAREPOINT + "EaGY26sT-zhPtMIVZxeT8iEBjiN24_LDZPXb8EGi9dBXpw?e=p6C8dB",
     ),
 }
+
+
+# Deformable DETR's README links its checkpoints to Google Drive share pages only.
+_GOOGLE_DRIVE = "https://drive.google.com/file/d/"
+for _name, _config, _file_id in (
+    ("DeformableDETR-R50-50ep", "deformable_detr_R_50_50ep.yaml", "1nDWZWHuRwtwGden77NLM9JoWe-YisJnA"),
+    ("DeformableDETR-R50-refine-50ep", "deformable_detr_R_50_refine_50ep.yaml", "1JYKyRYzUH7uo9eVfDaVCiaIGZb5YTCuI"),
+    ("DeformableDETR-R50-two-stage-50ep", "deformable_detr_R_50_two_stage_50ep.yaml", "15I03A7hNTpwuLNdfuEmW9_taZMNVssEp"),
+):
+    OFFICIAL_CHECKPOINTS[_name] = OfficialCheckpoint(
+        "COCO-Detection/" + _config, None, _GOOGLE_DRIVE + _file_id + "/view?usp=sharing"
+    )
 
 
 # The ImageNet initialization of the official models: torchvision's ResNets (V1 weights).

@@ -1,6 +1,6 @@
 """
-FLOPs and parameters of a Conditional DETR model, counted by fvcore as detectron2's
-tools/analyze_model.py counts them.
+FLOPs and parameters of a Conditional DETR, DETR or Deformable DETR model, counted by
+fvcore as detectron2's tools/analyze_model.py counts them.
 
     python -m conditional_detr.tools.analyze_model --config-file FILE --tasks flop parameter
         [--input-size H W | --num-inputs N] [--json PATH] [KEY VALUE ...]
@@ -14,7 +14,8 @@ As fvcore counts: one FLOP per multiply-add of convolutions, linear layers, matr
 products and normalizations; elementwise ops (add, mul, softmax, sigmoid, the sine
 embeddings) are not counted. The reported "gflops" follow the official implementation's
 counts (see `count_flops`); "gflops_with_masked_attention_logits" counts every matrix
-product.
+product. Deformable attention, which fvcore does not know, is counted as its multiply-adds
+(see `deformable_attention_flops`).
 """
 
 import argparse
@@ -59,11 +60,37 @@ def _no_flops(inputs, outputs):
     return 0
 
 
+# per sampled value: 4 multiply-adds of bilinear interpolation, 1 of the attention weight
+DEFORMABLE_FLOPS_PER_SAMPLE = 5
+
+
+def deformable_attention_flops(inputs, outputs):
+    """
+    conditional_detr::multi_scale_deformable_attention: value [N, S, heads, C], ...,
+    sampling_locations [N, Lq, heads, levels, points, 2]: every sampled channel is
+    interpolated from 4 neighbours and weighted once.
+    """
+    channels = get_shape(inputs[0])[-1]
+    samples = int(np.prod(get_shape(inputs[3])[:-1]))
+    return Counter({"deformable_attention": samples * channels * DEFORMABLE_FLOPS_PER_SAMPLE})
+
+
+def grid_sampler_flops(inputs, outputs):
+    """
+    aten::grid_sampler as the PyTorch deformable attention calls it, output [N * heads, C,
+    Lq, points]: counted as `deformable_attention_flops`, the weighting of each sample
+    (an elementwise product fvcore leaves out) included, so that both implementations agree.
+    """
+    samples = int(np.prod(get_shape(outputs[0])))
+    return Counter({"deformable_attention": samples * DEFORMABLE_FLOPS_PER_SAMPLE})
+
+
 def flop_analysis(model, inputs):
     """
     fvcore's FlopCountAnalysis of `model` on `inputs` (a list of detectron2 input dicts),
     with handles for the ops fvcore does not know: the project's compiled attention ops
-    (counted as their PyTorch reference) and scaled_dot_product_attention (both products).
+    (counted as their PyTorch reference), scaled_dot_product_attention (both products) and
+    deformable attention (compiled or grid_sample).
     """
     analysis = FlopCountAnalysis(model, inputs)
     # Frozen BatchNorm folds into the convolution before it; the official backbone
@@ -72,6 +99,8 @@ def flop_analysis(model, inputs):
     analysis.set_op_handle("aten::batch_norm", _no_flops)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _attention_flops)
     analysis.set_op_handle(**ops.fvcore_handles())
+    analysis.set_op_handle("aten::grid_sampler", grid_sampler_flops)
+    analysis.set_op_handle("conditional_detr::multi_scale_deformable_attention", deformable_attention_flops)
     return analysis
 
 
