@@ -13,6 +13,7 @@ from detectron2.utils import comm
 
 import conditional_detr  # noqa: F401 (registers the meta-architecture and the embedded datasets)
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
+from conditional_detr.data.datasets import add_coco_datasets
 from conditional_detr.engine import (
     Trainer,
     get_config,
@@ -26,6 +27,7 @@ def setup(args):
     Create configs and perform basic setups.
     """
     cfg = get_config(args.config_file, args.opts)
+    add_coco_datasets(cfg, getattr(args, "coco_dataset", ()))  # train_net.py --coco-dataset
     cfg.freeze()
     default_setup(cfg, args)
     limit_cpu_threads(cfg)
@@ -50,8 +52,22 @@ def main(args):
     return trainer.train()
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--coco-dataset",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
+        help="register a COCO-format dataset as NAME, for DATASETS.TRAIN / DATASETS.TEST "
+        "(repeatable; appended to DATASETS.COCO_INSTANCES)",
+    )
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
     world_size = args.num_gpus * args.num_machines
     hide_gpus_for_cpu_workers(get_config(args.config_file, args.opts), world_size)

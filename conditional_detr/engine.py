@@ -25,6 +25,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import ConditionalDETRCheckpointer
 from .config import add_conditional_detr_config
 from .data.dataset_mapper import DetrDatasetMapper
+from .data.datasets import check_num_classes, register_coco_datasets
 from .solver import build_optimizer
 
 __all__ = [
@@ -44,12 +45,16 @@ def resolve_device(cfg):
 
 
 def get_config(config_file: str = "", opts=()):
-    """A Conditional DETR config from a YAML file and "KEY VALUE" overrides, not frozen."""
+    """
+    A Conditional DETR config from a YAML file and "KEY VALUE" overrides, not frozen, with
+    the datasets of DATASETS.COCO_INSTANCES registered.
+    """
     cfg = get_cfg()
     add_conditional_detr_config(cfg)
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts or []))
+    register_coco_datasets(cfg)
     return resolve_device(cfg)
 
 
@@ -150,13 +155,17 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+        loader = build_detection_train_loader(cfg, mapper=DetrDatasetMapper(cfg, is_train=True))
+        check_num_classes(cfg, cfg.DATASETS.TRAIN)  # the datasets are loaded now: no extra read
+        return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
+        loader = build_detection_test_loader(
             cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False)
         )
+        check_num_classes(cfg, [dataset_name])
+        return loader
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
