@@ -39,7 +39,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        ConditionalDETRCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        ConditionalDETRCheckpointer.from_config(cfg, model, cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)

@@ -1,5 +1,18 @@
+import logging
+
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from .class_head import (
+    COCO_CLASS_NAMES,
+    CONFIG_KEY as CLASS_HEAD_KEY,
+    check_behaviour,
+    class_head_keys,
+    fine_tune_class_heads,
+    same_names,
+)
+from .data.datasets import model_class_names
+from .model_zoo.checkpoints import SCHEME, official_checkpoint
 from .modeling import DETR, ConditionalDETR, DeformableDETR
 from .tools.convert_official import convert_state_dict, is_official_state_dict, official_format
 
@@ -10,21 +23,73 @@ OFFICIAL_FORMATS = {ConditionalDETR: "conditional_detr", DETR: "detr", Deformabl
 class ConditionalDETRCheckpointer(DetectionCheckpointer):
     """
     DetectionCheckpointer that also loads official Conditional DETR and DETR
-    checkpoints (converted on the fly) and refuses a checkpoint whose class count
-    differs from the model's, which detectron2 would otherwise skip with only a warning.
+    checkpoints (converted on the fly), refuses a checkpoint whose class count differs
+    from the model's, which detectron2 would otherwise skip with only a warning, unless
+    `class_head` (MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD) says how to fine-tune to
+    the model's classes, and stops with an error naming a file that is not a checkpoint.
+
+    Saved checkpoints hold the model's `class_names`, so that a later fine-tuning can match
+    classes by name; official and model-zoo checkpoints have COCO's names.
     """
 
+    def __init__(self, model, save_dir="", *, class_names=None, class_head="keep", **kwargs):
+        super().__init__(model, save_dir, **kwargs)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.class_head = check_behaviour(class_head)
+        self._loading = None
+
+    @classmethod
+    def from_config(cls, cfg, model, save_dir="", **kwargs):
+        """The checkpointer of `model` with the class-head behaviour of `cfg` and its dataset's class names."""
+        return cls(
+            model,
+            save_dir,
+            class_names=model_class_names(cfg),
+            class_head=cfg.MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD,
+            **kwargs,
+        )
+
+    def save(self, name, **kwargs):
+        if self.class_names is not None:
+            kwargs.setdefault("class_names", self.class_names)
+        super().save(name, **kwargs)
+
+    def load(self, path, *args, **kwargs):
+        self._loading = path  # the name as given: a conditional-detr:// one tells COCO's classes
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._loading = None
+
     def _load_file(self, filename):
-        checkpoint = super()._load_file(filename)
-        state_dict = checkpoint.get("model", {})
+        checkpoint = self._read(filename)
+        state_dict = checkpoint["model"]
+        checkpoint_names = checkpoint.get("class_names")
         if is_official_state_dict(state_dict):
             self._check_official_format(state_dict, filename)
-            try:
-                state_dict = convert_state_dict(state_dict, self._num_classes())
-            except ValueError as e:
-                raise ValueError(f"{filename}: {e}") from e
+            state_dict, checkpoint_names = self._convert_official(state_dict, filename)
             checkpoint = {"model": state_dict, "matching_heuristics": False}
-        self._check_class_count(checkpoint.get("model", {}), filename)
+        elif checkpoint_names is None and self._loading_model_zoo_detector():
+            checkpoint_names = COCO_CLASS_NAMES
+        self._fit_class_heads(state_dict, checkpoint_names, filename)
+        return checkpoint
+
+    def _read(self, filename):
+        try:
+            checkpoint = super()._load_file(filename)
+        except Exception as e:
+            raise ValueError(
+                f"{filename}: cannot read this checkpoint (a truncated file, or not a checkpoint?): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        state_dict = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+        if not isinstance(state_dict, dict) or not all(
+            isinstance(v, torch.Tensor) or hasattr(v, "shape") for v in state_dict.values()
+        ):
+            raise ValueError(
+                f"{filename}: not a checkpoint: expected a state dict of tensors, or a dict "
+                "with one under 'model'"
+            )
         return checkpoint
 
     def _num_classes(self):
@@ -39,17 +104,77 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
                 f"MODEL.META_ARCHITECTURE {type(self.model).__name__}"
             )
 
-    def _check_class_count(self, state_dict, filename):
+    def _convert_official(self, state_dict, filename):
+        """The converted state dict, and its class names when they are COCO's 80."""
         num_classes = self._num_classes()
-        class_weight = state_dict.get("class_embed.weight")
-        logits = getattr(self.model, "num_class_logits", num_classes)
-        if num_classes is None or class_weight is None or class_weight.shape[0] == logits:
+        try:
+            converted = convert_state_dict(state_dict, num_classes)
+            return converted, COCO_CLASS_NAMES if num_classes == len(COCO_CLASS_NAMES) else None
+        except ValueError as e:
+            if self.class_head == "keep":
+                raise ValueError(f"{filename}: {e}; {self._fine_tuning_hint()}") from e
+        # fine-tuning to other classes starts from COCO's 80, whose names are known
+        return convert_state_dict(state_dict, len(COCO_CLASS_NAMES)), COCO_CLASS_NAMES
+
+    def _loading_model_zoo_detector(self):
+        if not isinstance(self._loading, str) or not self._loading.startswith(SCHEME):
+            return False
+        try:
+            return official_checkpoint(self._loading[len(SCHEME) :]).kind == "detector"
+        except (KeyError, ValueError):
+            return False
+
+    @staticmethod
+    def _fine_tuning_hint():
+        return f"to fine-tune to the model's classes set {CLASS_HEAD_KEY} to 'reinit' or 'match_names'"
+
+    def _fit_class_heads(self, state_dict, checkpoint_names, filename):
+        model_state = self.model.state_dict()
+        keys = [k for k in class_head_keys(state_dict) if k in model_state]
+        if not keys:
             return
+        fits = all(state_dict[k].shape[0] == model_state[k].shape[0] for k in keys)
+        names_differ = (
+            checkpoint_names is not None
+            and self.class_names is not None
+            and not same_names(checkpoint_names, self.class_names)
+        )
+        if fits and not names_differ:
+            return
+        logger = logging.getLogger(__name__)
+        if self.class_head == "keep":
+            if not fits:
+                self._raise_class_count_error(state_dict[keys[0]], keys[0], filename)
+            logger.warning(
+                f"{filename}: the checkpoint's classes are not the model's; its class head is "
+                f"loaded as it is ({CLASS_HEAD_KEY} 'keep')"
+            )
+            return
+        if self.class_head == "match_names" and checkpoint_names is None:
+            raise ValueError(
+                f"{filename} stores no class names, which {CLASS_HEAD_KEY} 'match_names' needs: "
+                "use a checkpoint saved by this project's training, an official checkpoint or a "
+                "conditional-detr:// name, or 'reinit'"
+            )
+        if self.class_head == "match_names" and self.class_names is None:
+            raise ValueError(
+                f"{CLASS_HEAD_KEY} 'match_names' needs the model's class names, the 'thing_classes' "
+                "of the metadata of DATASETS.TRAIN[0] (or DATASETS.TEST[0]), which has none"
+            )
+        no_object = getattr(self.model, "num_class_logits", 0) - (self._num_classes() or 0)
+        summary = fine_tune_class_heads(
+            state_dict, model_state, self.class_head, self.class_names, checkpoint_names, no_object
+        )
+        logger.info(f"Class head from {filename} ({CLASS_HEAD_KEY} {self.class_head!r}): {summary}")
+
+    def _raise_class_count_error(self, class_weight, key, filename):
+        num_classes = self._num_classes()
+        logits = getattr(self.model, "num_class_logits", num_classes)
         # DETR-style heads (softmax loss) end with a "no object" logit
         no_object = logits - num_classes
         suffix = f" + no-object ({class_weight.shape[0]} logits)" if no_object else ""
         raise ValueError(
-            f"{filename}: checkpoint field 'class_embed.weight' has {class_weight.shape[0] - no_object} "
+            f"{filename}: checkpoint field {key!r} has {class_weight.shape[0] - no_object} "
             f"classes{suffix} but MODEL.CONDITIONAL_DETR.NUM_CLASSES is {num_classes}; set NUM_CLASSES "
-            "to match, or convert the checkpoint for this class count"
+            f"to match, convert the checkpoint for this class count, or {self._fine_tuning_hint()}"
         )

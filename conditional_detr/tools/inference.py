@@ -23,7 +23,7 @@ def build_eval_model(cfg, load_weights=True):
     model = build_model(cfg)
     model.eval()
     if load_weights and cfg.MODEL.WEIGHTS:
-        ConditionalDETRCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        ConditionalDETRCheckpointer.from_config(cfg, model).load(cfg.MODEL.WEIGHTS)
     return model
 
 

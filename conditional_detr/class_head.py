@@ -1,0 +1,98 @@
+"""
+Fine-tuning to other classes: what the class heads of a checkpoint become when its
+classes are not the model's, by MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD.
+
+A class head is any checkpoint entry whose last module is `class_embed`:
+`class_embed.weight` (Conditional DETR, DETR), `class_embed.3.bias` (one head per
+decoder layer) or `transformer.decoder.class_embed.3.weight` (an alias of the same
+tensors). Rows are classes; a softmax head's last row is "no object".
+"""
+
+import re
+
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+__all__ = [
+    "BEHAVIOURS",
+    "CONFIG_KEY",
+    "COCO_CLASS_NAMES",
+    "check_behaviour",
+    "class_head_keys",
+    "same_names",
+    "fine_tune_class_heads",
+]
+
+CONFIG_KEY = "MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD"
+BEHAVIOURS = ("keep", "reinit", "match_names")
+# detectron2's 80 contiguous COCO classes: those of official and model-zoo checkpoints once converted
+COCO_CLASS_NAMES = tuple(c["name"] for c in COCO_CATEGORIES if c["isthing"])
+
+_CLASS_HEAD_KEY = re.compile(r"(^|\.)class_embed(\.\d+)?\.(weight|bias)$")
+
+
+def check_behaviour(behaviour):
+    if behaviour not in BEHAVIOURS:
+        raise ValueError(f"{CONFIG_KEY} must be one of {BEHAVIOURS}, got {behaviour!r}")
+    return behaviour
+
+
+def class_head_keys(state_dict):
+    return [k for k in state_dict if _CLASS_HEAD_KEY.search(k)]
+
+
+def _normalized(name):
+    return name.strip().lower()
+
+
+def same_names(a, b):
+    return [_normalized(x) for x in a] == [_normalized(x) for x in b]
+
+
+def fine_tune_class_heads(
+    state_dict, model_state, behaviour, model_names=None, checkpoint_names=None, model_no_object=0
+):
+    """
+    Replace the class heads of `state_dict` (a checkpoint's) by tensors of the model's shape.
+
+    Args:
+        state_dict: the checkpoint's state dict, changed in place.
+        model_state: the model's state dict, holding its own initialization of the heads.
+        behaviour: "reinit" (every row from the model) or "match_names" (the checkpoint's row
+            of every model class whose name, case and surrounding spaces aside, it has; the
+            model's row for the others; a softmax head's "no object" row from the checkpoint
+            when it has one).
+        model_names / checkpoint_names: class names in row order (needed by "match_names").
+        model_no_object: 1 when the model's heads end with a "no object" row.
+    Returns:
+        a one-line summary of what was kept.
+    """
+    keys = [k for k in class_head_keys(state_dict) if k in model_state]
+    if behaviour == "reinit":
+        for key in keys:
+            state_dict[key] = model_state[key].detach().clone()
+        return f"re-initialized the class head ({len(keys)} tensors), kept everything else"
+    if behaviour != "match_names":
+        raise ValueError(f"fine_tune_class_heads: behaviour must be 'reinit' or 'match_names', got {behaviour!r}")
+
+    rows = {_normalized(name): j for j, name in reversed(list(enumerate(checkpoint_names)))}
+    pairs = [(i, rows[_normalized(name)]) for i, name in enumerate(model_names) if _normalized(name) in rows]
+    for key in keys:
+        source, head = state_dict[key], model_state[key].detach().clone()
+        checkpoint_no_object = source.shape[0] - len(checkpoint_names)
+        if checkpoint_no_object not in (0, 1) or head.shape[1:] != source.shape[1:]:
+            raise ValueError(
+                f"checkpoint field {key!r} of shape {tuple(source.shape)} does not fit "
+                f"{len(checkpoint_names)} class names and the model's {tuple(head.shape)}"
+            )
+        if pairs:
+            model_rows, source_rows = zip(*pairs)
+            head[list(model_rows)] = source[list(source_rows)].to(head.dtype)
+        if model_no_object and checkpoint_no_object:
+            head[-1] = source[-1].to(head.dtype)
+        state_dict[key] = head
+    kept = ", ".join(model_names[i] for i, _ in pairs) or "none"
+    initialized = [name for i, name in enumerate(model_names) if i not in dict(pairs)]
+    return (
+        f"kept the class-head rows of {len(pairs)} of {len(model_names)} classes by name ({kept}); "
+        f"initialized {len(initialized)} ({', '.join(initialized) or 'none'})"
+    )
