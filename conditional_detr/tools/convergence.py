@@ -1,12 +1,13 @@
 """
-Convergence study: train Conditional DETR and DETR with otherwise identical settings,
-evaluate both every K iterations, and plot AP against iterations (the paper's Figure 2).
+Convergence study: train Conditional DETR, DETR and Deformable DETR with otherwise
+identical settings, evaluate each every K iterations, and plot AP against iterations (the
+paper's Figure 2, with the multi-scale baseline as a third curve).
 
     python -m conditional_detr.tools.convergence [--output-dir output/convergence]
         [--iterations N] [--eval-period K] [--system NAME=CONFIG ...] [KEY VALUE ...]
 
-By default both systems train on the embedded shapes dataset
-(configs/quick_schedules/{conditional_detr,detr}_shapes.yaml). KEY VALUE overrides apply
+By default the three systems train on the embedded shapes dataset
+(configs/quick_schedules/{conditional_detr,detr,deformable_detr}_shapes.yaml). KEY VALUE overrides apply
 to every system, e.g. `SOLVER.IMS_PER_BATCH 16`. Each system trains in its own folder
 under the output directory and resumes from its last checkpoint when run again, so a
 killed study loses at most one evaluation period; a finished system is not retrained
@@ -36,6 +37,7 @@ _QUICK = os.path.join(_REPO, "configs", "quick_schedules")
 DEFAULT_SYSTEMS = (
     f"conditional_detr={os.path.join(_QUICK, 'conditional_detr_shapes.yaml')}",
     f"detr={os.path.join(_QUICK, 'detr_shapes.yaml')}",
+    f"deformable_detr={os.path.join(_QUICK, 'deformable_detr_shapes.yaml')}",
 )
 AP_KEY = "bbox/AP"
 
@@ -49,7 +51,7 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="output/convergence")
     parser.add_argument(
         "--system", action="append", metavar="NAME=CONFIG",
-        help="a system to train (repeatable); default: Conditional DETR and DETR on shapes",
+        help="a system to train (repeatable); default: Conditional DETR, DETR and Deformable DETR on shapes",
     )
     parser.add_argument(
         "--from-metrics", action="append", metavar="NAME=OUTPUT_DIR",
