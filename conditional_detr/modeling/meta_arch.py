@@ -5,6 +5,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
+from ..config_checks import check_model_config
 from .backbone import build_resnet_like_torchvision, feature_padding_mask
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from .criterion import SetCriterion
@@ -38,6 +39,7 @@ class SetPredictionDetector(nn.Module):
     """
 
     def __init__(self, cfg):
+        check_model_config(cfg)
         super().__init__()
         args = cfg.MODEL.CONDITIONAL_DETR
         self.num_classes = args.NUM_CLASSES

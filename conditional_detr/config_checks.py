@@ -1,0 +1,58 @@
+"""
+Config values that cannot work, stopped when the model is built with an error naming
+the key and the value, rather than deep inside a layer or the loss.
+"""
+
+from .class_head import check_behaviour
+
+__all__ = ["check_model_config"]
+
+_PREFIX = "MODEL.CONDITIONAL_DETR."
+
+# key: (least value, whether the least value itself is allowed)
+_LOWER_BOUNDS = {
+    "NUM_CLASSES": (1, True),
+    "NUM_OBJECT_QUERIES": (1, True),
+    "HIDDEN_DIM": (1, True),
+    "NHEADS": (1, True),
+    "ENC_LAYERS": (0, True),  # DETR's ablation without an encoder
+    "DEC_LAYERS": (1, True),
+    "DIM_FEEDFORWARD": (1, True),
+    "NUM_TOPK": (1, True),
+    "DROPOUT": (0.0, True),
+    "FOCAL_ALPHA": (0.0, True),
+    "FOCAL_GAMMA": (0.0, True),
+    "COST_CLASS": (0.0, True),
+    "COST_BBOX": (0.0, True),
+    "COST_GIOU": (0.0, True),
+    "CLASS_WEIGHT": (0.0, True),
+    "L1_WEIGHT": (0.0, True),
+    "GIOU_WEIGHT": (0.0, True),
+    "EOS_COEF": (0.0, False),
+}
+_UPPER_BOUNDS = {"DROPOUT": (1.0, False), "FOCAL_ALPHA": (1.0, True)}
+
+
+def _check_bound(key, value, bound, lower):
+    limit, inclusive = bound
+    ok = (value >= limit if inclusive else value > limit) if lower else (value <= limit if inclusive else value < limit)
+    if not ok:
+        relation = (">=" if inclusive else ">") if lower else ("<=" if inclusive else "<")
+        raise ValueError(f"{_PREFIX}{key} must be {relation} {limit}, got {value!r}")
+
+
+def check_model_config(cfg):
+    """The shared MODEL.CONDITIONAL_DETR keys of every detector of the package."""
+    args = cfg.MODEL.CONDITIONAL_DETR
+    for key, bound in _LOWER_BOUNDS.items():
+        _check_bound(key, args[key], bound, lower=True)
+    for key, bound in _UPPER_BOUNDS.items():
+        _check_bound(key, args[key], bound, lower=False)
+    if args.HIDDEN_DIM % 4:
+        # the sine encodings give each coordinate HIDDEN_DIM / 2 channels, half sines, half cosines
+        raise ValueError(f"{_PREFIX}HIDDEN_DIM must be a multiple of 4, got {args.HIDDEN_DIM}")
+    if args.HIDDEN_DIM % args.NHEADS:
+        raise ValueError(
+            f"{_PREFIX}NHEADS {args.NHEADS} does not divide {_PREFIX}HIDDEN_DIM {args.HIDDEN_DIM}"
+        )
+    check_behaviour(args.CHECKPOINT_CLASS_HEAD)

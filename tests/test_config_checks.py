@@ -1,0 +1,86 @@
+"""Bad input: config values that cannot work, and files that are not checkpoints."""
+import os
+import re
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from conditional_detr.checkpoint import ConditionalDETRCheckpointer
+from conditional_detr.engine import get_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "ConditionalDETR": "conditional_detr_instant_test.yaml",
+    "DETR": "conditional_detr_instant_test.yaml",
+    "DeformableDETR": "deformable_detr_instant_test.yaml",
+}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def build(architecture, *opts):
+    config = os.path.join(REPO, "configs", "quick_schedules", CONFIGS[architecture])
+    cfg = get_config(config, ["MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", architecture, *map(str, opts)])
+    return build_model(cfg)
+
+
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("NHEADS", 3, r"NHEADS 3 does not divide MODEL.CONDITIONAL_DETR.HIDDEN_DIM 64"),
+        ("NHEADS", 0, r"NHEADS must be >= 1, got 0"),
+        ("HIDDEN_DIM", 66, r"HIDDEN_DIM must be a multiple of 4, got 66"),
+        ("NUM_OBJECT_QUERIES", 0, r"NUM_OBJECT_QUERIES must be >= 1, got 0"),
+        ("NUM_CLASSES", -1, r"NUM_CLASSES must be >= 1, got -1"),
+        ("ENC_LAYERS", -1, r"ENC_LAYERS must be >= 0, got -1"),
+        ("DEC_LAYERS", 0, r"DEC_LAYERS must be >= 1, got 0"),
+        ("NUM_TOPK", 0, r"NUM_TOPK must be >= 1, got 0"),
+        ("DIM_FEEDFORWARD", 0, r"DIM_FEEDFORWARD must be >= 1, got 0"),
+        ("DROPOUT", 1.0, r"DROPOUT must be < 1.0, got 1.0"),
+        ("FOCAL_ALPHA", 1.5, r"FOCAL_ALPHA must be <= 1.0, got 1.5"),
+        ("GIOU_WEIGHT", -2.0, r"GIOU_WEIGHT must be >= 0.0, got -2.0"),
+        ("EOS_COEF", 0.0, r"EOS_COEF must be > 0.0, got 0.0"),
+        ("CHECKPOINT_CLASS_HEAD", "drop", r"CHECKPOINT_CLASS_HEAD must be one of .*, got 'drop'"),
+    ],
+)
+def test_bad_values_stop_at_build_time(architecture, key, value, message):
+    with pytest.raises(ValueError, match=r"MODEL\.CONDITIONAL_DETR\." + message):
+        build(architecture, f"MODEL.CONDITIONAL_DETR.{key}", value)
+
+
+def test_an_encoder_free_model_still_builds():
+    assert len(build("DETR", "MODEL.CONDITIONAL_DETR.ENC_LAYERS", 0).transformer.encoder.layers) == 0
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build("ConditionalDETR")
+
+
+def test_truncated_checkpoint_is_named(model, tmp_path):
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict()}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model_final\.pth: cannot read this checkpoint \(a truncated file"):
+        ConditionalDETRCheckpointer(model).load(str(path))
+
+
+@pytest.mark.parametrize("name, content", [("notes.pth", b"these are not weights\n"), ("empty.pkl", b""), ("weights.pth", None)])
+def test_non_checkpoints_are_named(model, tmp_path, name, content):
+    path = tmp_path / name
+    if content is None:
+        torch.save(torch.zeros(3), path)  # a tensor, not a state dict
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(name) + ": (cannot read this checkpoint|not a checkpoint)"):
+        ConditionalDETRCheckpointer(model).load(str(path))
+
+
+def test_dict_without_tensors_is_not_a_checkpoint(model, tmp_path):
+    path = tmp_path / "settings.pth"
+    torch.save({"model": {"lr": 0.1}}, path)
+    with pytest.raises(ValueError, match=r"settings\.pth: not a checkpoint: expected a state dict of tensors"):
+        ConditionalDETRCheckpointer(model).load(str(path))
