@@ -1,9 +1,10 @@
 import json
 
 import pytest
+import torch
 
 from conditional_detr import ops
-from conditional_detr.tools import benchmark_attention
+from conditional_detr.tools import benchmark_attention, benchmark_deformable_attention
 
 
 def test_interleaved_medians_reports_errors_per_callable():
@@ -31,3 +32,37 @@ def test_quick_benchmark_writes_times_and_ratios(tmp_path):
     assert set(versus) == {"pytorch", "sdpa"}
     # the compiled op keeps only the log-sum-exp for backward, not the attention matrix
     assert versus["pytorch"]["saved_memory_ratio"] > 20
+
+
+@pytest.mark.skipif(not ops.has_ops_for("cpu"), reason="compiled CPU ops unavailable")
+def test_deformable_benchmark_on_small_levels(tmp_path, capsys):
+    levels = [(6, 10), (3, 5)]
+    results = benchmark_deformable_attention.benchmark(
+        "cpu", [torch.float32], [("encoder", 1), ("decoder", 2)], repeats=1, warmup=1,
+        levels=levels,
+    )
+    assert {(r["stage"], r["impl"]) for r in results} == {
+        (stage, impl) for stage in ("encoder", "decoder") for impl in ("compiled", "pytorch")
+    }
+    encoder = next(r for r in results if r["stage"] == "encoder")
+    assert encoder["queries"] == 6 * 10 + 3 * 5
+    for row in results:
+        assert row["forward_ms"] > 0 and row["forward_backward_ms"] > 0
+    ratios = {(r["stage"], r["batch"]): r for r in benchmark_deformable_attention.speedups(results)}
+    assert set(ratios) == {("encoder", 1), ("decoder", 2)}
+    for r in ratios.values():
+        # the compiled op keeps nothing but its inputs; grid_sample keeps its samples
+        assert r["saved_MiB_compiled"] == 0 and r["saved_MiB_pytorch"] > 0
+    assert "compiled" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not ops.has_ops_for("cpu"), reason="compiled CPU ops unavailable")
+def test_quick_deformable_benchmark_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    benchmark_deformable_attention.main(
+        ["--device", "cpu", "--quick", "--repeats", "1", "--json", str(path)]
+    )
+    report = json.loads(path.read_text())
+    assert report["levels"] == [list(level) for level in benchmark_deformable_attention.LEVELS]
+    assert [(r["stage"], r["batch"]) for r in report["speedups"]] == [("decoder", 1)]
+    assert {r["impl"] for r in report["results"]} == {"compiled", "pytorch"}

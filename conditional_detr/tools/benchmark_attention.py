@@ -12,14 +12,18 @@ writes JSON.
 import argparse
 import functools
 import json
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from conditional_detr import ops
+from conditional_detr.tools.benchmarking import (
+    interleaved_medians,
+    machine_header,
+    peak_memory_bytes,
+    saved_activation_bytes,
+    write_json,
+)
 
 NUM_QUERIES, NUM_HEADS, CHANNELS = 300, 8, 256
 BACKBONE_KEYS = {"R50": 850, "DC5": 3400}
@@ -61,67 +65,6 @@ def make_inputs(batch, num_keys, dtype, device):
     for b in range(batch):
         mask[b, num_keys - (b * num_keys) // (4 * batch):] = True
     return tensors, mask.to(device)
-
-
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_medians(fns, device, repeats, warmup):
-    """
-    Median milliseconds of each named callable, timed in turn within every repeat, so that
-    a change in machine load mid-run affects all of them alike. A callable that raises a
-    RuntimeError in warm-up (e.g. an SDPA backend refusing a dtype) gets its error instead.
-    """
-    results, live = {}, {}
-    for name, fn in fns.items():
-        try:
-            for _ in range(warmup):
-                fn()
-            live[name] = fn
-        except RuntimeError as e:
-            results[name] = RuntimeError(str(e).splitlines()[0])
-    times = {name: [] for name in live}
-    for _ in range(repeats):
-        for name, fn in live.items():
-            synchronize(device)
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    results.update({name: statistics.median(t) for name, t in times.items()})
-    return results
-
-
-def saved_activation_bytes(fn, inputs):
-    """Bytes autograd keeps for backward, beyond the inputs themselves."""
-    input_storages = {t.untyped_storage().data_ptr() for t in inputs}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in input_storages and key not in seen:
-            seen.add(key)
-            total += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
-def peak_memory_bytes(fn, device):
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def benchmark(device, dtypes, cases, repeats, warmup):
@@ -238,11 +181,8 @@ def main(argv=None):
     repeats = args.repeats or (7 if device == "cpu" or args.quick else 20)
     warmup = 1 if device == "cpu" else 5
 
-    header = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "device_type": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "queries": NUM_QUERIES, "heads": NUM_HEADS, "channels": CHANNELS, "repeats": repeats,
-    }
+    header = machine_header(device, queries=NUM_QUERIES, heads=NUM_HEADS, channels=CHANNELS,
+                            repeats=repeats)
     print(json.dumps(header))
     results = benchmark(device, dtypes, cases, repeats, warmup)
     ratios = speedups(results)
@@ -252,9 +192,7 @@ def main(argv=None):
               f"{r['forward_speedup']:7.2f}   {r['forward_backward_speedup']:9.2f}   "
               f"{r['saved_memory_ratio']:10.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**header, "results": results, "speedups": ratios}, f, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, header, results, ratios)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""
+Timing and memory helpers shared by the op benchmarks (benchmark_attention,
+benchmark_deformable_attention): interleaved medians, the bytes autograd keeps for backward,
+peak GPU memory, the machine description and the JSON report.
+"""
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_medians(fns, device, repeats, warmup):
+    """
+    Median milliseconds of each named callable, timed in turn within every repeat, so that
+    a change in machine load mid-run affects all of them alike. A callable that raises a
+    RuntimeError in warm-up (e.g. an SDPA backend refusing a dtype) gets its error instead.
+    """
+    results, live = {}, {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            live[name] = fn
+        except RuntimeError as e:
+            results[name] = RuntimeError(str(e).splitlines()[0])
+    times = {name: [] for name in live}
+    for _ in range(repeats):
+        for name, fn in live.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    results.update({name: statistics.median(t) for name, t in times.items()})
+    return results
+
+
+def saved_activation_bytes(fn, inputs):
+    """Bytes autograd keeps for backward, beyond the inputs themselves."""
+    input_storages = {t.untyped_storage().data_ptr() for t in inputs}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in input_storages and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def peak_memory_bytes(fn, device):
+    """GPU memory allocated at the peak of fn beyond what was allocated before; None on CPU."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def machine_header(device, **fields):
+    """What the numbers were measured on, printed and written with them."""
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device_type": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        **fields,
+    }
+
+
+def write_json(path, header, results, speedups):
+    with open(path, "w") as f:
+        json.dump({**header, "results": results, "speedups": speedups}, f, indent=2)
+    print(f"wrote {path}")
