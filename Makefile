@@ -37,8 +37,9 @@ $(STAMPS)/detectron2: $(STAMPS)/torch scripts/repack_detectron2.py
 	$(PY) -c "import detectron2" 2>/dev/null || bash scripts/install_detectron2.sh $(PY) "$(DETECTRON2_REPUBLISH)"
 	touch $@
 
+# onnx/onnxruntime: tools/export and its tests (wheels for CPython >= 3.11; they work with numpy<2)
 $(STAMPS)/test-deps: $(STAMPS)/venv
-	$(PIP) install pytest
+	$(PIP) install pytest "numpy<2" "onnx==1.23.2" "onnxruntime==1.32.0"
 	touch $@
 
 $(STAMPS)/project: $(STAMPS)/detectron2 $(STAMPS)/test-deps setup.py $(wildcard csrc/*.* csrc/*/*.*)

@@ -1,0 +1,141 @@
+"""tools/export: TorchScript and ONNX (in onnxruntime) against the eager model's detections."""
+import json
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from conditional_detr.engine import get_config
+from conditional_detr.tools import export
+
+onnxruntime = pytest.importorskip("onnxruntime")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(REPO, "configs", "quick_schedules")
+MODELS = {
+    "ConditionalDETR": ("conditional_detr_instant_test.yaml", []),
+    "DETR": ("conditional_detr_instant_test.yaml", ["MODEL.META_ARCHITECTURE", "DETR", "MODEL.CONDITIONAL_DETR.CLASS_LOSS", "softmax"]),
+    "DeformableDETR": ("deformable_detr_instant_test.yaml", []),
+}
+EXPORT_SIZE = (64, 80)
+OTHER_SIZE = (48, 100)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exported(request, tmp_path_factory):
+    config, opts = MODELS[request.param]
+    config = os.path.join(QUICK, config)
+    opts = ["MODEL.DEVICE", "cpu", *opts]
+    folder = tmp_path_factory.mktemp(request.param)
+    # class scores spread apart (not saturated), so that rounding does not decide the top-k order
+    torch.manual_seed(0)
+    model = build_model(get_config(config, opts))
+    for name, p in model.named_parameters():
+        if "class_embed" in name:
+            p.data.normal_(0.0, 0.1)
+    weights = str(folder / "model.pth")
+    torch.save({"model": model.state_dict()}, weights)
+    description = export.main(
+        ["--config-file", config, "--output", str(folder), "--height", str(EXPORT_SIZE[0]),
+         "--width", str(EXPORT_SIZE[1]), *opts, "MODEL.WEIGHTS", weights]
+    )
+    model.eval()
+    return request.param, model, description
+
+
+def runners(description):
+    session = onnxruntime.InferenceSession(description["files"]["onnx"], providers=["CPUExecutionProvider"])
+    scripted = torch.jit.load(description["files"]["torchscript"])
+
+    def run_onnx(images, sizes):
+        return [torch.from_numpy(x) for x in session.run(None, {"images": images.numpy(), "image_sizes": sizes.numpy()})]
+
+    return {"onnx": run_onnx, "torchscript": scripted}
+
+
+def cases(architecture):
+    # Deformable DETR's transformer takes its level shapes from Python numbers: its export
+    # runs at the size it was made at only (any batch size)
+    sizes = [EXPORT_SIZE] if architecture == "DeformableDETR" else [EXPORT_SIZE, OTHER_SIZE]
+    return [(h, w, batch) for h, w in sizes for batch in (1, 2)]
+
+
+def batch_of(height, width, batch):
+    generator = torch.Generator().manual_seed(height * 10 + batch)
+    images = torch.randint(0, 256, (batch, 3, height, width), generator=generator).float()
+    sizes = torch.tensor([[height, width], [height - 9, width - 13]][:batch])
+    return images, sizes
+
+
+def test_exported_models_give_the_eager_detections(exported):
+    architecture, model, description = exported
+    for kind, run in runners(description).items():
+        for height, width, batch in cases(architecture):
+            images, sizes = batch_of(height, width, batch)
+            with torch.no_grad():
+                eager = model([{"image": images[i, :, :h, :w].to(torch.uint8)} for i, (h, w) in enumerate(sizes.tolist())])
+                scores, labels, boxes = run(images, sizes)
+            assert scores.shape[0] == batch, (kind, height, width, batch)
+            for i, output in enumerate(eager):
+                instances = output["instances"]
+                kept = (boxes[i][:, 2] > boxes[i][:, 0]) & (boxes[i][:, 3] > boxes[i][:, 1])  # detectron2 drops empty boxes
+                assert len(instances) == int(kept.sum()) > 0
+                where = f"{kind} {height}x{width} batch {batch} image {i}"
+                torch.testing.assert_close(scores[i][kept], instances.scores, atol=1e-4, rtol=0, msg=where)
+                torch.testing.assert_close(boxes[i][kept], instances.pred_boxes.tensor, atol=1e-4, rtol=0, msg=where)
+                assert torch.equal(labels[i][kept], instances.pred_classes), where
+
+
+def test_export_description(exported):
+    architecture, model, description = exported
+    with open(os.path.join(os.path.dirname(description["files"]["onnx"]), "export.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(description))
+    assert description["meta_architecture"] == architecture
+    assert description["thing_classes"] == ["circle", "rectangle", "triangle", "star", "cross"]
+    assert description["dynamic_batch"] == {"torchscript": True, "onnx": True}
+    dynamic_size = architecture != "DeformableDETR"
+    assert description["dynamic_image_size"] == {"torchscript": dynamic_size, "onnx": dynamic_size}
+
+
+def test_padding_mask_equals_the_model_one():
+    from conditional_detr.modeling.backbone import feature_padding_mask
+
+    sizes = [(37, 50), (64, 21), (64, 64)]
+    for feature_size in ((2, 2), (5, 7), (64, 64)):
+        expected = feature_padding_mask(sizes, (64, 64), feature_size, "cpu")
+        assert torch.equal(export.padding_mask(torch.tensor(sizes), (64, 64), feature_size), expected)
+
+
+def test_export_restores_the_model_padding_masks(exported):
+    from conditional_detr.modeling import meta_arch
+
+    architecture, model, _ = exported
+    images, sizes = batch_of(*EXPORT_SIZE, 2)
+    with torch.no_grad():
+        export.ExportableDetector(model)(images, sizes)
+    assert meta_arch.feature_padding_mask is not export.padding_mask
+
+
+def test_tiny_example_size_is_refused():
+    with pytest.raises(SystemExit):
+        export.parse_args(["--config-file", "x", "--output", "y", "--height", "8"])
+
+
+def test_differences_are_reported_per_case():
+    class Broken(torch.nn.Module):
+        def forward(self, images, sizes):
+            raise RuntimeError("fixed at another size")
+
+    model = build_model(get_config(os.path.join(QUICK, MODELS["ConditionalDETR"][0]), ["MODEL.DEVICE", "cpu"])).eval()
+    exportable = export.ExportableDetector(model)
+    shifted = lambda images, sizes: [x + 1 if x.is_floating_point() else x for x in exportable(images, sizes)]  # noqa: E731
+    results = export.check_exported(exportable, shifted, [(64, 64, 1)])
+    assert results["64x64 batch 1"]["scores"] == pytest.approx(1.0) and not export._agrees(results["64x64 batch 1"])
+    swapped = lambda images, sizes: [x.flip(1) for x in exportable(images, sizes)]  # noqa: E731
+    assert not export._agrees(export.check_exported(exportable, swapped, [(64, 64, 1)])["64x64 batch 1"])
+    results = export.check_exported(exportable, Broken(), [(64, 64, 2)])
+    assert results == {"64x64 batch 2": {"error": "RuntimeError: fixed at another size"}}
+    assert export._agrees(export.check_exported(exportable, exportable, [(64, 64, 1)])["64x64 batch 1"])
