@@ -1,0 +1,346 @@
+"""
+Whole-model speed, side by side in one process: inference images per second (batch 1 and
+a larger batch) and training steps per second (forward, backward, optimizer step), with
+the peak GPU memory of each, for this project's model with the compiled attention and
+with the PyTorch path, and, given `--official PATH` (a checkout of the official
+Conditional DETR code, imported from there for the measurement only), the official model
+on the same weights and images. Every repeat runs the implementations in turn and the
+median is kept, so that a change of load weighs on all of them alike. Prints a table and
+writes JSON.
+
+    python -m conditional_detr.tools.benchmark_model [--config-file F] [--device cpu|cuda]
+        [--dtype fp32 bf16] [--official PATH] [--json PATH] [--quick] [KEY VALUE ...]
+
+Inference runs at --inference-size (default 800x1216), pre- and post-processing included;
+training at --train-size (default 512x683) with --train-batch images (default 2), each
+with a few boxes. bf16 is autocast (CPU and CUDA); the weights stay fp32.
+"""
+import argparse
+import contextlib
+import copy
+import importlib
+import json
+import os
+import sys
+
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from ..engine import get_config
+from ..tools.convert_official import convert_state_dict
+from .benchmarking import interleaved_medians, machine_header, peak_memory_bytes
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "COCO-Detection", "conditional_detr_R_50_50ep.yaml")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+# the official model's 91 COCO-id logits, so that the same weights load into both
+NUM_CLASSES = 91
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--official", metavar="PATH", help="checkout of the official Conditional DETR code")
+    parser.add_argument("--inference-size", nargs=2, type=int, default=[800, 1216], metavar=("H", "W"))
+    parser.add_argument("--inference-batch", type=int, default=None,
+                        help="the larger inference batch (default 4 on CUDA, 2 on CPU)")
+    parser.add_argument("--train-size", nargs=2, type=int, default=[512, 683], metavar=("H", "W"))
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None, help="default 5 (CPU) or 20 (CUDA)")
+    parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    args = parser.parse_args(argv)
+    for name in ("inference_size", "train_size"):
+        if min(getattr(args, name)) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.train_batch <= 0:
+        parser.error(f"--train-batch must be positive, got {args.train_batch}")
+    if args.official and not os.path.isfile(os.path.join(args.official, "models", "conditional_detr.py")):
+        parser.error(f"--official {args.official}: not a checkout of the official Conditional DETR "
+                     "(no models/conditional_detr.py)")
+    if args.inference_batch is None:
+        args.inference_batch = 4 if args.device == "cuda" else 2
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else (20 if args.device == "cuda" else 5)
+    args.warmup = 1 if args.quick else 2
+    return args
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def random_images(batch, size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, *size), generator=generator, dtype=torch.uint8) for _ in range(batch)]
+
+
+def random_targets(images, seed):
+    """Three boxes per image: detectron2 instances (absolute xyxy) and official targets."""
+    generator = torch.Generator().manual_seed(seed)
+    instances, official = [], []
+    for image in images:
+        h, w = image.shape[1:]
+        centres = torch.rand(3, 2, generator=generator) * 0.6 + 0.2
+        sizes = torch.rand(3, 2, generator=generator) * 0.3 + 0.05
+        cxcywh = torch.cat([centres, sizes], 1)
+        xyxy = torch.cat([centres - sizes / 2, centres + sizes / 2], 1) * torch.tensor([w, h, w, h])
+        labels = torch.randint(1, NUM_CLASSES, (3,), generator=generator)
+        item = Instances((h, w))
+        item.gt_boxes, item.gt_classes = Boxes(xyxy), labels
+        instances.append(item)
+        official.append({"labels": labels, "boxes": cxcywh})
+    return instances, official
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def build_ours(cfg, impl, device):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.CONDITIONAL_DETR.ATTENTION_IMPL = impl
+    cfg.MODEL.DEVICE = device
+    return build_model(cfg)
+
+
+class OfficialModel:
+    """
+    The official model, criterion and post-processing built from a checkout with the
+    official defaults for the config's depth and dilation; imported for measurement only.
+    """
+
+    def __init__(self, path, cfg, device):
+        # the official attention module's version test takes torch 2 for torch < 1.9 and
+        # imports what torch 1.7 and 1.8 renamed: point the old names at the new ones
+        linear = torch.nn.modules.linear
+        if not hasattr(linear, "_LinearWithBias"):
+            linear._LinearWithBias = linear.NonDynamicallyQuantizableLinear
+        sys.modules.setdefault("torch._overrides", torch.overrides)
+        sys.path.insert(0, os.path.abspath(path))
+        try:
+            main = importlib.import_module("main")
+            backbone = importlib.import_module("models.backbone")
+            build = importlib.import_module("models").build_model
+        finally:
+            sys.path.pop(0)
+        backbone.is_main_process = lambda: False  # no ImageNet download: weights come from ours
+        options = ["--device", device, "--backbone", f"resnet{cfg.MODEL.RESNETS.DEPTH}"]
+        if cfg.MODEL.RESNETS.RES5_DILATION > 1:
+            options.append("--dilation")
+        self.args = main.get_args_parser().parse_args(options)
+        self.model, self.criterion, postprocessors = build(self.args)
+        self.postprocess = postprocessors["bbox"]
+        self.misc = importlib.import_module("util.misc")
+        self.model.to(device)
+        self.criterion.to(device)
+
+    def forward(self, images):
+        mean = torch.tensor([0.485, 0.456, 0.406], device=images[0].device).view(3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225], device=images[0].device).view(3, 1, 1)
+        samples = self.misc.nested_tensor_from_tensor_list([(image.float() / 255 - mean) / std for image in images])
+        return self.model(samples)
+
+    def infer(self, images):
+        outputs = self.forward(images)
+        sizes = torch.tensor([image.shape[1:] for image in images], device=images[0].device)
+        return self.postprocess(outputs, sizes)
+
+    def losses(self, images, targets):
+        losses = self.criterion(self.forward(images), targets)
+        return sum(losses[k] * w for k, w in self.criterion.weight_dict.items() if k in losses)
+
+
+def our_state_dict_from_official(official_model):
+    return convert_state_dict(official_model.state_dict(), num_classes=None)
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def autocast(device, dtype):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+def our_inference(model, images, device, dtype):
+    inputs = [{"image": image} for image in images]
+
+    def run():
+        with torch.no_grad(), autocast(device, dtype):
+            return model(inputs)
+
+    return run
+
+
+def our_training_step(model, images, instances, device, dtype):
+    inputs = [{"image": image, "instances": item} for image, item in zip(images, instances)]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def run():
+        with autocast(device, dtype):
+            total = sum(model(inputs).values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+
+    return run
+
+
+def official_inference(official, images, device, dtype):
+    def run():
+        with torch.no_grad(), autocast(device, dtype):
+            return official.infer(images)
+
+    return run
+
+
+def official_training_step(official, images, targets, device, dtype):
+    optimizer = torch.optim.AdamW([p for p in official.model.parameters() if p.requires_grad], lr=1e-5)
+
+    def run():
+        with autocast(device, dtype):
+            total = official.losses(images, targets)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+
+    return run
+
+
+# ---------------------------------------------------------------------------- benchmark
+
+
+def build_systems(args, cfg):
+    """{name: (inference model, training model, official wrapper or None)}, same weights."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = NUM_CLASSES
+    torch.manual_seed(0)
+    systems = {}
+    official = None
+    if args.official:
+        official = OfficialModel(args.official, cfg, args.device)
+        state_dict = our_state_dict_from_official(official.model)
+    for impl in ("compiled", "pytorch"):
+        model = build_ours(cfg, impl, args.device)
+        if official is None and impl == "compiled":
+            state_dict = model.state_dict()
+        model.load_state_dict(state_dict)
+        systems[impl] = model
+    return systems, official
+
+
+def benchmark(args):
+    cfg = get_config(args.config_file, args.opts)
+    systems, official = build_systems(args, cfg)
+    device = args.device
+    inference_images = {
+        batch: [image.to(device) for image in random_images(batch, args.inference_size, seed=batch)]
+        for batch in sorted({1, args.inference_batch})
+    }
+    train_images = [image.to(device) for image in random_images(args.train_batch, args.train_size, seed=7)]
+    instances, official_targets = random_targets(train_images, seed=7)
+    instances = [item.to(device) for item in instances]
+    official_targets = [{k: v.to(device) for k, v in t.items()} for t in official_targets]
+
+    results = []
+    if official is not None:
+        results.append(compare_detections(systems, official, inference_images[1], device))
+    for dtype_name in args.dtype:
+        dtype = DTYPES[dtype_name]
+        for batch, images in inference_images.items():
+            fns = {}
+            for name, model in systems.items():
+                model.eval()
+                fns[name] = our_inference(model, images, device, dtype)
+            if official is not None:
+                official.model.eval()
+                fns["official"] = official_inference(official, images, device, dtype)
+            results.append(measure(fns, args, "inference", dtype_name, batch, args.inference_size))
+        fns = {}
+        for name, model in systems.items():
+            # a copy each, so that every implementation steps from the same weights
+            train_model = copy.deepcopy(model).train()
+            fns[name] = our_training_step(train_model, train_images, instances, device, dtype)
+        if official is not None:
+            official.model.train()
+            fns["official"] = official_training_step(official, train_images, official_targets, device, dtype)
+        results.append(measure(fns, args, "training", dtype_name, args.train_batch, args.train_size))
+    return results
+
+
+def compare_detections(systems, official, images, device):
+    """Largest score difference of each implementation's fp32 detections to the official ones."""
+    official.model.eval()
+    expected = official_inference(official, images, device, None)()[0]["scores"]
+    row = {"task": "official_detections", "max_score_difference": {}}
+    for name, model in systems.items():
+        model.eval()
+        scores = our_inference(model, images, device, None)()[0]["instances"].scores
+        row["max_score_difference"][name] = (scores - expected).abs().max().item()
+    return row
+
+
+def measure(fns, args, task, dtype_name, batch, size):
+    milliseconds = interleaved_medians(fns, args.device, args.repeats, args.warmup)
+    row = {"task": task, "dtype": dtype_name, "batch": batch, "size": list(size), "ms": {}, "per_second": {}}
+    for name, ms in milliseconds.items():
+        if isinstance(ms, Exception):
+            row["ms"][name] = f"error: {ms}"
+            continue
+        row["ms"][name] = ms
+        # images per second for inference, steps per second for training
+        row["per_second"][name] = (batch if task == "inference" else 1) * 1e3 / ms
+    row["peak_memory_bytes"] = {name: peak_memory_bytes(fn, args.device) for name, fn in fns.items()}
+    if "official" in row["per_second"]:
+        row["speedup_vs_official"] = {
+            name: row["per_second"][name] / row["per_second"]["official"]
+            for name in row["per_second"] if name != "official"
+        }
+    return row
+
+
+def print_table(results, header):
+    print(f"{header['device']} ({header['device_type']}, {header['threads']} threads), torch {header['torch']}")
+    print(f"{'task':<10} {'dtype':<5} {'batch':>5}  {'size':<9} {'implementation':<10} {'ms':>10} {'per s':>8} "
+          f"{'vs official':>11} {'peak MiB':>9}")
+    for row in results:
+        if row["task"] == "official_detections":
+            differences = ", ".join(f"{k} {v:.1e}" for k, v in row["max_score_difference"].items())
+            print(f"largest score difference to the official detections (fp32): {differences}")
+            continue
+        for name, ms in row["ms"].items():
+            per_second = row["per_second"].get(name)
+            speedup = row.get("speedup_vs_official", {}).get(name)
+            peak = row["peak_memory_bytes"].get(name)
+            print(
+                f"{row['task']:<10} {row['dtype']:<5} {row['batch']:>5}  {'x'.join(map(str, row['size'])):<9} "
+                f"{name:<10} {ms if isinstance(ms, str) else f'{ms:10.1f}':>10} "
+                f"{'' if per_second is None else f'{per_second:8.2f}':>8} "
+                f"{'' if speedup is None else f'{speedup:10.2f}x':>11} "
+                f"{'' if peak is None else f'{peak / 2**20:9.0f}':>9}"
+            )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+    results = benchmark(args)
+    header = machine_header(args.device, config_file=os.path.relpath(args.config_file, _REPO),
+                            official=bool(args.official), repeats=args.repeats)
+    print_table(results, header)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({**header, "results": results}, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

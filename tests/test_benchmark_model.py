@@ -1,0 +1,40 @@
+"""tools/benchmark_model on a tiny case: every implementation timed, JSON written."""
+import json
+import os
+
+import pytest
+
+from conditional_detr.tools import benchmark_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_tiny_case_times_both_implementations_and_writes_json(tmp_path):
+    path = tmp_path / "model.json"
+    results = benchmark_model.main([
+        "--config-file", INSTANT_CONFIG, "--device", "cpu", "--dtype", "fp32", "bf16", "--quick",
+        "--repeats", "1", "--inference-size", "64", "96", "--inference-batch", "2",
+        "--train-size", "64", "80", "--json", str(path),
+    ])
+    # inference at batch 1 and 2, then training, for each dtype
+    assert [(r["task"], r["dtype"], r["batch"]) for r in results] == [
+        (task, dtype, batch) for dtype in ("fp32", "bf16")
+        for task, batch in (("inference", 1), ("inference", 2), ("training", 2))
+    ]
+    for row in results:
+        assert set(row["per_second"]) == {"compiled", "pytorch"}, row["ms"]
+        assert all(v > 0 for v in row["per_second"].values())
+        assert "speedup_vs_official" not in row
+    written = json.loads(path.read_text())
+    assert written["device_type"] == "cpu" and written["official"] is False
+    assert written["results"] == json.loads(json.dumps(results))
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(SystemExit):
+        benchmark_model.parse_args(["--train-batch", "0"])
+    with pytest.raises(SystemExit):
+        benchmark_model.parse_args(["--official", str(tmp_path)])
