@@ -101,3 +101,92 @@ def test_bad_threshold():
         demo.parse_args(
             ["--config-file", "x", "--input", "x", "--output", "y", "--confidence-threshold", "2"]
         )
+
+
+def write_video(path, frames=5, size=(48, 64)):
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (size[1], size[0]))
+    rng = np.random.default_rng(0)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    writer.release()
+    return str(path)
+
+
+def read_frames(path):
+    import cv2
+
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return frames
+        frames.append(frame)
+
+
+def test_video_becomes_an_annotated_video(tmp_path, checkpoint):
+    _, _, weights = checkpoint
+    video = write_video(tmp_path / "clip.mp4", frames=5)
+    summary = run_demo(
+        [video], tmp_path / "out", "--batch-size", "2", "--confidence-threshold", "0.0", "MODEL.WEIGHTS", weights
+    )
+    (entry,) = summary
+    assert entry["output"] == str(tmp_path / "out" / "clip.mp4")
+    frames = read_frames(entry["output"])
+    assert len(frames) == len(entry["frames"]) == 5 and frames[0].shape == (48, 64, 3)
+    assert all(len(frame["scores"]) == 20 for frame in entry["frames"])  # NUM_TOPK, threshold 0
+    summary = run_demo([video], tmp_path / "out2", "--max-frames", "3")
+    assert len(summary[0]["frames"]) == 3 and len(read_frames(summary[0]["output"])) == 3
+
+
+def test_unreadable_video_and_missing_webcam_are_named(tmp_path):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    with pytest.raises(OSError, match=r"cannot open video .*broken\.mp4"):
+        run_demo([str(broken)], tmp_path / "out")
+    with pytest.raises(OSError, match=r"cannot open webcam 97"):
+        demo.main(["--config-file", INSTANT_CONFIG, "--webcam", "97", "--output", str(tmp_path / "cam"), "MODEL.DEVICE", "cpu"])
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["--webcam", "0"], ["--batch-size", "0"], ["--max-frames", "0"]], ids=["nothing", "both", "batch", "frames"]
+)
+def test_bad_input_arguments(extra):
+    inputs = [] if extra == [] else ["--input", "x"]
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--config-file", "x", *inputs, "--output", "y", *extra])
+
+
+def test_batched_folder_gives_the_single_image_detections(tmp_path, checkpoint):
+    _, _, weights = checkpoint
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sizes = [(48, 72), (64, 48), (48, 72), (48, 72), (64, 48)]
+    for i, size in enumerate(sizes):
+        write_image(folder / f"{i}.png", size=size, seed=i)
+    one = run_demo([str(folder)], tmp_path / "one", "--confidence-threshold", "0.0", "MODEL.WEIGHTS", weights)
+    batched = run_demo([str(folder)], tmp_path / "two", "--batch-size", "2", "--confidence-threshold", "0.0", "MODEL.WEIGHTS", weights)
+    assert [os.path.basename(e["input"]) for e in batched] == [f"{i}.png" for i in range(5)]
+    for a, b in zip(one, batched):
+        assert b["scores"] == pytest.approx(a["scores"], abs=1e-4)
+        assert np.allclose(b["boxes"], a["boxes"], atol=1e-3)
+
+
+def test_coco_json_of_a_dataset_folder_uses_its_ids(tmp_path):
+    from pycocotools.coco import COCO
+
+    from coco_fixture import write_coco_dataset
+
+    json_file, image_root = write_coco_dataset(str(tmp_path / "mine"), num_images=3)
+    datasets = repr((("demo_mine", json_file, image_root),))
+    run_demo(
+        [image_root], tmp_path / "out", "--coco-json",
+        "DATASETS.COCO_INSTANCES", datasets, "DATASETS.TEST", "('demo_mine',)", "MODEL.CONDITIONAL_DETR.NUM_CLASSES", "3",
+    )
+    with open(tmp_path / "out" / "coco_detections.json") as f:
+        detections = json.load(f)
+    assert len(detections) == 3 * 20  # every detection, not only those drawn
+    assert {d["image_id"] for d in detections} == {1, 2, 3}
+    assert {d["category_id"] for d in detections} <= {3, 7, 11}
+    COCO(json_file).loadRes(str(tmp_path / "out" / "coco_detections.json"))  # pycocotools reads it

@@ -16,6 +16,7 @@ from ..checkpoint import ConditionalDETRCheckpointer
 from ..data.dataset_mapper import build_detr_augmentation
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
 def build_eval_model(cfg, load_weights=True):
@@ -51,6 +52,16 @@ def list_images(inputs):
         else:
             raise FileNotFoundError(f"input {path!r} does not exist")
     return paths
+
+
+def list_inputs(inputs):
+    """
+    (images, videos) named by `inputs`: video files by their extension, the rest as
+    `list_images` finds them.
+    """
+    videos = [p for p in inputs if os.path.isfile(p) and p.lower().endswith(VIDEO_EXTENSIONS)]
+    images = list_images([p for p in inputs if p not in videos])
+    return images, videos
 
 
 def read_image(path, image_format):
