@@ -8,6 +8,7 @@ import os
 import weakref
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
@@ -17,6 +18,7 @@ from detectron2.engine import (
     SimpleTrainer,
     TrainerBase,
     create_ddp_model,
+    hooks,
 )
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -26,6 +28,7 @@ from .checkpoint import ConditionalDETRCheckpointer
 from .config import add_conditional_detr_config
 from .data.dataset_mapper import DetrDatasetMapper
 from .data.datasets import check_num_classes, register_coco_datasets
+from .ema import EMAHook, build_ema
 from .solver import build_optimizer
 
 __all__ = [
@@ -127,6 +130,7 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
+        self.ema = build_ema(cfg, model)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
 
@@ -140,14 +144,45 @@ class Trainer(DefaultTrainer):
         )
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        extra = {"ema": self.ema} if self.ema is not None else {}
         self.checkpointer = ConditionalDETRCheckpointer.from_config(
-            cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **extra
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
 
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        """DefaultTrainer's hooks; with SOLVER.EMA, the average is updated after every step and evaluated too."""
+        hook_list = super().build_hooks()
+        if self.ema is None:
+            return hook_list
+        model = self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+        ema_hook = EMAHook(self.ema, model, self.cfg.OUTPUT_DIR, self.checkpointer.class_names)
+        # before checkpointing and evaluation, which read the average
+        reads_average = [
+            i for i, h in enumerate(hook_list) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook))
+        ]
+        hook_list.insert(reads_average[0] if reads_average else len(hook_list), ema_hook)
+        return [
+            hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self._test_model_and_ema)
+            if isinstance(h, hooks.EvalHook)
+            else h
+            for h in hook_list
+        ]
+
+    def _test_model_and_ema(self):
+        """The results of the model, and those of the average under "ema" (written to inference_ema/)."""
+        results = self.test(self.cfg, self.model)
+        evaluators = [
+            self.build_evaluator(self.cfg, name, os.path.join(self.cfg.OUTPUT_DIR, "inference_ema"))
+            for name in self.cfg.DATASETS.TEST
+        ]
+        results["ema"] = self.test(self.cfg, self.ema.module, evaluators)
+        self._last_eval_results = results
+        return results
 
     @classmethod
     def build_optimizer(cls, cfg, model):
