@@ -68,6 +68,9 @@ def add_conditional_detr_config(cfg):
     # Cross-attention implementation: "auto" (compiled when built for the device),
     # "compiled" (fail if unavailable) or "pytorch" (the reference path).
     cfg.MODEL.CONDITIONAL_DETR.ATTENTION_IMPL = "auto"
+    # Run the backbone (and Deformable DETR's input projections) in channels-last memory
+    # format, which CPU (oneDNN) and GPU (cuDNN) convolutions run faster; same weights.
+    cfg.MODEL.CONDITIONAL_DETR.CHANNELS_LAST = True
 
     # Deformable DETR (MODEL.META_ARCHITECTURE "DeformableDETR"); it reads the keys above too.
     cfg.MODEL.DEFORMABLE_DETR = CN()

@@ -73,6 +73,7 @@ class DeformableDETR(SetPredictionDetector):
             projections.append(input_projection(in_channels, hidden_dim, kernel_size=3, stride=2))
             in_channels = hidden_dim
         self.input_proj = nn.ModuleList(projections)
+        self.use_memory_format(self.backbone, self.input_proj)
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, offset=0.5)
 
         self.transformer = DeformableTransformer(

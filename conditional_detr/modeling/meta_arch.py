@@ -63,6 +63,7 @@ class SetPredictionDetector(nn.Module):
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
+        self.memory_format = torch.channels_last if args.CHANNELS_LAST else torch.contiguous_format
 
     def init_class_head(self, class_embed):
         if self.class_loss == "focal":
@@ -82,7 +83,13 @@ class SetPredictionDetector(nn.Module):
         # the official model pads to the batch's largest size with zeros after
         # normalization, with no size divisibility
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images)
+        images = ImageList.from_tensors(images)
+        return ImageList(images.tensor.contiguous(memory_format=self.memory_format), images.image_sizes)
+
+    def use_memory_format(self, *convolutional_modules):
+        """Puts the convolutions' weights in MODEL.CONDITIONAL_DETR.CHANNELS_LAST's format."""
+        for module in convolutional_modules:
+            module.to(memory_format=self.memory_format)
 
     def forward_outputs(self, images: ImageList):
         """
@@ -171,6 +178,7 @@ class SingleLevelDetector(SetPredictionDetector):
         self.class_embed = nn.Linear(hidden_dim, self.num_class_logits)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.init_class_head(self.class_embed)
+        self.use_memory_format(self.backbone, self.input_proj)
 
     def predict_boxes(self, hs, reference):
         """Normalized cxcywh boxes of every layer from its embeddings `hs`."""
