@@ -10,6 +10,7 @@ augmentation and COCO evaluation.
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import conditional_detr  # noqa: F401 (registers the meta-architecture and the embedded datasets)
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
@@ -30,6 +31,8 @@ def setup(args):
     add_coco_datasets(cfg, getattr(args, "coco_dataset", ()))  # train_net.py --coco-dataset
     cfg.freeze()
     default_setup(cfg, args)
+    # the project's own messages (e.g. what a fine-tuning kept of a class head) in log.txt too
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="conditional_detr", abbrev_name="cdetr")
     limit_cpu_threads(cfg)
     return cfg
 
