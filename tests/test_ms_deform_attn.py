@@ -103,6 +103,7 @@ def test_gradcheck(device):
         (1, ODD_LEVELS[::-1], 5, 2, 13, 3),  # a vector and a scalar tail
         (3, [(6, 4), (3, 2)], 9, 1, 35, 1),  # four vectors and a tail
         (1, [(1, 1)], 1, 1, 1, 1),
+        (1, [(5, 9)], 7, 5, 8, 3),  # one level: the CPU backward splits the heads into groups
     ],
 )
 def test_matches_reference(device, batch, levels, num_queries, heads, channels, points):
