@@ -212,3 +212,21 @@ def test_model_zoo_checkpoints_have_coco_names(tmp_path, monkeypatch):
     assert COCO_CLASS_NAMES[2] == "car"
     torch.testing.assert_close(weight[0], converted["class_embed.weight"][2])
     torch.testing.assert_close(weight[1], converted["class_embed.weight"][0])
+
+
+def test_deformable_detr_per_layer_heads(tmp_path):
+    def deformable(num_classes):
+        cfg = get_config(
+            "configs/quick_schedules/deformable_detr_instant_test.yaml",
+            ["MODEL.DEVICE", "cpu", "MODEL.CONDITIONAL_DETR.NUM_CLASSES", str(num_classes)],
+        )
+        return build_model(cfg)
+
+    source = deformable(5)
+    ConditionalDETRCheckpointer(source, str(tmp_path), class_names=SHAPES).save("deformable")
+    loaded, initial = load(str(tmp_path / "deformable.pth"), "match_names", model=deformable(3))
+    keys = [k for k in loaded if "class_embed" in k]
+    assert keys and all(k.startswith("class_embed.") for k in keys[:2])
+    for key in keys:
+        assert torch.equal(loaded[key][0], source.state_dict()[key][3])  # Star <- star
+        assert torch.equal(loaded[key][2], initial[key][2])  # hexagon: initialized
