@@ -52,5 +52,5 @@ def test_class_count_mismatch_names_file_and_counts(official_path, tmp_path):
 def test_converter_rejects_other_checkpoints(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"model": {"conv.weight": torch.zeros(1)}}, path)
-    with pytest.raises(ValueError, match=r"other\.pth: not an official Conditional DETR or DETR checkpoint"):
+    with pytest.raises(ValueError, match=r"other\.pth: not an official Conditional DETR, DETR or Deformable DETR checkpoint"):
         convert_official.load_official_checkpoint(path)
