@@ -5,12 +5,16 @@ classes are not the model's, by MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD.
 A class head is any checkpoint entry whose last module is `class_embed`:
 `class_embed.weight` (Conditional DETR, DETR), `class_embed.3.bias` (one head per
 decoder layer) or `transformer.decoder.class_embed.3.weight` (an alias of the same
-tensors). Rows are classes; a softmax head's last row is "no object".
+tensors). Rows are classes; a softmax head's last row is "no object". Two-stage Deformable
+DETR's last head scores the encoder's proposals as one class-agnostic foreground, its row
+0: that row is kept whatever the classes, the others follow the behaviour.
 """
 
 import re
 
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+from .tools.convert_official import proposal_head_keys
 
 __all__ = [
     "BEHAVIOURS",
@@ -67,10 +71,18 @@ def fine_tune_class_heads(
         a one-line summary of what was kept.
     """
     keys = [k for k in class_head_keys(state_dict) if k in model_state]
+    proposal_keys = set(proposal_head_keys(state_dict))
+
+    def keep_proposal_foreground(key, head):
+        if key in proposal_keys:
+            head[0] = state_dict[key][0].to(head.dtype)
+        return head
+
     if behaviour == "reinit":
         for key in keys:
-            state_dict[key] = model_state[key].detach().clone()
-        return f"re-initialized the class head ({len(keys)} tensors), kept everything else"
+            state_dict[key] = keep_proposal_foreground(key, model_state[key].detach().clone())
+        kept = " (the proposal head's foreground row kept)" if proposal_keys else ""
+        return f"re-initialized the class head ({len(keys)} tensors){kept}, kept everything else"
     if behaviour != "match_names":
         raise ValueError(f"fine_tune_class_heads: behaviour must be 'reinit' or 'match_names', got {behaviour!r}")
 
@@ -89,7 +101,7 @@ def fine_tune_class_heads(
             head[list(model_rows)] = source[list(source_rows)].to(head.dtype)
         if model_no_object and checkpoint_no_object:
             head[-1] = source[-1].to(head.dtype)
-        state_dict[key] = head
+        state_dict[key] = keep_proposal_foreground(key, head)
     kept = ", ".join(model_names[i] for i, _ in pairs) or "none"
     initialized = [name for i, name in enumerate(model_names) if i not in dict(pairs)]
     return (

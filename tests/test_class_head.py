@@ -227,6 +227,21 @@ def test_deformable_detr_per_layer_heads(tmp_path):
     loaded, initial = load(str(tmp_path / "deformable.pth"), "match_names", model=deformable(3))
     keys = [k for k in loaded if "class_embed" in k]
     assert "class_embed.0.weight" in keys and "transformer.decoder.class_embed.0.weight" in keys
+    # two-stage: the last head (after 2 decoder layers) scores proposals with its row 0
+    proposal_keys = set(convert_official.proposal_head_keys(loaded))
+    assert proposal_keys == {f"{p}class_embed.2.{n}" for p in ("", "transformer.decoder.") for n in ("weight", "bias")}
     for key in keys:
+        if key in proposal_keys:
+            assert torch.equal(loaded[key][0], source.state_dict()[key][0])  # the foreground row
+            assert torch.equal(loaded[key][2], initial[key][2])  # the others follow the behaviour
+            continue
         assert torch.equal(loaded[key][0], source.state_dict()[key][3])  # Star <- star
         assert torch.equal(loaded[key][2], initial[key][2])  # hexagon: initialized
+
+    loaded, initial = load(str(tmp_path / "deformable.pth"), "reinit", model=deformable(3))
+    for key in keys:
+        if key in proposal_keys:
+            assert torch.equal(loaded[key][0], source.state_dict()[key][0])
+            assert torch.equal(loaded[key][1:], initial[key][1:])
+        else:
+            assert torch.equal(loaded[key], initial[key])
