@@ -21,13 +21,14 @@ from .transformer import MLP
 
 # the parameters (by name) trained at MODEL.DEFORMABLE_DETR.LINEAR_PROJ_LR_MULTIPLIER
 LINEAR_PROJECTION_NAMES = ("sampling_offsets", "reference_points")
+GROUP_NORM_GROUPS = 32
 
 
 def input_projection(in_channels, hidden_dim, kernel_size=1, stride=1):
     conv = nn.Conv2d(in_channels, hidden_dim, kernel_size, stride=stride, padding=kernel_size // 2)
     nn.init.xavier_uniform_(conv.weight, gain=1)
     nn.init.constant_(conv.bias, 0)
-    return nn.Sequential(conv, nn.GroupNorm(32, hidden_dim))
+    return nn.Sequential(conv, nn.GroupNorm(GROUP_NORM_GROUPS, hidden_dim))
 
 
 @META_ARCH_REGISTRY.register()
@@ -58,6 +59,14 @@ class DeformableDETR(SetPredictionDetector):
                 "proposal heads are the refinement heads' last pair"
             )
         hidden_dim = args.HIDDEN_DIM
+        if hidden_dim % GROUP_NORM_GROUPS:
+            raise ValueError(
+                f"DeformableDETR normalizes its input projections in {GROUP_NORM_GROUPS} groups: "
+                f"MODEL.CONDITIONAL_DETR.HIDDEN_DIM must be a multiple of {GROUP_NORM_GROUPS}, got {hidden_dim}"
+            )
+        for key in ("NUM_FEATURE_LEVELS", "ENC_N_POINTS", "DEC_N_POINTS"):
+            if deformable[key] < 1:
+                raise ValueError(f"MODEL.DEFORMABLE_DETR.{key} must be positive, got {deformable[key]}")
         num_levels = deformable.NUM_FEATURE_LEVELS
         num_backbone_levels = len(cfg.MODEL.RESNETS.OUT_FEATURES)
         if num_levels < num_backbone_levels:
