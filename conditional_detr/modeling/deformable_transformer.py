@@ -16,6 +16,19 @@ from .deformable_attention import MultiScaleDeformableAttention
 from .transformer import feed_forward
 
 
+def level_sizes(spatial_shapes):
+    """
+    (H, W) of every level as 0-dim tensors rather than Python numbers, so that a traced
+    export (tools/export) keeps the image size dynamic.
+    """
+    return [(spatial_shapes[level, 0], spatial_shapes[level, 1]) for level in range(spatial_shapes.shape[0])]
+
+
+def pixel_centres(size, device, offset=0.5):
+    """0.5, 1.5, ... for `size` positions (offset 0: 0, 1, ...)."""
+    return torch.arange(size, dtype=torch.float32, device=device) + offset
+
+
 class DeformableEncoderLayer(nn.Module):
     """Post-norm: deformable self-attention from every position, then the feed-forward block."""
 
@@ -48,12 +61,9 @@ class DeformableEncoder(nn.Module):
         its own level, then seen from every level: [batch, sum of H*W, num_levels, 2] (x, y).
         """
         points = []
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
-            y, x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=valid_ratios.device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=valid_ratios.device),
-                indexing="ij",
-            )
+        for level, (h, w) in enumerate(level_sizes(spatial_shapes)):
+            device = valid_ratios.device
+            y, x = torch.meshgrid(pixel_centres(h, device), pixel_centres(w, device), indexing="ij")
             y = y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
             x = x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
             points.append(torch.stack((x, y), -1))
@@ -212,14 +222,12 @@ class DeformableTransformer(nn.Module):
         batch = memory.shape[0]
         proposals = []
         start = 0
-        for level, (h, w) in enumerate(spatial_shapes.tolist()):
+        for level, (h, w) in enumerate(level_sizes(spatial_shapes)):
             mask = padding_mask[:, start:start + h * w].view(batch, h, w)
             valid_h = (~mask[:, :, 0]).sum(1)
             valid_w = (~mask[:, 0, :]).sum(1)
             y, x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device),
-                indexing="ij",
+                pixel_centres(h, memory.device, 0), pixel_centres(w, memory.device, 0), indexing="ij"
             )
             grid = torch.stack([x, y], -1)  # [h, w, 2]
             scale = torch.stack([valid_w, valid_h], 1).view(batch, 1, 1, 2)
@@ -246,7 +254,8 @@ class DeformableTransformer(nn.Module):
         and for two-stage "enc_outputs_class" and "enc_outputs_coord_unact" of every
         encoder position.
         """
-        spatial_shapes = torch.as_tensor([src.shape[-2:] for src in srcs], dtype=torch.long, device=srcs[0].device)
+        # from the tensors' shapes, which a traced export keeps symbolic
+        spatial_shapes = torch.stack([torch._shape_as_tensor(src)[-2:] for src in srcs]).to(srcs[0].device)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.valid_ratios(m) for m in masks], 1)
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
