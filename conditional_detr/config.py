@@ -94,6 +94,10 @@ def add_conditional_detr_config(cfg):
     # Learning-rate multiplier of the sampling-offset and reference-point projections.
     cfg.MODEL.DEFORMABLE_DETR.LINEAR_PROJ_LR_MULTIPLIER = 0.1
 
+    # Autocast dtype of SOLVER.AMP.ENABLED training: "bfloat16" (CPU and GPU, no gradient
+    # scaling) or "float16" (GPU only, with detectron2's gradient scaler).
+    cfg.SOLVER.AMP.PRECISION = "bfloat16"
+
     # AdamW with a reduced learning rate on the backbone, as the official recipe.
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate multiplier of the backbone parameters.

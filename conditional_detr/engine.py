@@ -5,6 +5,7 @@ official recipe's optimizer, DETR's augmentation and COCO evaluation.
 
 import logging
 import os
+import time
 import weakref
 
 import torch
@@ -108,10 +109,48 @@ class _SimpleTrainer(_FiniteLossMixin, SimpleTrainer):
     pass
 
 
+AMP_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def amp_precision(cfg):
+    """The autocast dtype of SOLVER.AMP.PRECISION; float16 needs a GPU (bfloat16 runs on both)."""
+    name = cfg.SOLVER.AMP.PRECISION
+    if name not in AMP_PRECISIONS:
+        raise ValueError(f"SOLVER.AMP.PRECISION must be one of {tuple(AMP_PRECISIONS)}, got {name!r}")
+    if name == "float16" and torch.device(cfg.MODEL.DEVICE).type != "cuda":
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION 'float16' needs MODEL.DEVICE 'cuda', got {cfg.MODEL.DEVICE!r}; "
+            "use 'bfloat16' on the CPU"
+        )
+    return AMP_PRECISIONS[name]
+
+
 class _AMPTrainer(_FiniteLossMixin, AMPTrainer):
-    def __init__(self, model, data_loader, optimizer):
-        # torch.cuda.amp.GradScaler, detectron2's default, is deprecated.
-        super().__init__(model, data_loader, optimizer, grad_scaler=torch.amp.GradScaler("cuda"))
+    """
+    detectron2's AMPTrainer on the model's device, CPU or CUDA: the forward and the losses
+    under torch.autocast in `precision`; float16 gradients are scaled, bfloat16 ones need not.
+    """
+
+    def __init__(self, model, data_loader, optimizer, device_type, precision):
+        scaler = torch.amp.GradScaler(device_type, enabled=precision == torch.float16)
+        super().__init__(model, data_loader, optimizer, grad_scaler=scaler, precision=precision)
+        self.device_type = device_type
+
+    def run_step(self):
+        # AMPTrainer.run_step, which insists on CUDA, with autocast on the model's device
+        assert self.model.training, "[AMPTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with torch.autocast(self.device_type, dtype=self.precision):
+            loss_dict = self.model(data)
+            losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        self.grad_scaler.scale(losses).backward()
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
 
 
 class Trainer(DefaultTrainer):
@@ -139,9 +178,11 @@ class Trainer(DefaultTrainer):
             # detectron2 passes the local rank as GPU id, which DDP rejects for a CPU module.
             ddp_kwargs["device_ids"] = None
         model = create_ddp_model(model, **ddp_kwargs)
-        self._trainer = (_AMPTrainer if cfg.SOLVER.AMP.ENABLED else _SimpleTrainer)(
-            model, data_loader, optimizer
-        )
+        if cfg.SOLVER.AMP.ENABLED:
+            device_type = torch.device(cfg.MODEL.DEVICE).type
+            self._trainer = _AMPTrainer(model, data_loader, optimizer, device_type, amp_precision(cfg))
+        else:
+            self._trainer = _SimpleTrainer(model, data_loader, optimizer)
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         extra = {"ema": self.ema} if self.ema is not None else {}

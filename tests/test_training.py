@@ -326,8 +326,37 @@ def test_two_process_gloo_training(shapes_root, tmp_path, monkeypatch):
     assert any("bbox/AP" in r for r in read_metrics(out))
 
 
+def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
+    cfg = instant_cfg(tmp_path, "SOLVER.AMP.ENABLED", True, "SOLVER.MAX_ITER", 3)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    feature_dtypes = []
+    trainer.model.backbone.register_forward_hook(
+        lambda module, args, out: module.training and feature_dtypes.append(next(iter(out.values())).dtype)
+    )
+    weights = trainer.model.class_embed.weight.detach().clone()
+    trainer.train()
+    assert feature_dtypes and set(feature_dtypes) == {torch.bfloat16}
+    # the weights stay float32 and are trained
+    assert trainer.model.class_embed.weight.dtype == torch.float32
+    assert not torch.equal(trainer.model.class_embed.weight, weights)
+    losses = [r for r in read_metrics(tmp_path) if "total_loss" in r]
+    assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
+
+
+@pytest.mark.parametrize(
+    "precision, message",
+    [("float16", "'float16' needs MODEL.DEVICE 'cuda'"), ("fp8", "SOLVER.AMP.PRECISION must be one of")],
+)
+def test_amp_precision_that_cannot_work_is_named(tmp_path, precision, message):
+    cfg = instant_cfg(tmp_path, "SOLVER.AMP.ENABLED", True, "SOLVER.AMP.PRECISION", precision)
+    with pytest.raises(ValueError, match=message):
+        Trainer(cfg)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP training needs a GPU")
-def test_amp_training_on_gpu(shapes_root, tmp_path):
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_amp_training_on_gpu(shapes_root, tmp_path, precision):
     cfg = get_config(
         INSTANT_CONFIG,
         [
@@ -337,6 +366,8 @@ def test_amp_training_on_gpu(shapes_root, tmp_path):
             str(tmp_path),
             "SOLVER.AMP.ENABLED",
             "True",
+            "SOLVER.AMP.PRECISION",
+            precision,
             "SOLVER.MAX_ITER",
             "3",
         ],
