@@ -331,9 +331,12 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     feature_dtypes = []
-    trainer.model.backbone.register_forward_hook(
-        lambda module, args, out: module.training and feature_dtypes.append(next(iter(out.values())).dtype)
-    )
+
+    def record_training_dtype(module, args, out):
+        if module.training:
+            feature_dtypes.append(next(iter(out.values())).dtype)
+
+    trainer.model.backbone.register_forward_hook(record_training_dtype)
     weights = trainer.model.class_embed.weight.detach().clone()
     trainer.train()
     assert feature_dtypes and set(feature_dtypes) == {torch.bfloat16}
