@@ -7,7 +7,8 @@ decoder (300 queries), batch 1 and 2. Every repeat times the implementations in 
 median is kept, as in benchmark_attention. Also reports the memory autograd keeps for backward
 (and the peak on GPU). Prints a table and writes JSON.
 
-    python -m conditional_detr.tools.benchmark_deformable_attention [--device cpu|cuda] [--json PATH] [--quick]
+    python -m conditional_detr.tools.benchmark_deformable_attention \
+        [--device cpu|cuda] [--json PATH] [--quick]
 """
 import argparse
 import functools
@@ -153,11 +154,14 @@ def speedups(results):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="where to write the results (JSON)")
-    parser.add_argument("--quick", action="store_true", help="decoder batch 1, fp32 only, few repeats")
+    parser.add_argument("--quick", action="store_true",
+                        help="decoder batch 1, fp32 only, few repeats")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args(argv)
 
@@ -179,7 +183,8 @@ def main(argv=None):
     print(json.dumps(header))
     results = benchmark(device, dtypes, cases, repeats, warmup)
     ratios = speedups(results)
-    print("\ncompiled vs pytorch   case             fwd x   fwd+bwd x   saved MiB (compiled / pytorch)")
+    print("\ncompiled vs pytorch   case             fwd x   fwd+bwd x"
+          "   saved MiB (compiled / pytorch)")
     for r in ratios:
         print(f"{r['stage']:>16} b{r['batch']:<2} {r['dtype']:>8}   {r['forward_speedup']:7.2f}   "
               f"{r['forward_backward_speedup']:9.2f}   {r['saved_MiB_compiled']:8.1f} / "

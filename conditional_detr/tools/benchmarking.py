@@ -76,7 +76,9 @@ def peak_memory_bytes(fn, device):
 def machine_header(device, **fields):
     """What the numbers were measured on, printed and written with them."""
     return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device": (
+            torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+        ),
         "device_type": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
         **fields,
     }
