@@ -2,13 +2,14 @@
 Public ops: conditional cross-attention, the conditional spatial query and multi-scale
 deformable attention. `impl` picks the implementation:
 "pytorch" (reference), "compiled" (the `conditional_detr._C` extension) or
-"auto" (compiled when it is built for the tensors' device).
+"auto" (compiled when it is built for the tensors' device and, checked once per op, device
+type and dtype, agrees with the reference there: see `self_check`).
 """
 import functools
 
 import torch
 
-from . import reference
+from . import reference, self_check
 from ._extension import has_ops, has_ops_for, unavailable_reason
 
 __all__ = [
@@ -37,7 +38,8 @@ def _use_compiled(impl, tensor, op_name):
     if impl == "pytorch":
         return False
     if has_ops_for(tensor.device.type):
-        return True
+        # "auto" runs a compiled op where it has seen it agree with the reference
+        return impl == "compiled" or self_check.trusted(op_name, tensor.device, tensor.dtype)
     if impl == "compiled":
         raise RuntimeError(
             f"{op_name}(impl='compiled') cannot run on {tensor.device.type}: "

@@ -1,0 +1,85 @@
+"""
+"auto" checks a compiled op once per device type and dtype against the reference and falls
+back, with one warning, where it disagrees; here with a wrong kernel injected on the CPU.
+"""
+import warnings
+
+import pytest
+import torch
+
+from conditional_detr import ops
+from conditional_detr.ops import self_check
+from test_ops import attention_inputs, padding_mask, requires_ops
+
+pytestmark = requires_ops
+
+
+@pytest.fixture(autouse=True)
+def fresh_verdicts():
+    self_check.forget()
+    yield
+    self_check.forget()
+
+
+def wrong_attention_kernel(monkeypatch, calls):
+    namespace = torch.ops.conditional_detr
+    right = namespace.attention_forward
+
+    def wrong(*args):
+        calls.append(1)
+        out, lse = right(*args)
+        return out * 1.5, lse
+
+    monkeypatch.setattr(namespace, "attention_forward", wrong)
+
+
+def attention(impl, tensors, mask):
+    return ops.conditional_cross_attention(*tensors, mask, 4, impl=impl)
+
+
+def test_wrong_kernel_is_caught_once_and_the_reference_used(monkeypatch):
+    calls = []
+    wrong_attention_kernel(monkeypatch, calls)
+    tensors = attention_inputs(7, 23, 2, 32, "cpu", requires_grad=False)
+    mask = padding_mask(2, 23, "cpu")
+    expected = attention("pytorch", tensors, mask)
+    with pytest.warns(RuntimeWarning) as caught:
+        first = attention("auto", tensors, mask)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    for part in ("conditional_cross_attention", "cpu", "torch.float32", "output: largest error"):
+        assert part in message, message
+    torch.testing.assert_close(first, expected)
+    checked = len(calls)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        second = attention("auto", tensors, mask)
+    torch.testing.assert_close(second, expected)
+    assert len(calls) == checked  # the compiled kernel is not run again
+    # an explicit request for the compiled op is honoured
+    torch.testing.assert_close(attention("compiled", tensors, mask), expected * 1.5)
+
+
+def test_verdicts_are_per_dtype(monkeypatch):
+    calls = []
+    wrong_attention_kernel(monkeypatch, calls)
+    assert not self_check.trusted("conditional_cross_attention", torch.device("cpu"), torch.float32)
+    assert ("conditional_cross_attention", "cpu", torch.float64) not in self_check._verdicts
+
+
+@pytest.mark.parametrize("op", sorted(self_check._CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_compiled_cpu_ops_pass_their_check(op, dtype):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert self_check.trusted(op, torch.device("cpu"), dtype)
+    assert self_check._verdicts[(op, "cpu", dtype)] is None
+
+
+def test_a_failing_kernel_counts_as_a_disagreement(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no kernel image is available\nmore")
+
+    monkeypatch.setattr(torch.ops.conditional_detr, "sine_query", broken)
+    with pytest.warns(RuntimeWarning, match="it failed: no kernel image is available"):
+        assert not self_check.trusted("conditional_spatial_query", torch.device("cpu"), torch.float32)
