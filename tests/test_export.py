@@ -57,10 +57,7 @@ def runners(description):
 
 
 def cases(architecture):
-    # Deformable DETR's transformer takes its level shapes from Python numbers: its export
-    # runs at the size it was made at only (any batch size)
-    sizes = [EXPORT_SIZE] if architecture == "DeformableDETR" else [EXPORT_SIZE, OTHER_SIZE]
-    return [(h, w, batch) for h, w in sizes for batch in (1, 2)]
+    return [(h, w, batch) for h, w in (EXPORT_SIZE, OTHER_SIZE) for batch in (1, 2)]
 
 
 def batch_of(height, width, batch):
@@ -96,8 +93,7 @@ def test_export_description(exported):
     assert description["meta_architecture"] == architecture
     assert description["thing_classes"] == ["circle", "rectangle", "triangle", "star", "cross"]
     assert description["dynamic_batch"] == {"torchscript": True, "onnx": True}
-    dynamic_size = architecture != "DeformableDETR"
-    assert description["dynamic_image_size"] == {"torchscript": dynamic_size, "onnx": dynamic_size}
+    assert description["dynamic_image_size"] == {"torchscript": True, "onnx": True}
 
 
 def test_padding_mask_equals_the_model_one():

@@ -116,7 +116,8 @@ def multi_scale_deformable_attention(
     """
     batch, _, num_heads, channels = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    # sizes as 0-dim tensors, not Python numbers: a traced export keeps them symbolic
+    shapes = [(spatial_shapes[level, 0], spatial_shapes[level, 1]) for level in range(spatial_shapes.shape[0])]
     levels = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] coordinates
     sampled = []
