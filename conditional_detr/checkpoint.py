@@ -14,7 +14,7 @@ from .class_head import (
 from .data.datasets import model_class_names
 from .model_zoo.checkpoints import SCHEME, official_checkpoint
 from .modeling import DETR, ConditionalDETR, DeformableDETR
-from .tools.convert_official import convert_state_dict, is_official_state_dict, official_format
+from .conversion import convert_state_dict, is_official_state_dict, official_format
 
 # the official format each meta-architecture loads
 OFFICIAL_FORMATS = {ConditionalDETR: "conditional_detr", DETR: "detr", DeformableDETR: "deformable_detr"}

@@ -14,7 +14,7 @@ import re
 
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .tools.convert_official import proposal_head_keys
+from .conversion import proposal_head_keys
 
 __all__ = [
     "BEHAVIOURS",

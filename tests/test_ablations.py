@@ -14,7 +14,7 @@ from detectron2.structures import Boxes, Instances
 from conditional_detr import ops
 from conditional_detr.engine import get_config
 from conditional_detr.modeling.backbone import feature_padding_mask
-from conditional_detr.modeling.transformer import apply_transformation
+from conditional_detr.modeling.conditional_detr import apply_transformation
 
 INSTANT_CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

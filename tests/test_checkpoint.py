@@ -3,6 +3,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
+from conditional_detr import conversion
 from conditional_detr.tools import convert_official
 from official_fixture import reference_file, tiny_fixture_cfg
 
@@ -19,9 +20,9 @@ def tiny_model(num_classes):
 
 
 def test_80_classes_take_the_coco_id_rows(official_path):
-    official = convert_official.load_official_checkpoint(official_path)
-    converted = convert_official.convert_state_dict(official, num_classes=80)
-    category_ids = convert_official.coco_contiguous_to_category_id()
+    official = conversion.load_official_checkpoint(official_path)
+    converted = conversion.convert_state_dict(official, num_classes=80)
+    category_ids = conversion.coco_contiguous_to_category_id()
     assert len(category_ids) == 80 and category_ids[0] == 1 and category_ids[-1] == 90
     assert converted["class_embed.weight"].shape == (80, 256)
     torch.testing.assert_close(converted["class_embed.weight"][0], official["class_embed.weight"][1].float())
@@ -53,4 +54,4 @@ def test_converter_rejects_other_checkpoints(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"model": {"conv.weight": torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match=r"other\.pth: not an official Conditional DETR, DETR or Deformable DETR checkpoint"):
-        convert_official.load_official_checkpoint(path)
+        conversion.load_official_checkpoint(path)

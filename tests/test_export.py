@@ -106,13 +106,13 @@ def test_padding_mask_equals_the_model_one():
 
 
 def test_export_restores_the_model_padding_masks(exported):
-    from conditional_detr.modeling import meta_arch
+    from conditional_detr.modeling import detector
 
     architecture, model, _ = exported
     images, sizes = batch_of(*EXPORT_SIZE, 2)
     with torch.no_grad():
         export.ExportableDetector(model)(images, sizes)
-    assert meta_arch.feature_padding_mask is not export.padding_mask
+    assert detector.feature_padding_mask is not export.padding_mask
 
 
 def test_tiny_example_size_is_refused():

@@ -12,7 +12,7 @@ from conditional_detr import ConditionalDETR, model_zoo
 from conditional_detr.model_zoo import OFFICIAL_CHECKPOINTS, SCHEME, OfficialCheckpoint
 from conditional_detr.model_zoo import model_zoo as model_zoo_module
 from conditional_detr.model_zoo.path_handler import CONVERTED_NUM_CLASSES
-from conditional_detr.tools import convert_official
+from conditional_detr import conversion
 from official_fixture import reference_file, tiny_fixture_cfg
 
 TINY_NAME = "Tiny-R18"
@@ -114,8 +114,8 @@ def test_download_convert_cache(tiny_zoo, official_path):
     assert downloads == [official_path.as_uri()]
     assert_cache_holds_only(cache, [TINY_NAME + ".pth"])
 
-    expected = convert_official.convert_state_dict(
-        convert_official.load_official_checkpoint(official_path)
+    expected = conversion.convert_state_dict(
+        conversion.load_official_checkpoint(official_path)
     )
     loaded = model.state_dict()
     assert set(loaded) == set(expected)
@@ -143,8 +143,8 @@ def detr_zoo(tmp_path, monkeypatch):
 
 def test_detr_checkpoint_is_cached_as_converted(detr_zoo):
     converted = torch.load(PathManager.get_local_path(SCHEME + "Tiny-DETR-R18"), weights_only=True)
-    expected = convert_official.convert_state_dict(
-        convert_official.load_official_checkpoint(detr_zoo)
+    expected = conversion.convert_state_dict(
+        conversion.load_official_checkpoint(detr_zoo)
     )
     assert converted["model"].keys() == expected.keys()
     for key, value in expected.items():
@@ -279,5 +279,5 @@ def test_deformable_detr_checkpoint_saved_by_hand_loads_into_its_config(tmp_path
     key = "transformer.encoder.layers.3.self_attn.sampling_offsets.weight"
     assert torch.equal(state[key], official[key])
     assert torch.equal(state["backbone.res4.2.conv1.weight"], official["backbone.0.body.layer3.2.conv1.weight"])
-    rows = convert_official.coco_contiguous_to_category_id()
+    rows = conversion.coco_contiguous_to_category_id()
     assert torch.equal(state["class_embed.2.weight"], official["class_embed.2.weight"][rows])

@@ -9,7 +9,7 @@ import torchvision
 from detectron2.modeling import build_model
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from conditional_detr.tools.convert_official import convert_state_dict, OFFICIAL_BACKBONE_PREFIX
+from conditional_detr.conversion import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
 from official_fixture import reference_file, resnet_cfg
 
 OFFICIAL_PARAMETERS = {50: 43_418_401, 101: 62_358_305}

@@ -405,7 +405,7 @@ def test_opcheck(device):
 
 def decoder_layer_module(d_model, heads):
     """The model's decoder layer fed the compiled spatial query, as the decoder calls it."""
-    from conditional_detr.modeling.transformer import ConditionalDecoderLayer
+    from conditional_detr.modeling.conditional_detr import ConditionalDecoderLayer
 
     class LayerWithSpatialQuery(nn.Module):
         def __init__(self):

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import torch
 from iopath.common.file_io import PathHandler, file_lock, get_cache_dir
 
-from ..tools.convert_official import (
+from ..conversion import (
     convert_state_dict,
     convert_torchvision_resnet,
     load_official_checkpoint,
@@ -41,7 +41,7 @@ class OfficialCheckpointHandler(PathHandler):
     """
     Resolves `conditional-detr://NAME` to a local checkpoint of this project. The official
     file is downloaded (by `download(url, destination, sha256_prefix)`), converted to
-    80 classes by `convert_official.convert_state_dict` and written atomically to the
+    80 classes by `conversion.convert_state_dict` and written atomically to the
     cache; the download itself is not kept. A file the user saved as
     `<cache>/official/NAME.pth` is used instead of downloading: the way to use the
     checkpoints published only as share pages.

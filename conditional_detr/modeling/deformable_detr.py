@@ -15,7 +15,7 @@ from torch import nn
 from .backbone import build_resnet_like_torchvision, feature_padding_mask
 from .box_ops import inverse_sigmoid
 from .deformable_transformer import DeformableTransformer
-from .meta_arch import SetPredictionDetector
+from .detector import SetPredictionDetector
 from .position_encoding import PositionEmbeddingSine
 from .transformer import MLP
 

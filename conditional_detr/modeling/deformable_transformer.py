@@ -8,7 +8,6 @@ around their reference points; optionally refining the reference boxes layer by 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .box_ops import inverse_sigmoid

@@ -6,7 +6,7 @@ import torch
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from .meta_arch import SingleLevelDetector
+from .detector import SingleLevelDetector
 from .transformer import add_feed_forward_and_norms, feed_forward
 
 

@@ -28,7 +28,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from ..engine import get_config
-from ..tools.convert_official import convert_state_dict
+from ..conversion import convert_state_dict
 from .benchmarking import interleaved_medians, machine_header, peak_memory_bytes
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

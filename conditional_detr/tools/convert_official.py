@@ -1,148 +1,17 @@
 """
-Convert an official Conditional DETR (Atten4Vis/ConditionalDETR), DETR
-(facebookresearch/detr) or Deformable DETR (fundamentalvision/Deformable-DETR) checkpoint,
-`{"model": state_dict}`, into a detectron2 checkpoint of this project (`ConditionalDETR`,
-`DETR` or `DeformableDETR`); the format is told by the keys.
+Convert an official Conditional DETR, DETR or Deformable DETR checkpoint into a detectron2
+checkpoint of this project (see `conditional_detr.conversion`); the format is told by the keys.
 
     python -m conditional_detr.tools.convert_official SRC.pth DST.pth [--num-classes 80|91]
 
-The transformer and heads keep their names; the torchvision ResNet becomes
-detectron2's ResNet; the 91 COCO-id class logits become detectron2's 80 contiguous
-COCO classes unless --num-classes 91. DETR's last, "no object" logit stays last.
+The 91 COCO-id class logits become detectron2's 80 contiguous COCO classes unless
+--num-classes 91.
 """
 import argparse
-import re
 
 import torch
-from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-OFFICIAL_BACKBONE_PREFIX = "backbone.0.body."
-# the class heads: one (Conditional DETR, DETR) or one per decoder layer, also listed under
-# the decoder (Deformable DETR)
-CLASS_HEAD_KEY = re.compile(r"(^|\.)class_embed(\.\d+)?\.(weight|bias)$")
-
-
-def coco_contiguous_to_category_id():
-    """COCO category id of each of detectron2's 80 contiguous classes, in order."""
-    return [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
-
-
-def _convert_backbone_key(key):
-    """torchvision ResNet names -> detectron2 ResNet names."""
-    key = key[len(OFFICIAL_BACKBONE_PREFIX):]
-    if key.startswith(("conv1.", "bn1.")):
-        return "backbone.stem." + key.replace("bn1.", "conv1.norm.")
-    match = re.match(r"layer(\d)\.(\d+)\.(.*)", key)
-    if match is None:
-        raise KeyError(f"unexpected backbone key {OFFICIAL_BACKBONE_PREFIX + key!r}")
-    stage, block, rest = match.groups()
-    rest = re.sub(r"^bn(\d)\.", r"conv\1.norm.", rest)
-    rest = rest.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
-    return f"backbone.res{int(stage) + 1}.{block}.{rest}"
-
-
-def is_official_state_dict(state_dict):
-    return any(k.startswith(OFFICIAL_BACKBONE_PREFIX) for k in state_dict)
-
-
-def official_format(state_dict):
-    """
-    "deformable_detr" for fundamentalvision/Deformable-DETR, whose attention predicts
-    `sampling_offsets`; "detr" for facebookresearch/detr, whose decoder cross-attention is
-    a standard `multihead_attn`; else "conditional_detr".
-    """
-    if any(".sampling_offsets." in k for k in state_dict):
-        return "deformable_detr"
-    return "detr" if any(".multihead_attn." in k for k in state_dict) else "conditional_detr"
-
-
-def class_head_keys(state_dict):
-    """The keys of every class head's weight and bias."""
-    return [k for k in state_dict if CLASS_HEAD_KEY.search(k)]
-
-
-def proposal_head_keys(state_dict):
-    """
-    Two-stage Deformable DETR's last class head scores the encoder's proposals as one
-    class-agnostic foreground, its logit 0, whatever the class count: its keys, or [].
-    """
-    if "transformer.enc_output.weight" not in state_dict:
-        return []
-    heads = [k for k in class_head_keys(state_dict) if k.startswith("class_embed.")]
-    last = max(int(k.split(".")[1]) for k in heads)
-    return [k for k in class_head_keys(state_dict) if k.endswith(f"class_embed.{last}.weight")
-            or k.endswith(f"class_embed.{last}.bias")]
-
-
-def convert_state_dict(state_dict, num_classes=80):
-    """
-    Args:
-        state_dict: official Conditional DETR, DETR or Deformable DETR state dict (91 class
-            logits indexed by COCO id; DETR has a 92nd, "no object").
-        num_classes: foreground classes to keep: 80 (detectron2's contiguous COCO
-            classes) or the source's own count (None: the source's).
-    Returns:
-        a float32 state dict for `ConditionalDETR`, `DETR` or `DeformableDETR`.
-    """
-    converted = {}
-    for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            continue  # frozen batch norm has no counter
-        if key.startswith(OFFICIAL_BACKBONE_PREFIX):
-            key = _convert_backbone_key(key)
-        if value.is_floating_point():
-            value = value.float()
-        converted[key] = value
-
-    no_object = 1 if official_format(state_dict) == "detr" else 0
-    class_keys = class_head_keys(converted)
-    if not class_keys:
-        raise ValueError("no class head ('class_embed' weight and bias) in the state dict")
-    source_classes = converted[class_keys[0]].shape[0] - no_object
-    if num_classes is not None and num_classes != source_classes:
-        category_ids = coco_contiguous_to_category_id()
-        if num_classes != len(category_ids) or source_classes <= max(category_ids):
-            raise ValueError(
-                f"cannot map {source_classes} class logits to {num_classes} classes: only the "
-                f"COCO mapping (91 COCO-id logits -> 80 contiguous classes) is known"
-            )
-        rows = category_ids + [source_classes] * no_object
-        proposal_keys = proposal_head_keys(converted)
-        for key in class_keys:
-            # the proposal head keeps its foreground logit first; its other rows are
-            # never positives, any 79 of them do
-            head_rows = [0] + category_ids[1:] if key in proposal_keys else rows
-            converted[key] = converted[key][head_rows].clone()
-    return converted
-
-
-def convert_torchvision_resnet(state_dict):
-    """
-    An ImageNet ResNet state dict of torchvision (the official models' initialization)
-    -> the `backbone.*` weights of this project's models; the classifier is dropped.
-    """
-    converted = {}
-    for key, value in state_dict.items():
-        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
-            continue
-        converted[_convert_backbone_key(OFFICIAL_BACKBONE_PREFIX + key)] = value.float()
-    if "backbone.stem.conv1.weight" not in converted:
-        raise ValueError("not a torchvision ResNet state dict (no 'conv1.weight')")
-    return converted
-
-
-def load_official_checkpoint(path):
-    # official checkpoints pickle their argparse.Namespace next to the weights
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict) or not is_official_state_dict(state_dict):
-        raise ValueError(
-            f"{path}: not an official Conditional DETR, DETR or Deformable DETR checkpoint (expected a "
-            "'model' state dict "
-            f"with keys starting with {OFFICIAL_BACKBONE_PREFIX!r})"
-        )
-    return state_dict
+from ..conversion import convert_state_dict, load_official_checkpoint
 
 
 def main(argv=None):

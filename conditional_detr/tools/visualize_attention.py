@@ -19,7 +19,6 @@ import json
 import logging
 import os
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -1,20 +1,23 @@
+"""
+What the package's detectors share: the set-prediction detector (losses, inference,
+detectron2's inputs and outputs) and, for DETR and Conditional DETR, the single-level one
+(one feature map, DETR's encoder, one pair of heads). Each detector's own decoder and
+meta-architecture are in a file of its own: detr.py, conditional_detr.py, deformable_detr.py.
+"""
 import math
 
 import torch
-from detectron2.modeling import META_ARCH_REGISTRY, detector_postprocess
+from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
 from ..config_checks import check_model_config
 from .backbone import build_resnet_like_torchvision, feature_padding_mask
-from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import SetCriterion
 from .matcher import CLASS_LOSSES, HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
-from .transformer import (
-    MLP, REFERENCE_POINTS, SPATIAL_QUERIES, TRANSFORMATIONS, ConditionalDecoder, Transformer,
-    TransformerEncoder,
-)
+from .transformer import MLP, Transformer, TransformerEncoder
 
 
 def config_choice(cfg, key, choices):
@@ -202,50 +205,3 @@ class SingleLevelDetector(SetPredictionDetector):
                 for c, b in zip(outputs_class[:-1], outputs_coord[:-1])
             ],
         }
-
-
-@META_ARCH_REGISTRY.register()
-class ConditionalDETR(SingleLevelDetector):
-    """
-    Conditional DETR: a ResNet, DETR's encoder, the conditional decoder, and shared
-    class and box heads. Boxes are predicted as offsets from each query's reference
-    point in the sigmoid-inverse space (the paper's equation 1), or on their own with
-    MODEL.CONDITIONAL_DETR.BOX_OFFSET off. The ablations of the paper's Section 4.3 are
-    MODEL.CONDITIONAL_DETR.REFERENCE_POINTS, SPATIAL_QUERY, TRANSFORMATION, CLASS_LOSS
-    and BOX_OFFSET (see `ConditionalDecoder`).
-    """
-
-    def __init__(self, cfg):
-        reference_points = config_choice(cfg, "REFERENCE_POINTS", REFERENCE_POINTS)
-        spatial_query = config_choice(cfg, "SPATIAL_QUERY", SPATIAL_QUERIES)
-        transformation = config_choice(cfg, "TRANSFORMATION", TRANSFORMATIONS)
-        if spatial_query in ("CSQ-C", "CSQ-T", "CSQ-P") and transformation != "diagonal":
-            raise ValueError(
-                f"MODEL.CONDITIONAL_DETR.SPATIAL_QUERY {spatial_query!r} has no transformation T to "
-                f"shape: MODEL.CONDITIONAL_DETR.TRANSFORMATION must stay 'diagonal', got {transformation!r}"
-            )
-
-        def build_decoder(args):
-            return ConditionalDecoder(
-                args.HIDDEN_DIM, args.NHEADS, args.DEC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT,
-                args.ATTENTION_IMPL, reference_points, spatial_query, transformation,
-                args.NUM_OBJECT_QUERIES,
-            )
-
-        super().__init__(cfg, build_decoder)
-        self.box_offset = cfg.MODEL.CONDITIONAL_DETR.BOX_OFFSET
-        # boxes start at the reference points
-        nn.init.constant_(self.bbox_embed.layers[-1].weight, 0)
-        nn.init.constant_(self.bbox_embed.layers[-1].bias, 0)
-        learned_points = self.transformer.decoder.reference_point_embed
-        if learned_points is not None:
-            # spread over the image, where xavier would gather them at its centre
-            learned_points.weight.data = inverse_sigmoid(torch.rand_like(learned_points.weight))
-
-    def predict_boxes(self, hs, reference):
-        box_offsets = self.bbox_embed(hs)
-        if not self.box_offset:
-            return box_offsets.sigmoid()
-        return torch.cat(
-            [box_offsets[..., :2] + inverse_sigmoid(reference), box_offsets[..., 2:]], dim=-1
-        ).sigmoid()
