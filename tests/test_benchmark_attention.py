@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conditional_detr import ops
-from conditional_detr.tools import benchmark_attention, benchmark_deformable_attention
+from conditional_detr.tools import benchmark_attention, benchmark_deformable_attention, benchmarking
 
 
 def test_interleaved_medians_reports_errors_per_callable():
@@ -13,7 +13,7 @@ def test_interleaved_medians_reports_errors_per_callable():
     def refuses():
         raise RuntimeError("no kernel for this dtype\nmore detail")
 
-    results = benchmark_attention.interleaved_medians(
+    results = benchmarking.interleaved_medians(
         {"ok": lambda: calls.append(1), "refuses": refuses}, "cpu", repeats=3, warmup=1
     )
     assert len(calls) == 4 and results["ok"] >= 0

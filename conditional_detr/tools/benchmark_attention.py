@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from conditional_detr import ops
 from conditional_detr.tools.benchmarking import (
-    interleaved_medians,
+    forward_and_backward_medians,
     machine_header,
     peak_memory_bytes,
     saved_activation_bytes,
@@ -85,13 +85,8 @@ def benchmark(device, dtypes, cases, repeats, warmup):
                 torch.autograd.grad(out, leaves, grad)
 
             impls = implementations()
-            forward_ms = interleaved_medians(
-                {name: functools.partial(forward, fn) for name, fn in impls.items()},
-                device, repeats, warmup,
-            )
-            forward_backward_ms = interleaved_medians(
-                {name: functools.partial(forward_backward, fn) for name, fn in impls.items()},
-                device, repeats, warmup,
+            forward_ms, forward_backward_ms = forward_and_backward_medians(
+                impls, forward, forward_backward, device, repeats, warmup
             )
             for name, attention in impls.items():
                 row = {

@@ -3,6 +3,7 @@ Timing and memory helpers shared by the op benchmarks (benchmark_attention,
 benchmark_deformable_attention): interleaved medians, the bytes autograd keeps for backward,
 peak GPU memory, the machine description and the JSON report.
 """
+import functools
 import json
 import platform
 import statistics
@@ -40,6 +41,19 @@ def interleaved_medians(fns, device, repeats, warmup):
             times[name].append((time.perf_counter() - start) * 1e3)
     results.update({name: statistics.median(t) for name, t in times.items()})
     return results
+
+
+def forward_and_backward_medians(impls, forward, forward_backward, device, repeats, warmup):
+    """
+    (forward, forward+backward) interleaved medians of every named implementation, where
+    `forward(fn)` and `forward_backward(fn)` run one step of implementation `fn`.
+    """
+    return tuple(
+        interleaved_medians(
+            {name: functools.partial(step, fn) for name, fn in impls.items()}, device, repeats, warmup
+        )
+        for step in (forward, forward_backward)
+    )
 
 
 def saved_activation_bytes(fn, inputs):
