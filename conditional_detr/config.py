@@ -97,6 +97,11 @@ def add_conditional_detr_config(cfg):
     # Autocast dtype of SOLVER.AMP.ENABLED training: "bfloat16" (CPU and GPU, no gradient
     # scaling) or "float16" (GPU only, with detectron2's gradient scaler).
     cfg.SOLVER.AMP.PRECISION = "bfloat16"
+    cfg.TEST.AMP = CN()
+    # Run inference (evaluation, demo) under autocast; post-processing stays float32.
+    cfg.TEST.AMP.ENABLED = False
+    # Its dtype: "bfloat16" (CPU and GPU) or "float16" (GPU).
+    cfg.TEST.AMP.PRECISION = "bfloat16"
 
     # AdamW with a reduced learning rate on the backbone, as the official recipe.
     cfg.SOLVER.OPTIMIZER = "ADAMW"

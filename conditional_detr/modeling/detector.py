@@ -20,11 +20,17 @@ from .position_encoding import PositionEmbeddingSine
 from .transformer import MLP, Transformer, TransformerEncoder
 
 
-def config_choice(cfg, key, choices):
-    """The value of MODEL.CONDITIONAL_DETR.<key>, which must be one of `choices`."""
-    value = cfg.MODEL.CONDITIONAL_DETR.get(key)
+INFERENCE_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def config_choice(cfg, key, choices, namespace="MODEL.CONDITIONAL_DETR"):
+    """The value of <namespace>.<key>, which must be one of `choices`."""
+    node = cfg
+    for part in namespace.split("."):
+        node = node[part]
+    value = node.get(key)
     if value not in choices:
-        raise ValueError(f"MODEL.CONDITIONAL_DETR.{key} must be one of {choices}, got {value!r}")
+        raise ValueError(f"{namespace}.{key} must be one of {tuple(choices)}, got {value!r}")
     return value
 
 
@@ -67,6 +73,10 @@ class SetPredictionDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
         self.memory_format = torch.channels_last if args.CHANNELS_LAST else torch.contiguous_format
+        # inference under autocast (TEST.AMP), post-processing in float32
+        self.inference_dtype = None
+        if cfg.TEST.AMP.ENABLED:
+            self.inference_dtype = INFERENCE_PRECISIONS[config_choice(cfg, "PRECISION", INFERENCE_PRECISIONS, "TEST.AMP")]
 
     def init_class_head(self, class_embed):
         if self.class_loss == "focal":
@@ -104,7 +114,12 @@ class SetPredictionDetector(nn.Module):
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
-        outputs = self.forward_outputs(images)
+        if self.training:
+            outputs = self.forward_outputs(images)
+        else:
+            with torch.autocast(self.device.type, dtype=self.inference_dtype, enabled=self.inference_dtype is not None):
+                outputs = self.forward_outputs(images)
+            outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
 
         if self.training:
             if not self.deep_supervision:
