@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-__all__ = ["trusted", "forget"]
+__all__ = ["CHECKED_OPS", "disagreement", "forget", "trusted"]
 
 # largest error allowed, relative to the largest reference value, of the output and gradients
 # (the sine query's reference computes in float32 whatever the dtype)
@@ -31,7 +31,7 @@ def trusted(op_name, device, dtype):
     if key not in _verdicts:
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return True  # a trace records the op; the eager run that follows checks it
-        _verdicts[key] = _disagreement(op_name, device, dtype)
+        _verdicts[key] = disagreement(op_name, device, dtype)
         if _verdicts[key] is not None:
             warnings.warn(
                 f"conditional_detr: the compiled {op_name} disagrees with the PyTorch reference on "
@@ -43,7 +43,7 @@ def trusted(op_name, device, dtype):
     return _verdicts[key] is None
 
 
-def _disagreement(op_name, device, dtype):
+def disagreement(op_name, device, dtype):
     """None when the compiled op agrees with the reference on a small case, else what differs."""
     generator = torch.Generator().manual_seed(0)
 
@@ -110,3 +110,4 @@ _CASES = {
     "conditional_spatial_query": _spatial_query_case,
     "multi_scale_deformable_attention": _deformable_attention_case,
 }
+CHECKED_OPS = tuple(_CASES)

@@ -20,7 +20,8 @@ from conditional_detr import ops
 from conditional_detr.tools.benchmarking import (
     forward_and_backward_medians,
     machine_header,
-    peak_memory_bytes,
+    format_timings,
+    peak_memory_mib,
     saved_activation_bytes,
     write_json,
 )
@@ -105,9 +106,8 @@ def benchmark(device, dtypes, cases, repeats, warmup):
                     row["forward_backward_ms"] = forward_backward_ms[name]
                     row["saved_for_backward_MiB"] = saved_activation_bytes(
                         lambda: attention(*leaves, mask, NUM_HEADS), leaves) / 2**20
-                    peak = peak_memory_bytes(
+                    row["peak_forward_backward_MiB"] = peak_memory_mib(
                         functools.partial(forward_backward, attention), device)
-                    row["peak_forward_backward_MiB"] = None if peak is None else peak / 2**20
                 results.append(row)
                 print(format_row(row), flush=True)
     return results
@@ -116,13 +116,7 @@ def benchmark(device, dtypes, cases, repeats, warmup):
 def format_row(row):
     if "error" in row:
         return f"{row['backbone']:>4} b{row['batch']:<2} {row['dtype']:>8} {row['impl']:>9}  error: {row['error']}"
-    peak = row["peak_forward_backward_MiB"]
-    return (
-        f"{row['backbone']:>4} b{row['batch']:<2} {row['dtype']:>8} {row['impl']:>9} "
-        f"fwd {row['forward_ms']:9.2f} ms  fwd+bwd {row['forward_backward_ms']:9.2f} ms  "
-        f"saved {row['saved_for_backward_MiB']:8.1f} MiB"
-        + ("" if peak is None else f"  peak {peak:8.1f} MiB")
-    )
+    return f"{row['backbone']:>4} b{row['batch']:<2} {row['dtype']:>8} {row['impl']:>9} " + format_timings(row)
 
 
 def speedups(results):

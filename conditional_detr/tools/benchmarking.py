@@ -87,6 +87,22 @@ def peak_memory_bytes(fn, device):
     return torch.cuda.max_memory_allocated() - base
 
 
+def peak_memory_mib(fn, device):
+    """`peak_memory_bytes` in MiB; None on CPU."""
+    peak = peak_memory_bytes(fn, device)
+    return None if peak is None else peak / 2**20
+
+
+def format_timings(row):
+    """The timing and memory columns that the op benchmarks print for a result row."""
+    peak = row["peak_forward_backward_MiB"]
+    return (
+        f"fwd {row['forward_ms']:9.2f} ms  fwd+bwd {row['forward_backward_ms']:9.2f} ms  "
+        f"saved {row['saved_for_backward_MiB']:8.1f} MiB"
+        + ("" if peak is None else f"  peak {peak:8.1f} MiB")
+    )
+
+
 def machine_header(device, **fields):
     """What the numbers were measured on, printed and written with them."""
     return {
