@@ -128,6 +128,14 @@ SineQueryBackward prepare_sine_query_backward(const at::Tensor& grad,
                                               const std::optional<at::Tensor>& query_scale,
                                               int64_t dim);
 
+// dropout: the checked input made contiguous (flat index = row-major element index, whatever
+// the input's strides), the allocated contiguous output and the hash parameters.
+struct DropoutForward {
+  at::Tensor input, out;
+  DropoutParams params;
+};
+DropoutForward prepare_dropout(const at::Tensor& input, double p, const at::Tensor& rng_state);
+
 // Multi-scale deformable attention: value [N, S, heads, C] holds the L levels' [H, W] maps
 // flattened and concatenated along S; each of Lq queries samples P points per level and head.
 struct DeformableAttentionShape {

@@ -313,6 +313,17 @@ DeformableAttentionBackward prepare_deformable_attention_backward(
   return prepared;
 }
 
+DropoutForward prepare_dropout(const at::Tensor& input, double p, const at::Tensor& rng_state) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "conditional_detr::dropout: input must be floating point, got ", input.scalar_type());
+  TORCH_CHECK(p >= 0.0, "conditional_detr::dropout: p must be in [0, 1), got ", p);
+  DropoutForward prepared;
+  prepared.params = make_dropout_params(p, rng_state);
+  prepared.input = input.contiguous();
+  prepared.out = at::empty(input.sizes(), prepared.input.options());
+  return prepared;
+}
+
 // The CUDA runtime version the extension was compiled against, -1 without CUDA; lets Python
 // explain a mismatch with torch's own CUDA instead of failing at the first kernel launch.
 static int64_t cuda_version() {
@@ -354,6 +365,9 @@ TORCH_LIBRARY(conditional_detr, m) {
       "multi_scale_deformable_attention_backward(Tensor grad_output, Tensor value,"
       " Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations,"
       " Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
+  // input * keep / (1 - p), keep from the dropout hash of (rng_state[0], row-major element
+  // index); its backward is the same op on the gradient with the same rng_state.
+  m.def("dropout(Tensor input, float p, Tensor rng_state) -> Tensor");
   m.def("cuda_version() -> int", &cuda_version);
 }
 

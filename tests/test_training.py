@@ -20,6 +20,7 @@ from detectron2.solver import build_lr_scheduler
 
 from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
 from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers
+from conditional_detr.modeling.attention import full_precision_attention
 from conditional_detr.solver import build_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,6 +142,28 @@ def test_full_model_gradient_clipping(tmp_path):
     ref_optimizer.step()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(p, q), name
+
+
+def test_optimizer_is_fused_and_clips_scaled_gradients_once_unscaled():
+    cfg = get_config(BASE_CONFIG, ["SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "0.1"])
+    torch.manual_seed(0)
+    plain, scaled = TwoPartModel(), TwoPartModel()
+    scaled.load_state_dict(plain.state_dict())
+    inputs = torch.randn(5, 3)
+    for model, scale in ((plain, None), (scaled, 1024.0)):
+        optimizer = build_optimizer(cfg, model)
+        assert optimizer.defaults["fused"]
+        loss = model.head(model.backbone(inputs)).square().sum()
+        if scale is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+    # the scaled run clipped the true gradients, and so took the same step
+    for (name, p), q in zip(plain.named_parameters(), scaled.parameters()):
+        assert torch.allclose(p, q, atol=1e-7), name
 
 
 def test_clipping_can_be_disabled():
@@ -345,6 +368,19 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
     assert not torch.equal(trainer.model.class_embed.weight, weights)
     losses = [r for r in read_metrics(tmp_path) if "total_loss" in r]
     assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
+
+
+def test_attention_runs_in_float32_under_cpu_autocast():
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(32, 4)
+    x = torch.randn(20, 2, 32).bfloat16()
+    expected = attention(x.float(), x.float(), x.float(), need_weights=False)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = full_precision_attention(attention, x, x, x, need_weights=False)[0]
+        autocast_out = attention(x, x, x, need_weights=False)[0]
+    assert out.dtype == torch.float32 and autocast_out.dtype == torch.bfloat16
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert not torch.allclose(autocast_out.float(), expected, atol=1e-3)
 
 
 @pytest.mark.parametrize(

@@ -10,9 +10,10 @@ import math
 import torch
 from torch import nn
 
+from .attention import full_precision_attention
 from .box_ops import inverse_sigmoid
 from .deformable_attention import MultiScaleDeformableAttention
-from .transformer import feed_forward
+from .transformer import Dropout, feed_forward
 
 
 def level_sizes(spatial_shapes):
@@ -34,12 +35,12 @@ class DeformableEncoderLayer(nn.Module):
     def __init__(self, d_model, dim_feedforward, dropout, num_levels, nhead, num_points, attention_impl):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(d_model, num_levels, nhead, num_points, attention_impl)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)  # inside the feed-forward block
+        self.dropout = Dropout(dropout)  # inside the feed-forward block
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
@@ -85,20 +86,20 @@ class DeformableDecoderLayer(nn.Module):
     def __init__(self, d_model, dim_feedforward, dropout, num_levels, nhead, num_points, attention_impl):
         super().__init__()
         self.cross_attn = MultiScaleDeformableAttention(d_model, num_levels, nhead, num_points, attention_impl)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)  # inside the feed-forward block
+        self.dropout = Dropout(dropout)  # inside the feed-forward block
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+        tgt2 = full_precision_attention(self.self_attn, q, k, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask

@@ -7,6 +7,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .detector import SingleLevelDetector
+from .attention import full_precision_attention
 from .transformer import add_feed_forward_and_norms, feed_forward
 
 
@@ -25,10 +26,10 @@ class DETRDecoderLayer(nn.Module):
 
     def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q, k, value=tgt, need_weights=False)[0]
+        tgt2 = full_precision_attention(self.self_attn, q, k, tgt, need_weights=False)[0]
         tgt = self.norm1(tgt + self.dropout1(tgt2))
-        tgt2 = self.multihead_attn(
-            tgt + query_pos, memory + pos, value=memory,
+        tgt2 = full_precision_attention(
+            self.multihead_attn, tgt + query_pos, memory + pos, memory,
             key_padding_mask=memory_key_padding_mask, need_weights=False,
         )[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))

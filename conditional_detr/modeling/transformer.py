@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+from .attention import full_precision_attention
+
 
 class MLP(nn.Module):
     """A few linear layers with ReLU between them."""
@@ -24,17 +27,28 @@ class MLP(nn.Module):
         return x
 
 
+class Dropout(nn.Dropout):
+    """
+    nn.Dropout through `ops.dropout`: where the op is compiled, its mask is a hash of a seed
+    and each element's index, drawn about 3x faster on a CPU than torch's and regenerated in
+    backward instead of being kept.
+    """
+
+    def forward(self, x):
+        return ops.dropout(x, self.p, self.training)
+
+
 def add_feed_forward_and_norms(layer, d_model, dim_feedforward, dropout, num_residuals):
     """
     The feed-forward block of a post-norm layer and a LayerNorm and Dropout per
     residual branch, under the official names (linear1, linear2, norm1, dropout1, ...).
     """
     layer.linear1 = nn.Linear(d_model, dim_feedforward)
-    layer.dropout = nn.Dropout(dropout)
+    layer.dropout = Dropout(dropout)
     layer.linear2 = nn.Linear(dim_feedforward, d_model)
     for i in range(1, num_residuals + 1):
         setattr(layer, f"norm{i}", nn.LayerNorm(d_model))
-        setattr(layer, f"dropout{i}", nn.Dropout(dropout))
+        setattr(layer, f"dropout{i}", Dropout(dropout))
 
 
 def feed_forward(layer, x):
@@ -51,7 +65,9 @@ class TransformerEncoderLayer(nn.Module):
 
     def forward(self, src, key_padding_mask, pos):
         q = k = src + pos
-        src2 = self.self_attn(q, k, value=src, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        src2 = full_precision_attention(
+            self.self_attn, q, k, src, key_padding_mask=key_padding_mask, need_weights=False
+        )[0]
         src = self.norm1(src + self.dropout1(src2))
         return self.norm2(src + self.dropout2(feed_forward(self, src)))
 

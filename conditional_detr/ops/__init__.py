@@ -1,6 +1,6 @@
 """
-Public ops: conditional cross-attention, the conditional spatial query and multi-scale
-deformable attention. `impl` picks the implementation:
+Public ops: conditional cross-attention, the conditional spatial query, multi-scale
+deformable attention and dropout. `impl` picks the implementation:
 "pytorch" (reference), "compiled" (the `conditional_detr._C` extension) or
 "auto" (compiled when it is built for the tensors' device and, checked once per op, device
 type and dtype, agrees with the reference there: see `self_check`).
@@ -8,6 +8,7 @@ type and dtype, agrees with the reference there: see `self_check`).
 import functools
 
 import torch
+import torch.nn.functional as F
 
 from . import reference, self_check
 from ._extension import has_ops, has_ops_for, unavailable_reason
@@ -16,6 +17,7 @@ __all__ = [
     "IMPLEMENTATIONS",
     "conditional_cross_attention",
     "conditional_spatial_query",
+    "dropout",
     "fvcore_handles",
     "has_ops",
     "has_ops_for",
@@ -105,6 +107,25 @@ def conditional_cross_attention(
         *tensors, key_padding_mask, num_heads, p, rng_state
     )
     return out
+
+
+def dropout(input, p, training=True, impl="auto"):
+    """
+    Dropout whose mask is a hash of a seed and each element's index: the compiled kernel
+    regenerates it in backward instead of storing it, and hashing is several times faster
+    on a CPU than torch's Bernoulli draws. The seed comes from torch's default generator, so
+    torch.manual_seed makes it reproducible. Without the compiled op it is F.dropout: the
+    same distribution from torch's own generator.
+    """
+    _check_impl(impl)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return input
+    if p == 1.0 or not _use_compiled(impl, input, "dropout"):
+        return F.dropout(input, p, training=True)
+    rng_state = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    return torch.ops.conditional_detr.dropout(input, float(p), rng_state)
 
 
 def multi_scale_deformable_attention(

@@ -119,6 +119,10 @@ def _register_fake_kernels():
           attention_weights):
         return tuple(value.new_empty(t.shape) for t in (value, sampling_locations, attention_weights))
 
+    @torch.library.register_fake("conditional_detr::dropout")
+    def _(input, p, rng_state):
+        return input.new_empty(input.shape)
+
 
 def _register_autograd():
     def sine_query_setup(ctx, inputs, output):
@@ -174,6 +178,19 @@ def _register_autograd():
     torch.library.register_autograd(
         "conditional_detr::multi_scale_deformable_attention", deformable_attention_backward,
         setup_context=deformable_attention_setup,
+    )
+
+    def dropout_setup(ctx, inputs, output):
+        _, ctx.p, rng_state = inputs
+        ctx.save_for_backward(rng_state)
+
+    def dropout_backward(ctx, grad):
+        # the same mask, regenerated from the seed
+        (rng_state,) = ctx.saved_tensors
+        return torch.ops.conditional_detr.dropout(grad, ctx.p, rng_state), None, None
+
+    torch.library.register_autograd(
+        "conditional_detr::dropout", dropout_backward, setup_context=dropout_setup
     )
 
 

@@ -1,7 +1,7 @@
 """
 Pure-PyTorch versions of the compiled ops (conditional cross-attention, the conditional
-spatial query, multi-scale deformable attention): the runtime fallback of the compiled ops
-and the oracle they are tested against.
+spatial query, multi-scale deformable attention, hashed dropout): the runtime fallback of the
+compiled ops and the oracle they are tested against.
 """
 import math
 
@@ -137,3 +137,36 @@ def multi_scale_deformable_attention(
     )
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [N * heads, C, Lq]
     return out.view(batch, num_heads * channels, num_queries).transpose(1, 2).contiguous()
+
+
+def _as_int64(constant):
+    # a 64-bit unsigned constant as the int64 with the same bits
+    return constant - (1 << 64) if constant >= 1 << 63 else constant
+
+
+def _shift_right(z, bits):
+    # logical shift of int64 bit patterns: torch's >> on int64 is arithmetic
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def dropout_keep_mask(rng_state, shape, p, device=None):
+    """
+    The compiled kernels' dropout decision for every element of `shape` (row-major flat
+    index i): keep when the upper 32 bits of splitmix64's finalizer of seed + (i + 1) * golden
+    ratio are at least p * 2^32. int64 arithmetic wraps as the kernels' uint64 does.
+    """
+    seed = int(rng_state.reshape(-1)[0])  # int64, as the kernels read it
+    count = math.prod(shape)
+    z = torch.arange(1, count + 1, dtype=torch.int64, device=device) * _as_int64(0x9E3779B97F4A7C15)
+    z = z + seed
+    z = (z ^ _shift_right(z, 30)) * _as_int64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * _as_int64(0x94D049BB133111EB)
+    z = z ^ _shift_right(z, 31)
+    threshold = min(int(p * 2**32), 2**32 - 1)
+    return (_shift_right(z, 32) >= threshold).view(shape)
+
+
+def hashed_dropout(input, p, rng_state):
+    """The compiled `dropout` op: input * keep / (1 - p) with `dropout_keep_mask`'s keep."""
+    keep = dropout_keep_mask(rng_state, tuple(input.shape), p, input.device)
+    return input * keep.to(input.dtype) * (1.0 / (1.0 - p))

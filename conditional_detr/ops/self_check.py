@@ -105,9 +105,23 @@ def _deformable_attention_case(make, device):
     )
 
 
+def _dropout_case(make, device):
+    from . import reference
+
+    rng_state = torch.tensor([20211010], dtype=torch.int64)
+
+    def run(impl, t):
+        if impl == "compiled":
+            return torch.ops.conditional_detr.dropout(t[0], 0.3, rng_state)
+        return reference.hashed_dropout(t[0], 0.3, rng_state)
+
+    return run, [make(3, 7, 37, scale=2, shift=-1)]
+
+
 _CASES = {
     "conditional_cross_attention": _cross_attention_case,
     "conditional_spatial_query": _spatial_query_case,
     "multi_scale_deformable_attention": _deformable_attention_case,
+    "dropout": _dropout_case,
 }
 CHECKED_OPS = tuple(_CASES)
