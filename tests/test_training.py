@@ -20,7 +20,6 @@ from detectron2.solver import build_lr_scheduler
 
 from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
 from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers
-from conditional_detr.modeling.attention import full_precision_attention
 from conditional_detr.solver import build_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -368,19 +367,6 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
     assert not torch.equal(trainer.model.class_embed.weight, weights)
     losses = [r for r in read_metrics(tmp_path) if "total_loss" in r]
     assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
-
-
-def test_attention_runs_in_float32_under_cpu_autocast():
-    torch.manual_seed(0)
-    attention = nn.MultiheadAttention(32, 4)
-    x = torch.randn(20, 2, 32).bfloat16()
-    expected = attention(x.float(), x.float(), x.float(), need_weights=False)[0]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = full_precision_attention(attention, x, x, x, need_weights=False)[0]
-        autocast_out = attention(x, x, x, need_weights=False)[0]
-    assert out.dtype == torch.float32 and autocast_out.dtype == torch.bfloat16
-    assert torch.allclose(out, expected, atol=1e-6)
-    assert not torch.allclose(autocast_out.float(), expected, atol=1e-3)
 
 
 @pytest.mark.parametrize(

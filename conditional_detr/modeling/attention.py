@@ -5,18 +5,60 @@ from torch import nn
 from .. import ops
 
 
-def full_precision_attention(attention, *tensors, **kwargs):
+def scaled_dot_product_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, training=False):
     """
-    `attention(*tensors, **kwargs)` (an nn.MultiheadAttention or scaled_dot_product_attention),
-    in float32 while CPU autocast is on: the CPU's bfloat16 fused-attention kernels are slower
+    softmax(q k^T / sqrt(head_dim), keys masked where key_padding_mask is True) v, over
+    [batch, heads, length, head_dim]. Training with dropout computes the weights explicitly
+    (as torch's CPU kernels do then too) and drops them through `ops.dropout`, which hashes
+    its mask instead of drawing and keeping a Bernoulli one.
+
+    Under CPU autocast it runs in float32: the CPU's bfloat16 fused-attention kernels are slower
     than its float32 ones at DETR's lengths (forward and backward, 8 heads of 32 channels,
     2-core AVX-512 BF16 CPU: 20 queries 3.7 ms against 0.5, 352 tokens 12.7 ms against 9.9).
-    Anywhere else it runs as it is.
     """
-    if not (tensors[0].device.type == "cpu" and torch.is_autocast_enabled("cpu")):
-        return attention(*tensors, **kwargs)
-    with torch.autocast("cpu", enabled=False):
-        return attention(*(t.float() for t in tensors), **kwargs)
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), key_padding_mask, dropout_p, training
+            )
+    if training and dropout_p > 0.0:
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+        if key_padding_mask is not None:
+            logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        return ops.dropout(logits.softmax(-1), dropout_p) @ v
+    mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def split_heads(x, num_heads):
+    """[length, batch, channels] -> [batch, heads, length, channels / heads]"""
+    length, batch, channels = x.shape
+    return x.reshape(length, batch, num_heads, channels // num_heads).permute(1, 2, 0, 3)
+
+
+def merge_heads(x):
+    """[batch, heads, length, head_dim] -> [length, batch, heads * head_dim]"""
+    batch, num_heads, length, head_dim = x.shape
+    return x.permute(2, 0, 1, 3).reshape(length, batch, num_heads * head_dim)
+
+
+def multihead_attention(attention, query, key, value, key_padding_mask=None):
+    """
+    The output of nn.MultiheadAttention `attention` (need_weights=False) from its own
+    parameters, its attention computed by `scaled_dot_product_attention` above: the same
+    state dict as torch's module, with the faster dropout and CPU-autocast precision.
+    """
+    if attention.batch_first:
+        query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+    weights = attention.in_proj_weight.chunk(3)
+    biases = attention.in_proj_bias.chunk(3) if attention.in_proj_bias is not None else (None,) * 3
+    q, k, v = (
+        split_heads(F.linear(x, w, b), attention.num_heads)
+        for x, w, b in zip((query, key, value), weights, biases)
+    )
+    out = scaled_dot_product_attention(q, k, v, key_padding_mask, attention.dropout, attention.training)
+    out = attention.out_proj(merge_heads(out))
+    return out.transpose(0, 1) if attention.batch_first else out
 
 
 class ProjectedSelfAttention(nn.Module):
@@ -33,18 +75,10 @@ class ProjectedSelfAttention(nn.Module):
         nn.init.constant_(self.out_proj.bias, 0.0)
 
     def forward(self, q, k, v):
-        # [length, batch, d_model] -> [batch, heads, length, head_dim]
-        def heads(x):
-            length, batch, d_model = x.shape
-            return x.reshape(length, batch, self.nhead, d_model // self.nhead).permute(1, 2, 0, 3)
-
-        out = full_precision_attention(
-            F.scaled_dot_product_attention, heads(q), heads(k), heads(v),
-            dropout_p=self.dropout if self.training else 0.0,
+        out = scaled_dot_product_attention(
+            *(split_heads(x, self.nhead) for x in (q, k, v)), dropout_p=self.dropout, training=self.training
         )
-        num_queries, batch, d_model = q.shape
-        out = out.permute(2, 0, 1, 3).reshape(num_queries, batch, d_model)
-        return self.out_proj(out)
+        return self.out_proj(merge_heads(out))
 
 
 class ConditionalCrossAttention(nn.Module):

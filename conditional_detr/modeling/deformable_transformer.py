@@ -10,7 +10,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import full_precision_attention
+from .attention import multihead_attention
 from .box_ops import inverse_sigmoid
 from .deformable_attention import MultiScaleDeformableAttention
 from .transformer import Dropout, feed_forward
@@ -99,7 +99,7 @@ class DeformableDecoderLayer(nn.Module):
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
         q = k = tgt + query_pos
-        tgt2 = full_precision_attention(self.self_attn, q, k, tgt, need_weights=False)[0]
+        tgt2 = multihead_attention(self.self_attn, q, k, tgt)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask

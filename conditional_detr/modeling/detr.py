@@ -7,7 +7,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .detector import SingleLevelDetector
-from .attention import full_precision_attention
+from .attention import multihead_attention
 from .transformer import add_feed_forward_and_norms, feed_forward
 
 
@@ -26,12 +26,11 @@ class DETRDecoderLayer(nn.Module):
 
     def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
         q = k = tgt + query_pos
-        tgt2 = full_precision_attention(self.self_attn, q, k, tgt, need_weights=False)[0]
+        tgt2 = multihead_attention(self.self_attn, q, k, tgt)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
-        tgt2 = full_precision_attention(
-            self.multihead_attn, tgt + query_pos, memory + pos, memory,
-            key_padding_mask=memory_key_padding_mask, need_weights=False,
-        )[0]
+        tgt2 = multihead_attention(
+            self.multihead_attn, tgt + query_pos, memory + pos, memory, memory_key_padding_mask
+        )
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         return self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from .attention import full_precision_attention
+from .attention import multihead_attention
 
 
 class MLP(nn.Module):
@@ -65,9 +65,7 @@ class TransformerEncoderLayer(nn.Module):
 
     def forward(self, src, key_padding_mask, pos):
         q = k = src + pos
-        src2 = full_precision_attention(
-            self.self_attn, q, k, src, key_padding_mask=key_padding_mask, need_weights=False
-        )[0]
+        src2 = multihead_attention(self.self_attn, q, k, src, key_padding_mask)
         src = self.norm1(src + self.dropout1(src2))
         return self.norm2(src + self.dropout2(feed_forward(self, src)))
 
