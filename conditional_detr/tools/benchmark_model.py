@@ -1,6 +1,6 @@
 """
 Whole-model speed, side by side in one process: inference images per second (batch 1 and
-a larger batch) and training steps per second (forward, backward, optimizer step), with
+a larger batch) and training steps per second (forward, backward, each implementation's own optimizer step), with
 the peak GPU memory of each, for this project's model with the compiled attention and
 with the PyTorch path, and, given `--official PATH` (a checkout of the official
 Conditional DETR code, imported from there for the measurement only), the official model
@@ -29,6 +29,7 @@ from detectron2.structures import Boxes, Instances
 
 from ..engine import get_config
 from ..conversion import convert_state_dict
+from ..solver import build_optimizer
 from .benchmarking import interleaved_medians, machine_header, peak_memory_bytes
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -177,9 +178,10 @@ def our_inference(model, images, device, dtype):
     return run
 
 
-def our_training_step(model, images, instances, device, dtype):
+def our_training_step(model, cfg, images, instances, device, dtype):
+    """One step as the trainer takes it: the project's optimizer (fused AdamW, full-model clipping)."""
     inputs = [{"image": image, "instances": item} for image, item in zip(images, instances)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = build_optimizer(cfg, model)
 
     def run():
         with autocast(device, dtype):
@@ -191,22 +193,25 @@ def our_training_step(model, images, instances, device, dtype):
     return run
 
 
-def official_inference(official, images, device, dtype):
-    def run():
-        with torch.no_grad(), autocast(device, dtype):
-            return official.infer(images)
-
-    return run
-
-
 def official_training_step(official, images, targets, device, dtype):
-    optimizer = torch.optim.AdamW([p for p in official.model.parameters() if p.requires_grad], lr=1e-5)
+    """One step as the official main.py and engine.py take it: AdamW, clipping to 0.1."""
+    args, model = official.args, official.model
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in trainable if "backbone" not in n]},
+            {"params": [p for n, p in trainable if "backbone" in n], "lr": args.lr_backbone},
+        ],
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+    )
 
     def run():
         with autocast(device, dtype):
             total = official.losses(images, targets)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
         optimizer.step()
 
     return run
@@ -266,7 +271,7 @@ def benchmark(args):
         for name, model in systems.items():
             # a copy each, so that every implementation steps from the same weights
             train_model = copy.deepcopy(model).train()
-            fns[name] = our_training_step(train_model, train_images, instances, device, dtype)
+            fns[name] = our_training_step(train_model, cfg, train_images, instances, device, dtype)
         if official is not None:
             official.model.train()
             fns["official"] = official_training_step(official, train_images, official_targets, device, dtype)
