@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conditional_detr import ops
 from conditional_detr.modeling.transformer import Dropout
-from conditional_detr.ops import reference
+from conditional_detr.ops import reference, self_check
 from test_ops import DEVICES, dropout_keep_mask, requires_ops
 
 RNG_STATE = torch.tensor([987654321], dtype=torch.int64)
@@ -93,3 +93,9 @@ def test_dropout_module_trains_and_evaluates_like_nn_dropout():
     out.sum().backward()
     torch.testing.assert_close(x.grad, out.detach())  # scaled by 1 / (1 - p) where kept
     assert module.eval()(x) is x
+
+
+@requires_ops
+def test_first_use_check_catches_a_kernel_drawing_another_mask(monkeypatch):
+    monkeypatch.setattr(torch.ops.conditional_detr, "dropout", lambda x, p, rng_state: F.dropout(x, p, True))
+    assert "output" in self_check.disagreement("dropout", torch.device("cpu"), torch.float32)
