@@ -359,9 +359,14 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
             feature_dtypes.append(next(iter(out.values())).dtype)
 
     trainer.model.backbone.register_forward_hook(record_training_dtype)
+    head_dtypes = []
+    for head in (trainer.model.class_embed, trainer.model.bbox_embed):
+        head.register_forward_hook(lambda module, args, out: head_dtypes.append(out.dtype))
     weights = trainer.model.class_embed.weight.detach().clone()
     trainer.train()
     assert feature_dtypes and set(feature_dtypes) == {torch.bfloat16}
+    # the class and box heads, and so the matching and losses, in float32
+    assert head_dtypes and set(head_dtypes) == {torch.float32}
     # the weights stay float32 and are trained
     assert trainer.model.class_embed.weight.dtype == torch.float32
     assert not torch.equal(trainer.model.class_embed.weight, weights)

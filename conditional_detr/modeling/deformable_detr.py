@@ -15,7 +15,7 @@ from torch import nn
 from .backbone import build_resnet_like_torchvision, feature_padding_mask
 from .box_ops import inverse_sigmoid
 from .deformable_transformer import DeformableTransformer
-from .detector import SetPredictionDetector
+from .detector import SetPredictionDetector, as_float32, heads_in_float32
 from .position_encoding import PositionEmbeddingSine
 from .transformer import MLP
 
@@ -146,15 +146,17 @@ class DeformableDETR(SetPredictionDetector):
         hs = out["hs"]  # [num_layers, batch, num_queries, hidden_dim]
         references = [out["init_reference"]] + list(out["inter_references"][:-1])
         outputs_class, outputs_coord = [], []
-        for layer, reference in enumerate(references):
-            reference = inverse_sigmoid(reference)
-            delta = self.bbox_embed[layer](hs[layer])
-            if reference.shape[-1] == 4:
-                boxes = delta + reference
-            else:
-                boxes = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
-            outputs_class.append(self.class_embed[layer](hs[layer]))
-            outputs_coord.append(boxes.sigmoid())
+        with heads_in_float32(hs):
+            hs, references = as_float32((hs, references))
+            for layer, reference in enumerate(references):
+                reference = inverse_sigmoid(reference)
+                delta = self.bbox_embed[layer](hs[layer])
+                if reference.shape[-1] == 4:
+                    boxes = delta + reference
+                else:
+                    boxes = torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1)
+                outputs_class.append(self.class_embed[layer](hs[layer]))
+                outputs_coord.append(boxes.sigmoid())
         outputs = {
             "pred_logits": outputs_class[-1],
             "pred_boxes": outputs_coord[-1],

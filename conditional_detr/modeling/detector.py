@@ -34,6 +34,26 @@ def config_choice(cfg, key, choices, namespace="MODEL.CONDITIONAL_DETR"):
     return value
 
 
+def as_float32(outputs):
+    """`outputs` with every floating tensor in float32, through nested dicts, lists and tuples."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float() if outputs.is_floating_point() else outputs
+    if isinstance(outputs, dict):
+        return {k: as_float32(v) for k, v in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return type(outputs)(as_float32(v) for v in outputs)
+    return outputs
+
+
+def heads_in_float32(hs):
+    """
+    Autocast off for the class and box heads: they are a sliver of the compute, and boxes
+    as bfloat16 sums of offsets and inverse-sigmoid references are off by a pixel or more.
+    Call them on `as_float32` inputs.
+    """
+    return torch.autocast(hs.device.type, enabled=False)
+
+
 class SetPredictionDetector(nn.Module):
     """
     What every detector of the package shares: the shared MODEL.CONDITIONAL_DETR keys,
@@ -125,7 +145,10 @@ class SetPredictionDetector(nn.Module):
             if not self.deep_supervision:
                 outputs.pop("aux_outputs")
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
-            losses = self.criterion(outputs, targets)
+            # matching and losses in float32 under autocast too: GIoU and the L1 distances of
+            # boxes in [0, 1] lose what bfloat16's 8 bits cannot hold
+            with torch.autocast(self.device.type, enabled=False):
+                losses = self.criterion(as_float32(outputs), targets)
             return {k: v * self.criterion.weight_dict[k] for k, v in losses.items()}
 
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
@@ -210,8 +233,10 @@ class SingleLevelDetector(SetPredictionDetector):
         pos = self.position_embedding(mask).to(features.dtype)
         hs, reference = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
 
-        outputs_class = self.class_embed(hs)  # [num_layers, batch, num_queries, num_class_logits]
-        outputs_coord = self.predict_boxes(hs, reference)
+        with heads_in_float32(hs):
+            hs, reference = as_float32((hs, reference))
+            outputs_class = self.class_embed(hs)  # [num_layers, batch, num_queries, num_class_logits]
+            outputs_coord = self.predict_boxes(hs, reference)
         return {
             "pred_logits": outputs_class[-1],
             "pred_boxes": outputs_coord[-1],
