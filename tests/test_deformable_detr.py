@@ -139,6 +139,13 @@ def test_bfloat16_inference_is_close_to_float32(variant):
         with torch.no_grad():
             detections[amp] = model(inputs)
         assert dtypes == [torch.bfloat16 if amp else torch.float32]
+    # without TEST.AMP, a caller's own autocast stays in force
+    dtypes.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model = build_model(tiny_cfg(variant)).eval()
+        model.backbone.register_forward_hook(lambda m, a, out: dtypes.append(next(iter(out.values())).dtype))
+        model(inputs)
+    assert dtypes == [torch.bfloat16]
     for fp32, bf16 in zip(detections[False], detections[True]):
         assert bf16["instances"].scores.dtype == torch.float32
         # bf16 keeps 8 bits of mantissa: the best scores agree to a few hundredths

@@ -4,6 +4,7 @@ detectron2's inputs and outputs) and, for DETR and Conditional DETR, the single-
 (one feature map, DETR's encoder, one pair of heads). Each detector's own decoder and
 meta-architecture are in a file of its own: detr.py, conditional_detr.py, deformable_detr.py.
 """
+import contextlib
 import math
 
 import torch
@@ -137,7 +138,12 @@ class SetPredictionDetector(nn.Module):
         if self.training:
             outputs = self.forward_outputs(images)
         else:
-            with torch.autocast(self.device.type, dtype=self.inference_dtype, enabled=self.inference_dtype is not None):
+            # without TEST.AMP the caller's autocast, if any, stays in force
+            precision = (
+                contextlib.nullcontext() if self.inference_dtype is None
+                else torch.autocast(self.device.type, dtype=self.inference_dtype)
+            )
+            with precision:
                 outputs = self.forward_outputs(images)
             outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
 
