@@ -1,8 +1,10 @@
 """tools/benchmark_model on a tiny case: every implementation timed, JSON written."""
+import argparse
 import json
 import os
 
 import pytest
+from detectron2.modeling import build_model
 
 from conditional_detr.tools import benchmark_model
 
@@ -38,3 +40,37 @@ def test_bad_arguments_are_named(tmp_path):
         benchmark_model.parse_args(["--train-batch", "0"])
     with pytest.raises(SystemExit):
         benchmark_model.parse_args(["--official", str(tmp_path)])
+
+
+class StandInOfficial:
+    """The official model's interface over the project's own model, for the --official path."""
+
+    def __init__(self, path, cfg, device):
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.DEVICE = device
+        self.model = build_model(cfg)
+        self.args = argparse.Namespace(lr=1e-4, lr_backbone=1e-5, weight_decay=1e-4, clip_max_norm=0.1)
+
+    def infer(self, images):
+        return [{"scores": out["instances"].scores} for out in self.model([{"image": i} for i in images])]
+
+    def losses(self, images, targets):
+        return self.model.class_embed.weight.square().sum() + self.model.backbone.stem.conv1.weight.sum()
+
+
+def test_official_path_times_it_and_compares_detections(tmp_path, monkeypatch):
+    checkout = tmp_path / "official"
+    (checkout / "models").mkdir(parents=True)
+    (checkout / "models" / "conditional_detr.py").write_text("")
+    monkeypatch.setattr(benchmark_model, "OfficialModel", StandInOfficial)
+    monkeypatch.setattr(benchmark_model, "our_state_dict_from_official", lambda model: model.state_dict())
+    results = benchmark_model.main([
+        "--config-file", INSTANT_CONFIG, "--device", "cpu", "--quick", "--repeats", "1",
+        "--inference-size", "64", "96", "--train-size", "64", "80", "--official", str(checkout),
+    ])
+    assert results[0]["task"] == "official_detections"
+    assert all(v < 1e-5 for v in results[0]["max_score_difference"].values())
+    for row in results[1:]:
+        assert set(row["speedup_vs_official"]) == {"compiled", "pytorch"}, row["ms"]
+        assert all(v > 0 for v in row["speedup_vs_official"].values())

@@ -193,6 +193,14 @@ def our_training_step(model, cfg, images, instances, device, dtype):
     return run
 
 
+def official_inference(official, images, device, dtype):
+    def run():
+        with torch.no_grad(), autocast(device, dtype):
+            return official.infer(images)
+
+    return run
+
+
 def official_training_step(official, images, targets, device, dtype):
     """One step as the official main.py and engine.py take it: AdamW, clipping to 0.1."""
     args, model = official.args, official.model
