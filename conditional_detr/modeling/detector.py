@@ -137,17 +137,6 @@ class SetPredictionDetector(nn.Module):
         images = self.preprocess_image(batched_inputs)
         if self.training:
             outputs = self.forward_outputs(images)
-        else:
-            # without TEST.AMP the caller's autocast, if any, stays in force
-            precision = (
-                contextlib.nullcontext() if self.inference_dtype is None
-                else torch.autocast(self.device.type, dtype=self.inference_dtype)
-            )
-            with precision:
-                outputs = self.forward_outputs(images)
-            outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
-
-        if self.training:
             if not self.deep_supervision:
                 outputs.pop("aux_outputs")
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
@@ -157,6 +146,14 @@ class SetPredictionDetector(nn.Module):
                 losses = self.criterion(as_float32(outputs), targets)
             return {k: v * self.criterion.weight_dict[k] for k, v in losses.items()}
 
+        # without TEST.AMP the caller's autocast, if any, stays in force; the heads, and so
+        # the post-processing, are float32 either way
+        precision = (
+            contextlib.nullcontext() if self.inference_dtype is None
+            else torch.autocast(self.device.type, dtype=self.inference_dtype)
+        )
+        with precision:
+            outputs = self.forward_outputs(images)
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
         processed = []
         for result, input_per_image, image_size in zip(results, batched_inputs, images.image_sizes):

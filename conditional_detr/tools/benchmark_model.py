@@ -1,7 +1,7 @@
 """
 Whole-model speed, side by side in one process: inference images per second (batch 1 and
-a larger batch) and training steps per second (forward, backward, each implementation's own optimizer step), with
-the peak GPU memory of each, for this project's model with the compiled attention and
+a larger batch) and training steps per second (forward, backward, and each
+implementation's own optimizer step), with the peak GPU memory of each, for this project's model with the compiled attention and
 with the PyTorch path, and, given `--official PATH` (a checkout of the official
 Conditional DETR code, imported from there for the measurement only), the official model
 on the same weights and images. Every repeat runs the implementations in turn and the
