@@ -19,7 +19,8 @@ from detectron2.engine import HookBase, default_argument_parser, launch
 from detectron2.solver import build_lr_scheduler
 
 from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
-from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers
+from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers, train_loader_prefetch
+from conditional_detr.modeling.transformer import GroupNorm, LayerNorm
 from conditional_detr.solver import build_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,6 +192,17 @@ def test_step_schedule_without_warmup():
 # ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "workers, grouping, expected",
+    [(1, True, {"prefetch_factor": 16}), (3, True, {"prefetch_factor": 6}), (16, True, {"prefetch_factor": 2}),
+     (1, False, {}), (0, True, {})],
+)
+def test_train_loader_keeps_two_batches_in_flight(tmp_path, workers, grouping, expected):
+    cfg = get_config(INSTANT_CONFIG, ["SOLVER.IMS_PER_BATCH", 8, "DATALOADER.NUM_WORKERS", workers,
+                                      "DATALOADER.ASPECT_RATIO_GROUPING", grouping])
+    assert train_loader_prefetch(cfg) == expected
+
+
 def test_train_then_evaluate(shapes_root, tmp_path):
     out = tmp_path / "run"
     train_net.main(cli_args(*instant_opts(out, "SOLVER.MAX_ITER", 4, "SOLVER.STEPS", "(3,)")))
@@ -359,12 +371,17 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
             feature_dtypes.append(next(iter(out.values())).dtype)
 
     trainer.model.backbone.register_forward_hook(record_training_dtype)
+    residual_dtypes = []
+    for layer in trainer.model.transformer.encoder.layers:
+        layer.register_forward_hook(lambda module, args, out: residual_dtypes.append(out.dtype))
     head_dtypes = []
     for head in (trainer.model.class_embed, trainer.model.bbox_embed):
         head.register_forward_hook(lambda module, args, out: head_dtypes.append(out.dtype))
     weights = trainer.model.class_embed.weight.detach().clone()
     trainer.train()
     assert feature_dtypes and set(feature_dtypes) == {torch.bfloat16}
+    # the encoder's residual stream in float32, although its input projection is bfloat16
+    assert residual_dtypes and set(residual_dtypes) == {torch.float32}
     # the class and box heads, and so the matching and losses, in float32
     assert head_dtypes and set(head_dtypes) == {torch.float32}
     # the weights stay float32 and are trained
@@ -372,6 +389,22 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
     assert not torch.equal(trainer.model.class_embed.weight, weights)
     losses = [r for r in read_metrics(tmp_path) if "total_loss" in r]
     assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
+
+
+@pytest.mark.parametrize("norm", [LayerNorm(16), GroupNorm(4, 16)])
+def test_norms_run_in_float32_under_autocast(norm):
+    torch.manual_seed(0)
+    for parameter in norm.parameters():
+        torch.nn.init.normal_(parameter)
+    x = (torch.randn(2, 16, 3, 5) * 10 + 3).bfloat16()
+    x = x.transpose(1, 3) if isinstance(norm, LayerNorm) else x
+    expected = norm(x.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # outside autocast a bfloat16 model stays bfloat16
+    assert norm.bfloat16()(x).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from .. import ops
 from .attention import ConditionalCrossAttention, ProjectedSelfAttention
 from .box_ops import inverse_sigmoid
 from .detector import SingleLevelDetector, config_choice
-from .transformer import MLP, add_feed_forward_and_norms, feed_forward
+from .transformer import MLP, LayerNorm, add_feed_forward_and_norms, feed_forward
 
 
 class ConditionalDecoderLayer(nn.Module):
@@ -146,7 +146,7 @@ class ConditionalDecoder(nn.Module):
             ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, i == 0, attention_impl)
             for i in range(num_layers)
         )
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = LayerNorm(d_model)
         self.nhead = nhead
         self.reference_points = reference_points
         self.spatial_query_form = spatial_query

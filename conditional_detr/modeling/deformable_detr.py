@@ -17,7 +17,7 @@ from .box_ops import inverse_sigmoid
 from .deformable_transformer import DeformableTransformer
 from .detector import SetPredictionDetector, as_float32, heads_in_float32
 from .position_encoding import PositionEmbeddingSine
-from .transformer import MLP
+from .transformer import MLP, GroupNorm
 
 # the parameters (by name) trained at MODEL.DEFORMABLE_DETR.LINEAR_PROJ_LR_MULTIPLIER
 LINEAR_PROJECTION_NAMES = ("sampling_offsets", "reference_points")
@@ -28,7 +28,7 @@ def input_projection(in_channels, hidden_dim, kernel_size=1, stride=1):
     conv = nn.Conv2d(in_channels, hidden_dim, kernel_size, stride=stride, padding=kernel_size // 2)
     nn.init.xavier_uniform_(conv.weight, gain=1)
     nn.init.constant_(conv.bias, 0)
-    return nn.Sequential(conv, nn.GroupNorm(GROUP_NORM_GROUPS, hidden_dim))
+    return nn.Sequential(conv, GroupNorm(GROUP_NORM_GROUPS, hidden_dim))
 
 
 @META_ARCH_REGISTRY.register()

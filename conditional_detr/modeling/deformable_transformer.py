@@ -13,7 +13,7 @@ from torch import nn
 from .attention import multihead_attention
 from .box_ops import inverse_sigmoid
 from .deformable_attention import MultiScaleDeformableAttention
-from .transformer import Dropout, feed_forward
+from .transformer import Dropout, LayerNorm, feed_forward
 
 
 def level_sizes(spatial_shapes):
@@ -36,12 +36,12 @@ class DeformableEncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiScaleDeformableAttention(d_model, num_levels, nhead, num_points, attention_impl)
         self.dropout1 = Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
+        self.norm1 = LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = Dropout(dropout)  # inside the feed-forward block
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout2 = Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.norm2 = LayerNorm(d_model)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
@@ -87,15 +87,15 @@ class DeformableDecoderLayer(nn.Module):
         super().__init__()
         self.cross_attn = MultiScaleDeformableAttention(d_model, num_levels, nhead, num_points, attention_impl)
         self.dropout1 = Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
+        self.norm1 = LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.dropout2 = Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
+        self.norm2 = LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = Dropout(dropout)  # inside the feed-forward block
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout3 = Dropout(dropout)
-        self.norm3 = nn.LayerNorm(d_model)
+        self.norm3 = LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
         q = k = tgt + query_pos
@@ -188,9 +188,9 @@ class DeformableTransformer(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(num_levels, d_model))
         if two_stage:
             self.enc_output = nn.Linear(d_model, d_model)
-            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.enc_output_norm = LayerNorm(d_model)
             self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
-            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+            self.pos_trans_norm = LayerNorm(d_model * 2)
         else:
             self.reference_points = nn.Linear(d_model, 2)
         self.reset_parameters()

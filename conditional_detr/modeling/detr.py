@@ -8,7 +8,7 @@ from torch import nn
 
 from .detector import SingleLevelDetector
 from .attention import multihead_attention
-from .transformer import add_feed_forward_and_norms, feed_forward
+from .transformer import LayerNorm, add_feed_forward_and_norms, feed_forward
 
 
 class DETRDecoderLayer(nn.Module):
@@ -41,7 +41,7 @@ class DETRDecoder(nn.Module):
         self.layers = nn.ModuleList(
             DETRDecoderLayer(d_model, nhead, dim_feedforward, dropout) for _ in range(num_layers)
         )
-        self.norm = nn.LayerNorm(d_model)
+        self.norm = LayerNorm(d_model)
 
     def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
         """

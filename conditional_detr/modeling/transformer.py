@@ -27,6 +27,28 @@ class MLP(nn.Module):
         return x
 
 
+class _Float32UnderAutocast:
+    """
+    A normalization computed in float32 under autocast, as CUDA's autocast already does:
+    the CPU's keeps a bfloat16 input in bfloat16, and with it the residual stream that
+    the normalization's output starts (the whole encoder's, after a bfloat16 projection).
+    """
+
+    def forward(self, x):
+        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+class LayerNorm(_Float32UnderAutocast, nn.LayerNorm):
+    pass
+
+
+class GroupNorm(_Float32UnderAutocast, nn.GroupNorm):
+    pass
+
+
 class Dropout(nn.Dropout):
     """
     nn.Dropout through `ops.dropout`: where the op is compiled, its mask is a hash of a seed
@@ -47,7 +69,7 @@ def add_feed_forward_and_norms(layer, d_model, dim_feedforward, dropout, num_res
     layer.dropout = Dropout(dropout)
     layer.linear2 = nn.Linear(dim_feedforward, d_model)
     for i in range(1, num_residuals + 1):
-        setattr(layer, f"norm{i}", nn.LayerNorm(d_model))
+        setattr(layer, f"norm{i}", LayerNorm(d_model))
         setattr(layer, f"dropout{i}", Dropout(dropout))
 
 
