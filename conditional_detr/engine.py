@@ -29,6 +29,7 @@ from .checkpoint import ConditionalDETRCheckpointer
 from .config import add_conditional_detr_config
 from .data.dataset_mapper import DetrDatasetMapper
 from .data.datasets import check_num_classes, register_coco_datasets
+from .data.worker_transport import SmallTensorsByValue
 from .ema import EMAHook, build_ema
 from .solver import build_optimizer
 
@@ -78,6 +79,12 @@ def limit_cpu_threads(cfg):
     """Share the cores among the processes of a multi-process CPU run instead of oversubscribing them."""
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+
+
+def loader_mapper(cfg, is_train):
+    """DETR's mapper; from worker processes, with small tensors sent by value (much faster)."""
+    mapper = DetrDatasetMapper(cfg, is_train=is_train)
+    return SmallTensorsByValue(mapper) if cfg.DATALOADER.NUM_WORKERS > 0 else mapper
 
 
 def train_loader_prefetch(cfg):
@@ -246,16 +253,14 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         loader = build_detection_train_loader(
-            cfg, mapper=DetrDatasetMapper(cfg, is_train=True), **train_loader_prefetch(cfg)
+            cfg, mapper=loader_mapper(cfg, is_train=True), **train_loader_prefetch(cfg)
         )
         check_num_classes(cfg, cfg.DATASETS.TRAIN)  # the datasets are loaded now: no extra read
         return loader
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        loader = build_detection_test_loader(
-            cfg, dataset_name, mapper=DetrDatasetMapper(cfg, is_train=False)
-        )
+        loader = build_detection_test_loader(cfg, dataset_name, mapper=loader_mapper(cfg, is_train=False))
         check_num_classes(cfg, [dataset_name])
         return loader
 
