@@ -20,7 +20,7 @@ from detectron2.solver import build_lr_scheduler
 
 from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
 from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers, train_loader_prefetch
-from conditional_detr.modeling.transformer import GroupNorm, LayerNorm
+from conditional_detr.modeling.norms import BatchNorm2d, GroupNorm, LayerNorm
 from conditional_detr.solver import build_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -371,6 +371,15 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
             feature_dtypes.append(next(iter(out.values())).dtype)
 
     trainer.model.backbone.register_forward_hook(record_training_dtype)
+    norm_dtypes = []
+
+    def record_norm_dtypes(module, args, out):
+        if module.training:
+            norm_dtypes.append((args[0].dtype, out.dtype))
+
+    for norm in trainer.model.backbone.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.register_forward_hook(record_norm_dtypes)
     residual_dtypes = []
     for layer in trainer.model.transformer.encoder.layers:
         layer.register_forward_hook(lambda module, args, out: residual_dtypes.append(out.dtype))
@@ -379,7 +388,9 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
         head.register_forward_hook(lambda module, args, out: head_dtypes.append(out.dtype))
     weights = trainer.model.class_embed.weight.detach().clone()
     trainer.train()
-    assert feature_dtypes and set(feature_dtypes) == {torch.bfloat16}
+    # the convolutions in bfloat16, their trainable BatchNorms, and so the features, in float32
+    assert norm_dtypes and set(norm_dtypes) == {(torch.bfloat16, torch.float32)}
+    assert feature_dtypes and set(feature_dtypes) == {torch.float32}
     # the encoder's residual stream in float32, although its input projection is bfloat16
     assert residual_dtypes and set(residual_dtypes) == {torch.float32}
     # the class and box heads, and so the matching and losses, in float32
@@ -391,7 +402,7 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
     assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
 
 
-@pytest.mark.parametrize("norm", [LayerNorm(16), GroupNorm(4, 16)])
+@pytest.mark.parametrize("norm", [LayerNorm(16), GroupNorm(4, 16), BatchNorm2d(16)])
 def test_norms_run_in_float32_under_autocast(norm):
     torch.manual_seed(0)
     for parameter in norm.parameters():

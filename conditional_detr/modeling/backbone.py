@@ -8,6 +8,8 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.resnet import BottleneckBlock
 
+from .norms import trainable_batchnorm_in_float32
+
 
 def build_resnet_like_torchvision(cfg, input_shape=None, num_features=1):
     """
@@ -28,6 +30,7 @@ def build_resnet_like_torchvision(cfg, input_shape=None, num_features=1):
         )
     if cfg.MODEL.CONDITIONAL_DETR.FOLD_FROZEN_BATCHNORM:
         fold_frozen_batchnorm(backbone)
+    trainable_batchnorm_in_float32(backbone)
     if cfg.MODEL.RESNETS.RES5_DILATION > 1:
         first_block = backbone.res5[0]
         if isinstance(first_block, BottleneckBlock):

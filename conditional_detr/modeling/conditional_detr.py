@@ -11,7 +11,8 @@ from .. import ops
 from .attention import ConditionalCrossAttention, ProjectedSelfAttention
 from .box_ops import inverse_sigmoid
 from .detector import SingleLevelDetector, config_choice
-from .transformer import MLP, LayerNorm, add_feed_forward_and_norms, feed_forward
+from .norms import LayerNorm
+from .transformer import MLP, add_feed_forward_and_norms, feed_forward
 
 
 class ConditionalDecoderLayer(nn.Module):

@@ -17,7 +17,8 @@ from .box_ops import inverse_sigmoid
 from .deformable_transformer import DeformableTransformer
 from .detector import SetPredictionDetector, as_float32, heads_in_float32
 from .position_encoding import PositionEmbeddingSine
-from .transformer import MLP, GroupNorm
+from .norms import GroupNorm
+from .transformer import MLP
 
 # the parameters (by name) trained at MODEL.DEFORMABLE_DETR.LINEAR_PROJ_LR_MULTIPLIER
 LINEAR_PROJECTION_NAMES = ("sampling_offsets", "reference_points")

@@ -13,7 +13,8 @@ from torch import nn
 from .attention import multihead_attention
 from .box_ops import inverse_sigmoid
 from .deformable_attention import MultiScaleDeformableAttention
-from .transformer import Dropout, LayerNorm, feed_forward
+from .norms import LayerNorm
+from .transformer import Dropout, feed_forward
 
 
 def level_sizes(spatial_shapes):

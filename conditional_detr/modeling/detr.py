@@ -8,7 +8,8 @@ from torch import nn
 
 from .detector import SingleLevelDetector
 from .attention import multihead_attention
-from .transformer import LayerNorm, add_feed_forward_and_norms, feed_forward
+from .norms import LayerNorm
+from .transformer import add_feed_forward_and_norms, feed_forward
 
 
 class DETRDecoderLayer(nn.Module):

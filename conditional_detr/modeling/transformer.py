@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import ops
 from .attention import multihead_attention
+from .norms import LayerNorm
 
 
 class MLP(nn.Module):
@@ -25,28 +26,6 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
-
-
-class _Float32UnderAutocast:
-    """
-    A normalization computed in float32 under autocast, as CUDA's autocast already does:
-    the CPU's keeps a bfloat16 input in bfloat16, and with it the residual stream that
-    the normalization's output starts (the whole encoder's, after a bfloat16 projection).
-    """
-
-    def forward(self, x):
-        if x.dtype == torch.float32 or not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
-
-
-class LayerNorm(_Float32UnderAutocast, nn.LayerNorm):
-    pass
-
-
-class GroupNorm(_Float32UnderAutocast, nn.GroupNorm):
-    pass
 
 
 class Dropout(nn.Dropout):
