@@ -20,6 +20,21 @@ def test_interleaved_medians_reports_errors_per_callable():
     assert str(results["refuses"]) == "no kernel for this dtype"
 
 
+def test_peak_memory_on_cpu_follows_allocations_and_frees():
+    def two_live_at_most():
+        a = torch.empty(1_000_000)  # 4 MB
+        b = torch.empty(1_000_000)
+        del a
+        c = torch.empty(1_000_000)
+        return b, c
+
+    peak = benchmarking.peak_memory_bytes(two_live_at_most, "cpu")
+    assert 8_000_000 <= peak < 8_100_000
+    made_before = [torch.empty(1_000_000)]
+    # freeing what was made before counts below the start, which is the least peak
+    assert benchmarking.peak_memory_bytes(made_before.clear, "cpu") == 0
+
+
 @pytest.mark.skipif(not ops.has_ops_for("cpu"), reason="compiled CPU ops unavailable")
 def test_quick_benchmark_writes_times_and_ratios(tmp_path):
     path = tmp_path / "bench.json"

@@ -29,6 +29,7 @@ def test_tiny_case_times_both_implementations_and_writes_json(tmp_path):
     for row in results:
         assert set(row["per_second"]) == {"compiled", "pytorch"}, row["ms"]
         assert all(v > 0 for v in row["per_second"].values())
+        assert all(row["peak_memory_bytes"][name] > 0 for name in row["per_second"])
         assert "speedup_vs_official" not in row
     written = json.loads(path.read_text())
     assert written["device_type"] == "cpu" and written["official"] is False

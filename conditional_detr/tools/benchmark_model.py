@@ -1,8 +1,8 @@
 """
 Whole-model speed, side by side in one process: inference images per second (batch 1 and
 a larger batch) and training steps per second (forward, backward, and each
-implementation's own optimizer step), with the peak GPU memory of each, for this project's model with the compiled attention and
-with the PyTorch path, and, given `--official PATH` (a checkout of the official
+implementation's own optimizer step), with the peak tensor memory of each (GPU or CPU),
+for this project's model with the compiled attention and with the PyTorch path, and, given `--official PATH` (a checkout of the official
 Conditional DETR code, imported from there for the measurement only), the official model
 on the same weights and images. Every repeat runs the implementations in turn and the
 median is kept, so that a change of load weighs on all of them alike. Prints a table and
@@ -309,7 +309,10 @@ def measure(fns, args, task, dtype_name, batch, size):
         row["ms"][name] = ms
         # images per second for inference, steps per second for training
         row["per_second"][name] = (batch if task == "inference" else 1) * 1e3 / ms
-    row["peak_memory_bytes"] = {name: peak_memory_bytes(fn, args.device) for name, fn in fns.items()}
+    row["peak_memory_bytes"] = {
+        name: peak_memory_bytes(fns[name], args.device)
+        for name, ms in milliseconds.items() if not isinstance(ms, Exception)
+    }
     if "official" in row["per_second"]:
         row["speedup_vs_official"] = {
             name: row["per_second"][name] / row["per_second"]["official"]

@@ -1,7 +1,7 @@
 """
-Timing and memory helpers shared by the op benchmarks (benchmark_attention,
-benchmark_deformable_attention): interleaved medians, the bytes autograd keeps for backward,
-peak GPU memory, the machine description and the JSON report.
+Timing and memory helpers shared by the benchmarks (benchmark_attention,
+benchmark_deformable_attention, benchmark_model): interleaved medians, the bytes autograd keeps
+for backward, peak memory, the machine description and the JSON report.
 """
 import functools
 import json
@@ -76,19 +76,34 @@ def saved_activation_bytes(fn, inputs):
 
 
 def peak_memory_bytes(fn, device):
-    """GPU memory allocated at the peak of fn beyond what was allocated before; None on CPU."""
-    if device != "cuda":
+    """
+    Tensor memory allocated at the peak of fn beyond what was allocated before it: the CUDA
+    allocator's peak on a GPU; on a CPU, which keeps no such statistic, the highest running
+    sum of the allocations and frees that torch's profiler records while fn runs. None
+    where the profiler gives no memory events.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    results = getattr(prof.profiler, "kineto_results", None)
+    if results is None:
         return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+    changes = sorted((e.start_ns(), e.nbytes()) for e in results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in changes:  # a free of a tensor made before fn counts negative
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def peak_memory_mib(fn, device):
-    """`peak_memory_bytes` in MiB; None on CPU."""
+    """`peak_memory_bytes` in MiB."""
     peak = peak_memory_bytes(fn, device)
     return None if peak is None else peak / 2**20
 
