@@ -5,6 +5,7 @@ for backward, peak memory, the machine description and the JSON report.
 """
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -89,6 +90,9 @@ def peak_memory_bytes(fn, device):
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    # The profiler's library logs two lines at every start and stop (and, on a machine without
+    # a GPU, an error per process) unless told otherwise before its first use.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     results = getattr(prof.profiler, "kineto_results", None)
