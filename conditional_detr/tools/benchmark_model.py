@@ -2,11 +2,11 @@
 Whole-model speed, side by side in one process: inference images per second (batch 1 and
 a larger batch) and training steps per second (forward, backward, and each
 implementation's own optimizer step), with the peak tensor memory of each (GPU or CPU),
-for this project's model with the compiled attention and with the PyTorch path, and, given `--official PATH` (a checkout of the official
-Conditional DETR code, imported from there for the measurement only), the official model
-on the same weights and images. Every repeat runs the implementations in turn and the
-median is kept, so that a change of load weighs on all of them alike. Prints a table and
-writes JSON.
+for this project's model with the compiled attention and with the PyTorch path, and,
+given `--official PATH` (a checkout of the official Conditional DETR code, imported from
+there for the measurement only), the official model on the same weights and images.
+Every repeat runs the implementations in turn and the median is kept, so that a change of
+load weighs on all of them alike. Prints a table and writes JSON.
 
     python -m conditional_detr.tools.benchmark_model [--config-file F] [--device cpu|cuda]
         [--dtype fp32 bf16] [--official PATH] [--json PATH] [--quick] [KEY VALUE ...]

@@ -80,8 +80,8 @@ def peak_memory_bytes(fn, device):
     """
     Tensor memory allocated at the peak of fn beyond what was allocated before it: the CUDA
     allocator's peak on a GPU; on a CPU, which keeps no such statistic, the highest running
-    sum of the allocations and frees that torch's profiler records while fn runs. None
-    where the profiler gives no memory events.
+    sum of the allocations and frees that torch's profiler records while fn runs (None
+    from a torch whose profiler keeps no event list).
     """
     if device == "cuda":
         torch.cuda.synchronize()
