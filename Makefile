@@ -5,14 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-TORCH_VERSION ?= 2.13.0
-TORCHVISION_VERSION ?= 0.28.0
+TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
 DETECTRON2_REPUBLISH ?= sal-detectron2==0.7.2
-# --isolated keeps pip away from machine-local find-links holding CPU-only torch
-# wheels, which the PyPI torchvision cannot load; it also drops the configured
-# certificate bundle, so the system one is passed back where it exists.
-SYSTEM_CERTS := $(wildcard /etc/ssl/certs/ca-certificates.crt)
-TORCH_PIP_FLAGS ?= --isolated $(if $(SYSTEM_CERTS),--cert $(SYSTEM_CERTS))
+# The exact pins keep a machine-local CPU-only torch wheel (which the PyPI torchvision
+# cannot load) from being picked; the machine's own pip configuration stays in force,
+# so wheels it already holds on disk are used instead of downloaded. Without a pip
+# cache the multi-GB CUDA wheels are not stored a second time.
+TORCH_PIP_FLAGS ?= --no-cache-dir
 STAMPS := $(VENV)/.stamps
 
 .PHONY: setup demo test clean-build
