@@ -14,6 +14,11 @@ def add_conditional_detr_config(cfg):
     cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = 80
     # Number of object queries, i.e. detection slots per image.
     cfg.MODEL.CONDITIONAL_DETR.NUM_OBJECT_QUERIES = 300
+    # Groups of object queries in training (Group DETR, Chen et al., ICCV 2023): each of the
+    # QUERY_GROUPS - 1 extra groups of NUM_OBJECT_QUERIES queries is matched one-to-one on its
+    # own and attends only within itself, for more positive samples per image; inference
+    # uses the first group alone, so the deployed model is the same. 1: the paper's model.
+    cfg.MODEL.CONDITIONAL_DETR.QUERY_GROUPS = 1
     # Width of the transformer.
     cfg.MODEL.CONDITIONAL_DETR.HIDDEN_DIM = 256
     # Attention heads in every attention layer.

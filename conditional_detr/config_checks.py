@@ -13,6 +13,7 @@ _PREFIX = "MODEL.CONDITIONAL_DETR."
 _LOWER_BOUNDS = {
     "NUM_CLASSES": (1, True),
     "NUM_OBJECT_QUERIES": (1, True),
+    "QUERY_GROUPS": (1, True),
     "HIDDEN_DIM": (1, True),
     "NHEADS": (1, True),
     "ENC_LAYERS": (0, True),  # DETR's ablation without an encoder

@@ -61,6 +61,24 @@ def multihead_attention(attention, query, key, value, key_padding_mask=None):
     return out.transpose(0, 1) if attention.batch_first else out
 
 
+def within_groups(attend, num_groups, *sequences):
+    """
+    attend(*sequences) with the queries in `num_groups` consecutive blocks of equal length,
+    each attending only to its own block (Group DETR's training-time groups): the blocks of
+    [num_groups * length, batch, channels] are moved into the batch for the call.
+    """
+    if num_groups == 1:
+        return attend(*sequences)
+
+    def fold(x):
+        total, batch, channels = x.shape
+        return x.view(num_groups, total // num_groups, batch, channels).transpose(0, 1).flatten(1, 2)
+
+    out = attend(*(fold(x) for x in sequences))
+    length, folded_batch, channels = out.shape
+    return out.view(length, num_groups, folded_batch // num_groups, channels).transpose(0, 1).flatten(0, 1)
+
+
 class ProjectedSelfAttention(nn.Module):
     """
     Multi-head attention over already-projected queries, keys and values (the

@@ -8,7 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .. import ops
-from .attention import ConditionalCrossAttention, ProjectedSelfAttention
+from .attention import ConditionalCrossAttention, ProjectedSelfAttention, within_groups
 from .box_ops import inverse_sigmoid
 from .detector import SingleLevelDetector, config_choice
 from .norms import LayerNorm
@@ -44,7 +44,7 @@ class ConditionalDecoderLayer(nn.Module):
 
         add_feed_forward_and_norms(self, d_model, dim_feedforward, dropout, num_residuals=3)
 
-    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, spatial_query):
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, spatial_query, num_groups=1):
         """
         Args:
             tgt: [num_queries, batch, d_model] decoder embeddings.
@@ -52,17 +52,18 @@ class ConditionalDecoderLayer(nn.Module):
             memory_key_padding_mask: [batch, hw] bool.
             query_pos: [num_queries, batch, d_model] object queries.
             spatial_query: [num_queries, batch, d_model] λq ⊙ sinusoidal(reference points).
+            num_groups: query groups that attend only within themselves (see `within_groups`).
         """
-        content_query = self.self_attention(tgt, query_pos)
+        content_query = self.self_attention(tgt, query_pos, num_groups)
         return self.cross_attention_and_feed_forward(
             content_query, memory, memory_key_padding_mask, pos, query_pos, spatial_query
         )
 
-    def self_attention(self, tgt, query_pos):
+    def self_attention(self, tgt, query_pos, num_groups=1):
         """Returns the content query c_q of the cross-attention."""
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        tgt2 = self.self_attn(q, k, self.sa_v_proj(tgt))
+        tgt2 = within_groups(self.self_attn, num_groups, q, k, self.sa_v_proj(tgt))
         return self.norm1(tgt + self.dropout1(tgt2))
 
     def cross_attention_and_feed_forward(
@@ -159,8 +160,10 @@ class ConditionalDecoder(nn.Module):
         self.reference_point_embed = nn.Embedding(num_queries, 2) if reference_points == "learned" else None
         self.attention_impl = attention_impl
 
-    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, num_groups=1):
         """
+        The queries may come in `num_groups` groups that attend only within themselves.
+
         Returns:
             hs: [num_layers, batch, num_queries, d_model], every layer's output after the
                 shared final norm.
@@ -170,7 +173,7 @@ class ConditionalDecoder(nn.Module):
         output = tgt
         intermediate = []
         for layer in self.layers:
-            content_query = layer.self_attention(output, query_pos)
+            content_query = layer.self_attention(output, query_pos, num_groups)
             spatial_query = self.spatial_query(output, content_query, reference_points, layer.is_first)
             output = layer.cross_attention_and_feed_forward(
                 content_query, memory, memory_key_padding_mask, pos, query_pos, spatial_query

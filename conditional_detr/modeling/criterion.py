@@ -18,12 +18,13 @@ class SetCriterion(nn.Module):
     one "no object", weighted `eos_coef` for unmatched queries. With auxiliary
     outputs, every decoder layer is matched and supervised the same way; with encoder
     outputs (two-stage Deformable DETR), the encoder's proposals are matched and
-    supervised as one class-agnostic foreground class.
+    supervised as one class-agnostic foreground class. With `num_groups` groups of queries,
+    each group is matched on its own and the losses are averaged over the groups.
     """
 
     def __init__(
         self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0,
-        class_loss="focal", eos_coef=0.1,
+        class_loss="focal", eos_coef=0.1, num_groups=1,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -32,6 +33,7 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.class_loss = check_class_loss(class_loss)
+        self.num_groups = num_groups
         class_weight = torch.ones(num_classes + 1)
         class_weight[-1] = eos_coef
         # not persistent: official checkpoints hold no criterion state
@@ -64,8 +66,8 @@ class SetCriterion(nn.Module):
         )
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
 
-    def _losses_of_layer(self, outputs, targets, num_boxes, suffix=""):
-        indices = self.matcher(outputs, targets)
+    def _losses_of_layer(self, outputs, targets, num_boxes, suffix="", num_groups=1):
+        indices = self.matcher(outputs, targets, num_groups)
         losses = {}
         losses.update(self.loss_labels(outputs, targets, indices, num_boxes))
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
@@ -83,9 +85,11 @@ class SetCriterion(nn.Module):
             torch.distributed.all_reduce(num_boxes)
         num_boxes = torch.clamp(num_boxes / comm.get_world_size(), min=1).item()
 
-        losses = self._losses_of_layer(outputs, targets, num_boxes)
+        # every group holds a match of every target
+        grouped = num_boxes * self.num_groups
+        losses = self._losses_of_layer(outputs, targets, grouped, num_groups=self.num_groups)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
-            losses.update(self._losses_of_layer(aux_outputs, targets, num_boxes, f"_{i}"))
+            losses.update(self._losses_of_layer(aux_outputs, targets, grouped, f"_{i}", self.num_groups))
         if "enc_outputs" in outputs:
             foreground = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
             losses.update(self._losses_of_layer(outputs["enc_outputs"], foreground, num_boxes, "_enc"))

@@ -52,6 +52,11 @@ class DeformableDETR(SetPredictionDetector):
                 f"DeformableDETR is trained with the focal loss: MODEL.CONDITIONAL_DETR.CLASS_LOSS "
                 f"must be 'focal', got {self.class_loss!r}"
             )
+        if self.query_groups != 1:
+            raise ValueError(
+                "groups of queries are built for DETR and Conditional DETR: DeformableDETR needs "
+                f"MODEL.CONDITIONAL_DETR.QUERY_GROUPS 1, got {self.query_groups}"
+            )
         self.two_stage = deformable.TWO_STAGE
         self.with_box_refine = deformable.WITH_BOX_REFINE
         if self.two_stage and not self.with_box_refine:

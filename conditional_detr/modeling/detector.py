@@ -74,6 +74,7 @@ class SetPredictionDetector(nn.Module):
         args = cfg.MODEL.CONDITIONAL_DETR
         self.num_classes = args.NUM_CLASSES
         self.num_queries = args.NUM_OBJECT_QUERIES
+        self.query_groups = args.QUERY_GROUPS
         self.num_topk = args.NUM_TOPK
         self.deep_supervision = args.DEEP_SUPERVISION
         self.class_loss = config_choice(cfg, "CLASS_LOSS", CLASS_LOSSES)
@@ -88,7 +89,7 @@ class SetPredictionDetector(nn.Module):
                 weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
         self.criterion = SetCriterion(
             self.num_classes, matcher, weight_dict, args.FOCAL_ALPHA, args.FOCAL_GAMMA,
-            class_loss=self.class_loss, eos_coef=args.EOS_COEF,
+            class_loss=self.class_loss, eos_coef=args.EOS_COEF, num_groups=self.query_groups,
         )
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
@@ -219,6 +220,10 @@ class SingleLevelDetector(SetPredictionDetector):
         encoder = TransformerEncoder(hidden_dim, args.NHEADS, args.ENC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT)
         self.transformer = Transformer(encoder, build_decoder(args))
         self.query_embed = nn.Embedding(self.num_queries, hidden_dim)
+        # apart from the first group, so that checkpoints load with any number of groups
+        self.group_query_embed = (
+            nn.Embedding((self.query_groups - 1) * self.num_queries, hidden_dim) if self.query_groups > 1 else None
+        )
         self.class_embed = nn.Linear(hidden_dim, self.num_class_logits)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.init_class_head(self.class_embed)
@@ -228,13 +233,20 @@ class SingleLevelDetector(SetPredictionDetector):
         """Normalized cxcywh boxes of every layer from its embeddings `hs`."""
         raise NotImplementedError
 
+    def object_queries(self):
+        """The object queries and their number of groups: the extra groups train only."""
+        if self.training and self.group_query_embed is not None:
+            return torch.cat([self.query_embed.weight, self.group_query_embed.weight]), self.query_groups
+        return self.query_embed.weight, 1
+
     def forward_outputs(self, images: ImageList):
         features = self.backbone(images.tensor)[self.feature_name]
         mask = feature_padding_mask(
             images.image_sizes, images.tensor.shape[-2:], features.shape[-2:], features.device
         )
         pos = self.position_embedding(mask).to(features.dtype)
-        hs, reference = self.transformer(self.input_proj(features), mask, self.query_embed.weight, pos)
+        queries, num_groups = self.object_queries()
+        hs, reference = self.transformer(self.input_proj(features), mask, queries, pos, num_groups)
 
         with heads_in_float32(hs):
             hs, reference = as_float32((hs, reference))

@@ -7,7 +7,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .detector import SingleLevelDetector
-from .attention import multihead_attention
+from .attention import multihead_attention, within_groups
 from .norms import LayerNorm
 from .transformer import add_feed_forward_and_norms, feed_forward
 
@@ -25,9 +25,9 @@ class DETRDecoderLayer(nn.Module):
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         add_feed_forward_and_norms(self, d_model, dim_feedforward, dropout, num_residuals=3)
 
-    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, num_groups=1):
         q = k = tgt + query_pos
-        tgt2 = multihead_attention(self.self_attn, q, k, tgt)
+        tgt2 = within_groups(lambda *qkv: multihead_attention(self.self_attn, *qkv), num_groups, q, k, tgt)
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = multihead_attention(
             self.multihead_attn, tgt + query_pos, memory + pos, memory, memory_key_padding_mask
@@ -44,15 +44,16 @@ class DETRDecoder(nn.Module):
         )
         self.norm = LayerNorm(d_model)
 
-    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos):
+    def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, num_groups=1):
         """
+        The queries may come in `num_groups` groups that attend only within themselves.
         Returns every layer's output after the shared final norm, [num_layers, batch,
         num_queries, d_model], and None: DETR has no reference points.
         """
         output = tgt
         intermediate = []
         for layer in self.layers:
-            output = layer(output, memory, memory_key_padding_mask, pos, query_pos)
+            output = layer(output, memory, memory_key_padding_mask, pos, query_pos, num_groups)
             intermediate.append(self.norm(output))
         return torch.stack(intermediate).transpose(1, 2), None
 

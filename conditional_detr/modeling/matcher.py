@@ -52,14 +52,17 @@ class HungarianMatcher(nn.Module):
         self.focal_gamma = focal_gamma
 
     @torch.no_grad()
-    def forward(self, outputs, targets):
+    def forward(self, outputs, targets, num_groups=1):
         """
         Args:
             outputs: "pred_logits" [batch, num_queries, num_classes (+ 1 no-object for softmax)] and
                 "pred_boxes" [batch, num_queries, 4] normalized cxcywh.
             targets: per image, "labels" [num_targets] and "boxes" [num_targets, 4].
+            num_groups: the queries are this many consecutive groups, each matched to all
+                targets on its own.
         Returns:
-            per image, (prediction indices, target indices), both int64 of equal length.
+            per image, (prediction indices, target indices), both int64 of equal length
+            (num_groups times the targets).
         """
         batch, num_queries = outputs["pred_logits"].shape[:2]
         logits = outputs["pred_logits"].flatten(0, 1)  # [batch * num_queries, num_classes]
@@ -80,8 +83,13 @@ class HungarianMatcher(nn.Module):
         cost = cost.view(batch, num_queries, -1).cpu()
 
         sizes = [len(t["boxes"]) for t in targets]
-        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
-        return [
-            (torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64))
-            for i, j in indices
-        ]
+        group_size = num_queries // num_groups
+        indices = []
+        for image, image_cost in enumerate(cost.split(sizes, -1)):
+            rows, columns = [], []
+            for group, group_cost in enumerate(image_cost[image].split(group_size)):
+                i, j = linear_sum_assignment(group_cost)
+                rows.append(torch.as_tensor(i, dtype=torch.int64) + group * group_size)
+                columns.append(torch.as_tensor(j, dtype=torch.int64))
+            indices.append((torch.cat(rows), torch.cat(columns)))
+        return indices

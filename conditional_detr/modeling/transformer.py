@@ -98,13 +98,14 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src, mask, query_embed, pos_embed):
+    def forward(self, src, mask, query_embed, pos_embed, num_groups=1):
         """
         Args:
             src: [batch, d_model, H, W] projected features.
             mask: [batch, H, W] bool, True at padding.
             query_embed: [num_queries, d_model] object queries.
             pos_embed: [batch, d_model, H, W]
+            num_groups: the queries' groups, which attend only within themselves.
         Returns:
             what the decoder returns: every layer's output [num_layers, batch, num_queries,
             d_model] and the reference points [batch, num_queries, 2] (None for DETR).
@@ -117,4 +118,4 @@ class Transformer(nn.Module):
 
         memory = self.encoder(src, mask, pos_embed)
         tgt = torch.zeros_like(query_pos)
-        return self.decoder(tgt, memory, mask, pos_embed, query_pos)
+        return self.decoder(tgt, memory, mask, pos_embed, query_pos, num_groups)
