@@ -50,7 +50,7 @@ class ConditionalDecoderLayer(nn.Module):
             tgt: [num_queries, batch, d_model] decoder embeddings.
             memory, pos: [hw, batch, d_model] encoder output and its positional encoding.
             memory_key_padding_mask: [batch, hw] bool.
-            query_pos: [num_queries, batch, d_model] object queries.
+            query_pos: [num_queries, batch or 1, d_model] object queries.
             spatial_query: [num_queries, batch, d_model] λq ⊙ sinusoidal(reference points).
             num_groups: query groups that attend only within themselves (see `within_groups`).
         """
@@ -169,7 +169,7 @@ class ConditionalDecoder(nn.Module):
                 shared final norm.
             reference_points: [batch, num_queries, 2] normalized (x, y).
         """
-        reference_points = self.normalized_reference_points(query_pos)  # [num_queries, batch, 2]
+        reference_points = self.normalized_reference_points(query_pos, tgt.shape[1])  # [num_queries, batch, 2]
         output = tgt
         intermediate = []
         for layer in self.layers:
@@ -181,10 +181,10 @@ class ConditionalDecoder(nn.Module):
             intermediate.append(self.norm(output))
         return torch.stack(intermediate).transpose(1, 2), reference_points.transpose(0, 1)
 
-    def normalized_reference_points(self, query_pos):
+    def normalized_reference_points(self, query_pos, batch):
+        num_queries = query_pos.shape[0]
         if self.reference_points == "predicted":
-            return self.ref_point_head(query_pos).sigmoid()
-        num_queries, batch = query_pos.shape[:2]
+            return self.ref_point_head(query_pos).sigmoid().expand(num_queries, batch, 2)
         if self.reference_points == "learned":
             return self.reference_point_embed.weight.sigmoid().unsqueeze(1).expand(num_queries, batch, 2)
         return query_pos.new_full((num_queries, batch, 2), 0.5)  # sigmoid(0)

@@ -114,8 +114,9 @@ class Transformer(nn.Module):
         src = src.flatten(2).permute(2, 0, 1)  # [HW, batch, d_model]
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
         mask = mask.flatten(1)
-        query_pos = query_embed.unsqueeze(1).repeat(1, batch, 1)
+        # the same for every image: the decoders project it once and broadcast it over the batch
+        query_pos = query_embed.unsqueeze(1)  # [num_queries, 1, d_model]
 
         memory = self.encoder(src, mask, pos_embed)
-        tgt = torch.zeros_like(query_pos)
+        tgt = query_pos.new_zeros(query_pos.shape[0], batch, query_pos.shape[2])
         return self.decoder(tgt, memory, mask, pos_embed, query_pos, num_groups)
