@@ -20,7 +20,9 @@ from detectron2.solver import build_lr_scheduler
 
 from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
 from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers, train_loader_prefetch
-from conditional_detr.modeling.norms import BatchNorm2d, GroupNorm, LayerNorm
+from conditional_detr.modeling.norms import (
+    BatchNorm2d, GroupNorm, LayerNorm, NaiveSyncBatchNorm, SyncBatchNorm, trainable_batchnorm_in_float32,
+)
 from conditional_detr.solver import build_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -402,7 +404,9 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
     assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
 
 
-@pytest.mark.parametrize("norm", [LayerNorm(16), GroupNorm(4, 16), BatchNorm2d(16)])
+@pytest.mark.parametrize(
+    "norm", [LayerNorm(16), GroupNorm(4, 16), BatchNorm2d(16), SyncBatchNorm(16).eval(), NaiveSyncBatchNorm(16)]
+)
 def test_norms_run_in_float32_under_autocast(norm):
     torch.manual_seed(0)
     for parameter in norm.parameters():
@@ -416,6 +420,24 @@ def test_norms_run_in_float32_under_autocast(norm):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     # outside autocast a bfloat16 model stays bfloat16
     assert norm.bfloat16()(x).dtype == torch.bfloat16
+
+
+def test_every_trainable_batchnorm_of_detectron2_goes_to_float32():
+    from detectron2.layers import NaiveSyncBatchNorm as D2NaiveSyncBatchNorm
+
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm2d(4), torch.nn.SyncBatchNorm(4), D2NaiveSyncBatchNorm(4), BatchNorm2d(4)
+    )
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable_batchnorm_in_float32(model)
+    assert [type(m) for m in model] == [BatchNorm2d, SyncBatchNorm, NaiveSyncBatchNorm, BatchNorm2d]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+    class OwnBatchNorm(torch.nn.BatchNorm2d):
+        pass
+
+    with pytest.warns(UserWarning, match="OwnBatchNorm has no float32 version"):
+        trainable_batchnorm_in_float32(torch.nn.Sequential(OwnBatchNorm(4)))
 
 
 @pytest.mark.parametrize(

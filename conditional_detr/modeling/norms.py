@@ -7,10 +7,16 @@ starts (the whole encoder's, after a bfloat16 input projection). BatchNorm is le
 the input's dtype by both; in float32, a backbone trained from scratch under bf16
 autocast came closer to its float32 accuracy (README, the embedded demo).
 """
+import warnings
+
 import torch
+from detectron2.layers import NaiveSyncBatchNorm as _NaiveSyncBatchNorm
 from torch import nn
 
-__all__ = ["LayerNorm", "GroupNorm", "BatchNorm2d", "trainable_batchnorm_in_float32"]
+__all__ = [
+    "LayerNorm", "GroupNorm", "BatchNorm2d", "SyncBatchNorm", "NaiveSyncBatchNorm",
+    "trainable_batchnorm_in_float32",
+]
 
 
 class _Float32UnderAutocast:
@@ -33,9 +39,36 @@ class BatchNorm2d(_Float32UnderAutocast, nn.BatchNorm2d):
     pass
 
 
+class SyncBatchNorm(_Float32UnderAutocast, nn.SyncBatchNorm):
+    pass
+
+
+class NaiveSyncBatchNorm(_Float32UnderAutocast, _NaiveSyncBatchNorm):
+    pass
+
+
+# MODEL.RESNETS.NORM "BN", "SyncBN" and "naiveSyncBN" of detectron2's get_norm
+_IN_FLOAT32 = {
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.SyncBatchNorm: SyncBatchNorm,
+    _NaiveSyncBatchNorm: NaiveSyncBatchNorm,
+}
+
+
 def trainable_batchnorm_in_float32(module):
-    """Every nn.BatchNorm2d of `module` computed in float32 under autocast (same state dict)."""
+    """
+    Every BatchNorm of `module` (detectron2's "BN", "SyncBN" and "naiveSyncBN") computed in
+    float32 under autocast, with the same state dict; another BatchNorm subclass stays as it
+    is, with a warning that autocast will run it in its own dtype.
+    """
     for norm in module.modules():
-        if type(norm) is nn.BatchNorm2d:
-            norm.__class__ = BatchNorm2d
+        if isinstance(norm, _Float32UnderAutocast):
+            continue
+        if type(norm) in _IN_FLOAT32:
+            norm.__class__ = _IN_FLOAT32[type(norm)]
+        elif isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            warnings.warn(
+                f"{type(norm).__name__} has no float32 version: under autocast (SOLVER.AMP) it runs "
+                "in the autocast dtype"
+            )
     return module
