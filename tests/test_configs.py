@@ -36,6 +36,7 @@ def test_configs_found():
         "Base-DETR.yaml",
         "Base-DeformableDETR.yaml",
         "quick_schedules/conditional_detr_shapes.yaml",
+        "quick_schedules/conditional_detr_groups_shapes.yaml",
         "quick_schedules/conditional_detr_instant_test.yaml",
         "quick_schedules/deformable_detr_shapes.yaml",
         "quick_schedules/deformable_detr_instant_test.yaml",
@@ -146,7 +147,7 @@ def test_base_config_matches_detr_augmentation():
 
 def test_quick_schedules_use_the_embedded_dataset():
     for name in (
-        "conditional_detr_shapes.yaml", "conditional_detr_instant_test.yaml",
+        "conditional_detr_shapes.yaml", "conditional_detr_groups_shapes.yaml", "conditional_detr_instant_test.yaml",
         "deformable_detr_shapes.yaml", "deformable_detr_instant_test.yaml",
     ):
         cfg = get_config(os.path.join(CONFIG_DIR, "quick_schedules", name))
@@ -154,6 +155,19 @@ def test_quick_schedules_use_the_embedded_dataset():
         assert cfg.MODEL.WEIGHTS == ""
         assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.RESNETS.RES2_OUT_CHANNELS == 64
         assert cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES == 5
+
+
+def test_the_demo_trains_query_groups_and_the_convergence_study_the_papers_models():
+    from conditional_detr.tools.convergence import DEFAULT_SYSTEMS
+    from conditional_detr.tools.shapes_demo import DEFAULT_CONFIG
+
+    demo = get_config(DEFAULT_CONFIG)
+    assert demo.MODEL.CONDITIONAL_DETR.QUERY_GROUPS == 4
+    for system in DEFAULT_SYSTEMS:
+        cfg = get_config(system.split("=", 1)[1])
+        assert cfg.MODEL.CONDITIONAL_DETR.QUERY_GROUPS == 1, system
+        # otherwise the demo's settings
+        assert cfg.SOLVER.MAX_ITER == demo.SOLVER.MAX_ITER and cfg.SEED == demo.SEED
 
 
 def test_auto_device_is_resolved(monkeypatch):

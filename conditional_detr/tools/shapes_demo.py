@@ -3,7 +3,7 @@ Train Conditional DETR on the embedded synthetic shapes dataset, evaluate it wit
 the COCO API, and draw its predictions on a few validation images.
 
     python -m conditional_detr.tools.shapes_demo [--output-dir output/demo]
-        [--config-file configs/quick_schedules/conditional_detr_shapes.yaml] [KEY VALUE ...]
+        [--config-file configs/quick_schedules/conditional_detr_groups_shapes.yaml] [KEY VALUE ...]
 
 Everything goes to the output folder: the training log and metrics (log.txt,
 metrics.json, TensorBoard events), the checkpoints, the COCO detections, the
@@ -40,7 +40,7 @@ from ..data.dataset_mapper import DetrDatasetMapper
 from ..engine import Trainer, get_config
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_CONFIG = os.path.join(_REPO, "configs", "quick_schedules", "conditional_detr_shapes.yaml")
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "quick_schedules", "conditional_detr_groups_shapes.yaml")
 BBOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 logger = logging.getLogger("detectron2")
