@@ -163,6 +163,7 @@ def test_the_demo_trains_query_groups_and_the_convergence_study_the_papers_model
 
     demo = get_config(DEFAULT_CONFIG)
     assert demo.MODEL.CONDITIONAL_DETR.QUERY_GROUPS == 4
+    assert demo.SOLVER.AMP.ENABLED and demo.SOLVER.AMP.PRECISION == "bfloat16"
     for system in DEFAULT_SYSTEMS:
         cfg = get_config(system.split("=", 1)[1])
         assert cfg.MODEL.CONDITIONAL_DETR.QUERY_GROUPS == 1, system

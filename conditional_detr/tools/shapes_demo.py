@@ -9,7 +9,9 @@ Everything goes to the output folder: the training log and metrics (log.txt,
 metrics.json, TensorBoard events), the checkpoints, the COCO detections, the
 pictures (visualizations/*.png: ground truth left, predictions right) and
 results.json with the bbox metrics and the training time. The GPU is used when
-there is one (MODEL.DEVICE "auto").
+there is one (MODEL.DEVICE "auto"). The demo's config trains under bfloat16 autocast
+(SOLVER.AMP); on a device without native bfloat16 arithmetic, where it would be emulated
+and slower, the demo trains in float32 instead and says so.
 """
 
 import argparse
@@ -102,11 +104,33 @@ def draw_predictions(cfg, model, dataset_name, num_images, score_threshold, outp
     return paths
 
 
+def native_bfloat16(device):
+    """Whether `device` has bfloat16 arithmetic: a CPU with AVX-512 BF16 or AMX, a GPU of compute capability >= 8.0."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
+def bfloat16_only_where_native(cfg):
+    """Turns bfloat16 SOLVER.AMP off on a device without native bfloat16; returns why, or None."""
+    device = torch.device(cfg.MODEL.DEVICE)
+    if cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.PRECISION == "bfloat16" and not native_bfloat16(device):
+        cfg.SOLVER.AMP.ENABLED = False
+        return f"{device} has no native bfloat16 arithmetic: training in float32 (SOLVER.AMP.ENABLED False)"
+    return None
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = get_config(args.config_file, args.opts + ["OUTPUT_DIR", args.output_dir])
+    precision_note = bfloat16_only_where_native(cfg)
     cfg.freeze()
     default_setup(cfg, args)
+    if precision_note:
+        logger.warning(precision_note)
     if len(cfg.DATASETS.TEST) != 1:
         raise ValueError(f"the demo evaluates one dataset, got DATASETS.TEST={cfg.DATASETS.TEST}")
     dataset_name = cfg.DATASETS.TEST[0]
@@ -148,6 +172,7 @@ def main(argv=None):
         "iterations": cfg.SOLVER.MAX_ITER,
         "images_per_batch": cfg.SOLVER.IMS_PER_BATCH,
         "device": cfg.MODEL.DEVICE,
+        "training_precision": cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else "float32",
         "torch_threads": torch.get_num_threads(),
         "config_file": os.path.abspath(args.config_file),
         "visualizations": [os.path.relpath(p, cfg.OUTPUT_DIR) for p in pictures],
