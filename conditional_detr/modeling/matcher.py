@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -86,10 +87,8 @@ class HungarianMatcher(nn.Module):
         group_size = num_queries // num_groups
         indices = []
         for image, image_cost in enumerate(cost.split(sizes, -1)):
-            rows, columns = [], []
-            for group, group_cost in enumerate(image_cost[image].split(group_size)):
-                i, j = linear_sum_assignment(group_cost)
-                rows.append(torch.as_tensor(i, dtype=torch.int64) + group * group_size)
-                columns.append(torch.as_tensor(j, dtype=torch.int64))
-            indices.append((torch.cat(rows), torch.cat(columns)))
+            pairs = [linear_sum_assignment(c) for c in image_cost[image].split(group_size)]
+            rows = np.concatenate([i + group * group_size for group, (i, _) in enumerate(pairs)])
+            columns = np.concatenate([j for _, j in pairs])
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(columns, dtype=torch.int64)))
         return indices
