@@ -35,6 +35,19 @@ def test_peak_memory_on_cpu_follows_allocations_and_frees():
     assert benchmarking.peak_memory_bytes(made_before.clear, "cpu") == 0
 
 
+def test_cpu_is_named_with_its_vector_instructions():
+    name = benchmarking.processor_name("cpu")
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert name.endswith(f", {capability}") and len(name) > len(capability) + 2
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return
+    assert name == f"{model}, {capability}"
+    assert benchmarking.machine_header("cpu")["device"] == name
+
+
 @pytest.mark.skipif(not ops.has_ops_for("cpu"), reason="compiled CPU ops unavailable")
 def test_quick_benchmark_writes_times_and_ratios(tmp_path):
     path = tmp_path / "bench.json"

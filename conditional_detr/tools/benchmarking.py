@@ -122,12 +122,26 @@ def format_timings(row):
     )
 
 
+def processor_name(device):
+    """
+    The GPU's name, or the CPU's model name with the vector instructions torch uses on it
+    (e.g. "AMD EPYC, AVX512"): CPU timings differ several-fold between AVX2 and AVX-512.
+    """
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def machine_header(device, **fields):
     """What the numbers were measured on, printed and written with them."""
     return {
-        "device": (
-            torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-        ),
+        "device": processor_name(device),
         "device_type": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
         **fields,
     }
