@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -37,14 +38,11 @@ def test_peak_memory_on_cpu_follows_allocations_and_frees():
 
 def test_cpu_is_named_with_its_vector_instructions():
     name = benchmarking.processor_name("cpu")
-    capability = torch.backends.cpu.get_cpu_capability()
-    assert name.endswith(f", {capability}") and len(name) > len(capability) + 2
-    try:
+    model, capability = name.rsplit(", ", 1)
+    assert capability == torch.backends.cpu.get_cpu_capability() and model
+    if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return
-    assert name == f"{model}, {capability}"
+            assert model in f.read()
     assert benchmarking.machine_header("cpu")["device"] == name
 
 
