@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from detectron2.data import DatasetCatalog
+from detectron2.layers import ShapeSpec
 from detectron2.engine import HookBase, default_argument_parser, launch
 from detectron2.solver import build_lr_scheduler
 
@@ -373,14 +374,15 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
             feature_dtypes.append(next(iter(out.values())).dtype)
 
     trainer.model.backbone.register_forward_hook(record_training_dtype)
-    norm_dtypes = []
+    norm_dtypes = {}
 
     def record_norm_dtypes(module, args, out):
         if module.training:
-            norm_dtypes.append((args[0].dtype, out.dtype))
+            norm_dtypes.setdefault(module.name, set()).add((args[0].dtype, out.dtype))
 
-    for norm in trainer.model.backbone.modules():
+    for name, norm in trainer.model.backbone.named_modules():
         if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.name = name
             norm.register_forward_hook(record_norm_dtypes)
     residual_dtypes = []
     for layer in trainer.model.transformer.encoder.layers:
@@ -390,8 +392,13 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
         head.register_forward_hook(lambda module, args, out: head_dtypes.append(out.dtype))
     weights = trainer.model.class_embed.weight.detach().clone()
     trainer.train()
-    # the convolutions in bfloat16, their trainable BatchNorms, and so the features, in float32
-    assert norm_dtypes and set(norm_dtypes) == {(torch.bfloat16, torch.float32)}
+    # the convolutions in bfloat16; the trainable BatchNorms on the residual stream, and so
+    # the features, in float32; those inside a block in bfloat16, as their next convolution reads
+    inside_blocks = {name for name in norm_dtypes if name.endswith(".conv1.norm") and name != "stem.conv1.norm"}
+    assert len(inside_blocks) == 8 and len(norm_dtypes) == 8 + 8 + 3 + 1
+    for name, dtypes in norm_dtypes.items():
+        out_dtype = torch.bfloat16 if name in inside_blocks else torch.float32
+        assert dtypes == {(torch.bfloat16, out_dtype)}, name
     assert feature_dtypes and set(feature_dtypes) == {torch.float32}
     # the encoder's residual stream in float32, although its input projection is bfloat16
     assert residual_dtypes and set(residual_dtypes) == {torch.float32}
@@ -438,6 +445,55 @@ def test_every_trainable_batchnorm_of_detectron2_goes_to_float32():
 
     with pytest.warns(UserWarning, match="OwnBatchNorm has no float32 version"):
         trainable_batchnorm_in_float32(torch.nn.Sequential(OwnBatchNorm(4)))
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_batchnorms_read_only_by_convolutions(depth):
+    from detectron2.config import get_cfg
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    from conditional_detr.modeling.backbone import norms_read_only_by_convolutions
+
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.NORM = depth, "BN"
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth == 18 else 256
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    names = {norm: name for name, norm in backbone.named_modules()}
+    kept = sorted(names[norm] for norm in norms_read_only_by_convolutions(backbone))
+    blocks_per_stage = (2, 2, 2, 2) if depth == 18 else (3, 4, 6, 3)
+    blocks = [f"res{stage}.{i}" for stage, n in zip((2, 3, 4, 5), blocks_per_stage) for i in range(n)]
+    inner = ["conv1"] if depth == 18 else ["conv1", "conv2"]
+    # R50's first block projects its shortcut, so its stem feeds only convolutions; R18's
+    # stem starts the residual stream
+    stem = [] if depth == 18 else ["stem.conv1.norm"]
+    assert kept == sorted([f"{block}.{conv}.norm" for block in blocks for conv in inner] + stem)
+
+
+def test_batchnorm_kept_in_bfloat16_computes_what_float32_rounds_to():
+    torch.manual_seed(0)
+    kept, in_float32 = torch.nn.BatchNorm2d(16), BatchNorm2d(16)
+    torch.nn.init.uniform_(kept.weight, 0.5, 1.5)
+    torch.nn.init.normal_(kept.bias)
+    in_float32.load_state_dict(kept.state_dict())
+    x = (torch.randn(4, 16, 9, 7) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4, 16, 9, 7).bfloat16()
+    outs, grads = [], []
+    for norm in (kept, in_float32):
+        x_ = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.relu(norm(x_))
+        # what the next convolution would read
+        out.bfloat16().backward(grad)
+        outs.append(out)
+        grads.append((x_.grad, norm.weight.grad, norm.bias.grad))
+    assert outs[0].dtype == torch.bfloat16 and outs[1].dtype == torch.float32
+    torch.testing.assert_close(outs[0], outs[1].bfloat16(), rtol=0.008, atol=1e-5)
+    for ours, expected in zip(grads[0], grads[1]):
+        assert ours.dtype == expected.dtype
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kept.running_var, in_float32.running_var)
+    torch.testing.assert_close(kept.running_mean, in_float32.running_mean)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
-from detectron2.modeling.backbone.resnet import BottleneckBlock
+from detectron2.modeling.backbone.resnet import (
+    BasicBlock,
+    BasicStem,
+    BottleneckBlock,
+    DeformBottleneckBlock,
+    ResNet,
+)
 
 from .norms import trainable_batchnorm_in_float32
 
@@ -30,7 +36,7 @@ def build_resnet_like_torchvision(cfg, input_shape=None, num_features=1):
         )
     if cfg.MODEL.CONDITIONAL_DETR.FOLD_FROZEN_BATCHNORM:
         fold_frozen_batchnorm(backbone)
-    trainable_batchnorm_in_float32(backbone)
+    trainable_batchnorm_in_float32(backbone, keep=norms_read_only_by_convolutions(backbone))
     if cfg.MODEL.RESNETS.RES5_DILATION > 1:
         first_block = backbone.res5[0]
         if isinstance(first_block, BottleneckBlock):
@@ -38,6 +44,26 @@ def build_resnet_like_torchvision(cfg, input_shape=None, num_features=1):
             first_block.conv2.padding = (1, 1)
     feature_names = sorted(out_features, key=lambda name: out_features[name].stride)
     return backbone, feature_names
+
+
+def norms_read_only_by_convolutions(backbone):
+    """
+    The norms of a detectron2 ResNet whose output reaches nothing but convolutions, through
+    ReLU (and the stem's max-pooling): those inside a block, and the stem's when the first
+    block projects its shortcut. The others start or join the residual stream.
+    """
+    if not isinstance(backbone, ResNet):
+        return []
+    norms = []
+    for block in backbone.modules():
+        if isinstance(block, BasicBlock):
+            norms.append(block.conv1.norm)
+        elif isinstance(block, (BottleneckBlock, DeformBottleneckBlock)):
+            norms += [block.conv1.norm, block.conv2.norm]
+    first_block = backbone.stages[0][0] if backbone.stages else None
+    if isinstance(backbone.stem, BasicStem) and getattr(first_block, "shortcut", None) is not None:
+        norms.append(backbone.stem.conv1.norm)
+    return [norm for norm in norms if norm is not None]
 
 
 class FrozenBatchNormFoldedConv2d(Conv2d):

@@ -5,7 +5,11 @@ CUDA's autocast computes LayerNorm and GroupNorm in float32; the CPU's keeps a b
 input in bfloat16, and with it the residual stream that the normalization's output
 starts (the whole encoder's, after a bfloat16 input projection). BatchNorm is left in
 the input's dtype by both; in float32, a backbone trained from scratch under bf16
-autocast came closer to its float32 accuracy (README, the embedded demo).
+autocast came closer to its float32 accuracy (README, the embedded demo). A BatchNorm
+whose output reaches nothing but a convolution (through ReLU) can stay in the input's
+dtype at no cost in accuracy: its statistics are accumulated in float32 either way, and
+the convolution would round a float32 output to that dtype; it saves two casts of the
+feature map each way.
 """
 import warnings
 
@@ -55,14 +59,16 @@ _IN_FLOAT32 = {
 }
 
 
-def trainable_batchnorm_in_float32(module):
+def trainable_batchnorm_in_float32(module, keep=()):
     """
     Every BatchNorm of `module` (detectron2's "BN", "SyncBN" and "naiveSyncBN") computed in
-    float32 under autocast, with the same state dict; another BatchNorm subclass stays as it
-    is, with a warning that autocast will run it in its own dtype.
+    float32 under autocast, with the same state dict, except those in `keep`, left in the
+    input's dtype; another BatchNorm subclass stays as it is, with a warning that autocast
+    will run it in its own dtype.
     """
+    keep = {id(norm) for norm in keep}
     for norm in module.modules():
-        if isinstance(norm, _Float32UnderAutocast):
+        if isinstance(norm, _Float32UnderAutocast) or id(norm) in keep:
             continue
         if type(norm) in _IN_FLOAT32:
             norm.__class__ = _IN_FLOAT32[type(norm)]
