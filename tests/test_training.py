@@ -469,6 +469,11 @@ def test_batchnorms_read_only_by_convolutions(depth):
     stem = [] if depth == 18 else ["stem.conv1.norm"]
     assert kept == sorted([f"{block}.{conv}.norm" for block in blocks for conv in inner] + stem)
 
+    # detectron2's NaiveSyncBatchNorm averages its statistics across processes in the input's
+    # dtype: it stays in float32
+    cfg.MODEL.RESNETS.NORM = "naiveSyncBN"
+    assert norms_read_only_by_convolutions(build_resnet_backbone(cfg, ShapeSpec(channels=3))) == []
+
 
 def test_batchnorm_kept_in_bfloat16_computes_what_float32_rounds_to():
     torch.manual_seed(0)

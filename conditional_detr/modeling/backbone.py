@@ -4,6 +4,7 @@ torchvision ResNet computes, and the padding masks of its feature maps.
 """
 import torch
 import torch.nn.functional as F
+from torch import nn
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.resnet import (
@@ -46,11 +47,18 @@ def build_resnet_like_torchvision(cfg, input_shape=None, num_features=1):
     return backbone, feature_names
 
 
+# BatchNorms that accumulate their statistics in float32 for a bfloat16 input, on one
+# process and across processes; detectron2's NaiveSyncBatchNorm averages them in the input's dtype.
+_STATISTICS_IN_FLOAT32 = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
 def norms_read_only_by_convolutions(backbone):
     """
-    The norms of a detectron2 ResNet whose output reaches nothing but convolutions, through
-    ReLU (and the stem's max-pooling): those inside a block, and the stem's when the first
-    block projects its shortcut. The others start or join the residual stream.
+    The trainable BatchNorms of a detectron2 ResNet whose output reaches nothing but
+    convolutions, through ReLU (and the stem's max-pooling): those inside a block, and the
+    stem's when the first block projects its shortcut. The others start or join the
+    residual stream. A deformable block's first norm feeds the deformable convolution,
+    which autocast does not cast, and stays in float32 for it.
     """
     if not isinstance(backbone, ResNet):
         return []
@@ -58,12 +66,14 @@ def norms_read_only_by_convolutions(backbone):
     for block in backbone.modules():
         if isinstance(block, BasicBlock):
             norms.append(block.conv1.norm)
-        elif isinstance(block, (BottleneckBlock, DeformBottleneckBlock)):
+        elif isinstance(block, BottleneckBlock):
             norms += [block.conv1.norm, block.conv2.norm]
+        elif isinstance(block, DeformBottleneckBlock):
+            norms.append(block.conv2.norm)
     first_block = backbone.stages[0][0] if backbone.stages else None
     if isinstance(backbone.stem, BasicStem) and getattr(first_block, "shortcut", None) is not None:
         norms.append(backbone.stem.conv1.norm)
-    return [norm for norm in norms if norm is not None]
+    return [norm for norm in norms if type(norm) in _STATISTICS_IN_FLOAT32]
 
 
 class FrozenBatchNormFoldedConv2d(Conv2d):
