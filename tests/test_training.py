@@ -458,6 +458,7 @@ def test_batchnorms_read_only_by_convolutions(depth):
     cfg.MODEL.RESNETS.DEPTH, cfg.MODEL.RESNETS.NORM = depth, "BN"
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64 if depth == 18 else 256
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res5"]
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0  # frozen stages have FrozenBatchNorm2d
     backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3))
     names = {norm: name for name, norm in backbone.named_modules()}
     kept = sorted(names[norm] for norm in norms_read_only_by_convolutions(backbone))
