@@ -375,14 +375,14 @@ def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
 
     trainer.model.backbone.register_forward_hook(record_training_dtype)
     norm_dtypes = {}
+    norm_names = {norm: name for name, norm in trainer.model.backbone.named_modules()}
 
     def record_norm_dtypes(module, args, out):
         if module.training:
-            norm_dtypes.setdefault(module.name, set()).add((args[0].dtype, out.dtype))
+            norm_dtypes.setdefault(norm_names[module], set()).add((args[0].dtype, out.dtype))
 
-    for name, norm in trainer.model.backbone.named_modules():
+    for norm in norm_names:
         if isinstance(norm, torch.nn.BatchNorm2d):
-            norm.name = name
             norm.register_forward_hook(record_norm_dtypes)
     residual_dtypes = []
     for layer in trainer.model.transformer.encoder.layers:

@@ -66,9 +66,9 @@ def trainable_batchnorm_in_float32(module, keep=()):
     input's dtype; another BatchNorm subclass stays as it is, with a warning that autocast
     will run it in its own dtype.
     """
-    keep = {id(norm) for norm in keep}
+    keep = set(keep)
     for norm in module.modules():
-        if isinstance(norm, _Float32UnderAutocast) or id(norm) in keep:
+        if isinstance(norm, _Float32UnderAutocast) or norm in keep:
             continue
         if type(norm) in _IN_FLOAT32:
             norm.__class__ = _IN_FLOAT32[type(norm)]
