@@ -7,15 +7,18 @@ otherwise; without a CUDA device it says so and exits 0.
 
     python scripts/exercise_cuda_ops.py
 """
+import os
 import sys
 
 import torch
 
+import conditional_detr
 from conditional_detr import ops
 from conditional_detr.ops import self_check
 
 
 def main():
+    print(f"conditional_detr from {os.path.dirname(conditional_detr.__file__)}")
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to exercise")
         return 0

@@ -16,6 +16,9 @@
 # the whole script; a failing step is recorded and the next one runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# the project runs from this checkout, its extension built in place: the lent machine does not
+# install it, and a script run by path would otherwise not find it
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 DRY_RUN=0
 OFFICIAL=""
