@@ -15,7 +15,7 @@ DETECTRON2_REPUBLISH ?= sal-detectron2==0.7.2
 TORCH_PIP_FLAGS ?= --no-cache-dir
 STAMPS := $(VENV)/.stamps
 
-.PHONY: setup demo test clean-build
+.PHONY: setup demo test test-fast clean-build
 
 setup: $(STAMPS)/project
 
@@ -51,6 +51,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the quick loop while working: everything but the tests marked slow (see tests/README.md)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 clean-build:
 	rm -rf build conditional_detr/_C*.so $(STAMPS)/project

@@ -36,6 +36,7 @@ def tiny_model(*opts):
     return cfg, build_eval_model(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_name", sorted(OFFICIAL_GFLOPS))
 def test_full_size_flops_match_official(config_name):
     cfg = get_config(os.path.join(COCO_CONFIGS, config_name), ["MODEL.DEVICE", "cpu"])

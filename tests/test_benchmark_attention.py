@@ -46,6 +46,7 @@ def test_cpu_is_named_with_its_vector_instructions():
     assert benchmarking.machine_header("cpu")["device"] == name
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ops.has_ops_for("cpu"), reason="compiled CPU ops unavailable")
 def test_quick_benchmark_writes_times_and_ratios(tmp_path):
     path = tmp_path / "bench.json"
@@ -60,6 +61,7 @@ def test_quick_benchmark_writes_times_and_ratios(tmp_path):
     assert versus["pytorch"]["saved_memory_ratio"] > 20
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ops.has_ops_for("cpu"), reason="compiled CPU ops unavailable")
 def test_deformable_benchmark_on_small_levels(tmp_path, capsys):
     levels = [(6, 10), (3, 5)]
@@ -82,6 +84,7 @@ def test_deformable_benchmark_on_small_levels(tmp_path, capsys):
     assert "compiled" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ops.has_ops_for("cpu"), reason="compiled CPU ops unavailable")
 def test_quick_deformable_benchmark_writes_json(tmp_path):
     path = tmp_path / "bench.json"

@@ -14,6 +14,7 @@ INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_d
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_tiny_case_times_both_implementations_and_writes_json(tmp_path):
     path = tmp_path / "model.json"
     results = benchmark_model.main([
@@ -60,6 +61,7 @@ class StandInOfficial:
         return self.model.class_embed.weight.square().sum() + self.model.backbone.stem.conv1.weight.sum()
 
 
+@pytest.mark.slow
 def test_official_path_times_it_and_compares_detections(tmp_path, monkeypatch):
     checkout = tmp_path / "official"
     (checkout / "models").mkdir(parents=True)

@@ -76,6 +76,7 @@ def test_bad_system_argument():
         convergence.main(["--system", "no-equals-sign"])
 
 
+@pytest.mark.slow
 def test_two_systems_train_evaluate_and_resume(shapes_root, tmp_path):  # noqa: F811
     out = tmp_path / "study"
     argv = [

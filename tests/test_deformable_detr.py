@@ -31,6 +31,7 @@ def tiny_cfg(variant="two_stage", **overrides):
     return cfg
 
 
+@pytest.mark.slow
 def test_train_then_evaluate(shapes_root, tmp_path):
     out = tmp_path / "run"
     args = cli_args(*instant_opts(out, "SOLVER.MAX_ITER", 3, "SOLVER.STEPS", "(2,)"))

@@ -41,6 +41,7 @@ class RecordWeights(HookBase):
         self.seen.append(self.trainer.model.state_dict()[WATCHED].clone())
 
 
+@pytest.mark.slow
 def test_average_is_evaluated_and_checkpointed(tmp_path, dataset):
     trainer = Trainer(ema_cfg(tmp_path, dataset))
     record = RecordWeights()

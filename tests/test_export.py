@@ -67,6 +67,7 @@ def batch_of(height, width, batch):
     return images, sizes
 
 
+@pytest.mark.slow
 def test_exported_models_give_the_eager_detections(exported):
     architecture, model, description = exported
     for kind, run in runners(description).items():
@@ -86,6 +87,7 @@ def test_exported_models_give_the_eager_detections(exported):
                 assert torch.equal(labels[i][kept], instances.pred_classes), where
 
 
+@pytest.mark.slow
 def test_export_description(exported):
     architecture, model, description = exported
     with open(os.path.join(os.path.dirname(description["files"]["onnx"]), "export.json")) as f:
@@ -105,6 +107,7 @@ def test_padding_mask_equals_the_model_one():
         assert torch.equal(export.padding_mask(torch.tensor(sizes), (64, 64), feature_size), expected)
 
 
+@pytest.mark.slow
 def test_export_restores_the_model_padding_masks(exported):
     from conditional_detr.modeling import detector
 

@@ -27,6 +27,7 @@ def copy_of_checkout(destination):
     return destination
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU machine's")
 def test_dry_run_runs_every_step_and_skips_the_gpu_ones(tmp_path):
     checkout = copy_of_checkout(tmp_path / "checkout")

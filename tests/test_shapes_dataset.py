@@ -123,6 +123,7 @@ def test_registration_is_lazy_and_metadata(registered):
         }
 
 
+@pytest.mark.slow
 def test_import_generates_nothing(tmp_path):
     env = _subprocess_env(tmp_path)
     code = (
@@ -254,6 +255,7 @@ def test_interrupted_generation_leaves_nothing(registered, monkeypatch):
     assert len(DatasetCatalog.get("shapes_val")) == SMALL.num_val
 
 
+@pytest.mark.slow
 def test_killed_generation_leaves_no_split(tmp_path):
     root = str(tmp_path / "shapes")
     marker = tmp_path / "started"

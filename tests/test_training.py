@@ -206,6 +206,7 @@ def test_train_loader_keeps_two_batches_in_flight(tmp_path, workers, grouping, e
     assert train_loader_prefetch(cfg) == expected
 
 
+@pytest.mark.slow
 def test_train_then_evaluate(shapes_root, tmp_path):
     out = tmp_path / "run"
     train_net.main(cli_args(*instant_opts(out, "SOLVER.MAX_ITER", 4, "SOLVER.STEPS", "(3,)")))
@@ -245,6 +246,7 @@ class KillAt(HookBase):
             raise KeyboardInterrupt(f"killed at iteration {self.iteration}")
 
 
+@pytest.mark.slow
 def test_resume_after_interruption(shapes_root, tmp_path):
     out = tmp_path / "run"
     # No evaluation: only the training state matters here.
@@ -339,6 +341,7 @@ def _distributed_main(root, args, report_dir):
         )
 
 
+@pytest.mark.slow
 def test_two_process_gloo_training(shapes_root, tmp_path, monkeypatch):
     out, report = tmp_path / "run", tmp_path / "report"
     report.mkdir()
@@ -363,6 +366,7 @@ def test_two_process_gloo_training(shapes_root, tmp_path, monkeypatch):
     assert any("bbox/AP" in r for r in read_metrics(out))
 
 
+@pytest.mark.slow
 def test_bfloat16_amp_training_on_cpu(shapes_root, tmp_path):
     cfg = instant_cfg(tmp_path, "SOLVER.AMP.ENABLED", True, "SOLVER.MAX_ITER", 3)
     trainer = Trainer(cfg)
@@ -512,6 +516,7 @@ def test_amp_precision_that_cannot_work_is_named(tmp_path, precision, message):
         Trainer(cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP training needs a GPU")
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_amp_training_on_gpu(shapes_root, tmp_path, precision):
@@ -537,6 +542,7 @@ def test_amp_training_on_gpu(shapes_root, tmp_path, precision):
     assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
 
 
+@pytest.mark.slow
 def test_shapes_demo_writes_metrics_and_pictures(shapes_root, tmp_path):
     from conditional_detr.tools import shapes_demo
 

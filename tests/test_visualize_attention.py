@@ -106,6 +106,7 @@ def test_unpadded_grid_crops_the_padding():
     assert grid.tolist() == [[[0.0, 1.0, 2.0], [4.0, 5.0, 6.0]]]
 
 
+@pytest.mark.slow
 def test_figures_and_json_are_written(tmp_path):
     cfg, model = tiny()
     weights = str(tmp_path / "model.pth")

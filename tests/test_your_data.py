@@ -72,11 +72,13 @@ def close(a, b, atol=1e-3):
     return torch.allclose(a, b, atol=atol, rtol=0)  # two AdamW steps at 1e-4 move a weight by about 2e-4
 
 
+@pytest.mark.slow
 def test_keep_stops_and_names_the_switch(route):
     with pytest.raises(ValueError, match=r"model_final\.pth: .* 5 classes but .*NUM_CLASSES is 3.*CHECKPOINT_CLASS_HEAD"):
         fine_tune(route, "keep", "keep")
 
 
+@pytest.mark.slow
 def test_reinit_then_evaluate(route):
     _, _, _, source = route
     out, final, log = fine_tune(route, "reinit", "reinit")
@@ -87,6 +89,7 @@ def test_reinit_then_evaluate(route):
     assert final["class_names"] == ["circle", "box", "star"]  # the json's id order: 1, 2, 4
 
 
+@pytest.mark.slow
 def test_match_names_then_evaluate_and_draw(route):
     root, yours, _, source = route
     out, final, log = fine_tune(route, "match_names", "match_names")
