@@ -1,5 +1,15 @@
+"""Fixtures shared by the test modules; what they import lives in `helpers/`."""
+import os
+import sys
+
 import pytest
 import torch
+from detectron2.data import DatasetCatalog
+
+from helpers.paths import REPO
+from helpers.training import register_tiny_shapes
+
+sys.path.insert(0, REPO)  # train_net.py is a script at the top of the repository
 
 
 @pytest.fixture(scope="module")
@@ -12,3 +22,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory):
+    """A tiny copy of the embedded shapes dataset, drawn once per module and registered."""
+    root = str(tmp_path_factory.mktemp("datasets") / "shapes")
+    old = os.environ.get("DETECTRON2_DATASETS")
+    os.environ["DETECTRON2_DATASETS"] = os.path.dirname(root)
+    register_tiny_shapes(root)
+    DatasetCatalog.get("shapes_train"), DatasetCatalog.get("shapes_val")  # draw them now
+    yield root
+    if old is None:
+        os.environ.pop("DETECTRON2_DATASETS", None)
+    else:
+        os.environ["DETECTRON2_DATASETS"] = old

@@ -4,52 +4,16 @@ query, Figure 5: the transformation T, Table 4: focal loss and box offset regres
 as MODEL.CONDITIONAL_DETR switches, and the DETR baseline: each builds, trains a step
 on tiny images and changes what it should.
 """
-import os
-
 import pytest
 import torch
-from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
 
 from conditional_detr import ops
-from conditional_detr.engine import get_config
 from conditional_detr.modeling.backbone import feature_padding_mask
 from conditional_detr.modeling.conditional_detr import apply_transformation
 
-INSTANT_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "configs", "quick_schedules", "conditional_detr_instant_test.yaml",
-)
-HIDDEN_DIM, NHEADS, NUM_QUERIES = 64, 4, 10
+from helpers.tiny import HIDDEN_DIM, NHEADS, NUM_QUERIES, tiny_batch, tiny_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model(**overrides):
-    opts = ["MODEL.DEVICE", "cpu"]
-    for key, value in overrides.items():
-        opts += [key if "." in key else f"MODEL.CONDITIONAL_DETR.{key}", str(value)]
-    torch.manual_seed(0)
-    return build_model(get_config(INSTANT_CONFIG, opts))
-
-
-def tiny_batch(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    batch = []
-    for h, w, n in ((48, 64, 2), (56, 40, 0)):
-        instances = Instances((h, w))
-        xy = torch.rand(n, 2, generator=generator) * torch.tensor([w / 2, h / 2])
-        instances.gt_boxes = Boxes(torch.cat([xy, xy + torch.tensor([w / 3, h / 3])], dim=1))
-        instances.gt_classes = torch.randint(0, 5, (n,), generator=generator)
-        image = torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8).float()
-        batch.append({"image": image, "instances": instances})
-    return batch
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_step(model):

@@ -15,11 +15,9 @@ from conditional_detr.engine import get_config
 from conditional_detr.tools import analyze_model
 from conditional_detr.tools.inference import build_eval_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTANT_CONFIG = os.path.join(
-    REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml"
-)
-COCO_CONFIGS = os.path.join(REPO, "configs", "COCO-Detection")
+from helpers.paths import CONFIGS, DEFORMABLE_INSTANT_CONFIG, INSTANT_CONFIG
+
+COCO_CONFIGS = os.path.join(CONFIGS, "COCO-Detection")
 
 # fvcore on the official implementation, one 800x1216 image
 OFFICIAL_GFLOPS = {
@@ -120,11 +118,6 @@ def test_bad_arguments_are_named():
         analyze_model.parse_args(["--config-file", INSTANT_CONFIG, "--input-size", "0", "64"])
     with pytest.raises(SystemExit):
         analyze_model.parse_args(["--config-file", INSTANT_CONFIG, "--num-inputs", "-1"])
-
-
-DEFORMABLE_INSTANT_CONFIG = os.path.join(
-    REPO, "configs", "quick_schedules", "deformable_detr_instant_test.yaml"
-)
 
 
 def test_deformable_attention_counts_its_samples():

@@ -1,15 +1,14 @@
 """tools/benchmark_model on a tiny case: every implementation timed, JSON written."""
 import argparse
 import json
-import os
 
 import pytest
 from detectron2.modeling import build_model
 
 from conditional_detr.tools import benchmark_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml")
+from helpers.paths import INSTANT_CONFIG
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,8 @@ from detectron2.modeling import build_model
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
 from conditional_detr import conversion
 from conditional_detr.tools import convert_official
-from official_fixture import reference_file, tiny_fixture_cfg
+
+from helpers.official import reference_file, tiny_fixture_cfg
 
 
 @pytest.fixture(scope="module")

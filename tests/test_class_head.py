@@ -11,7 +11,8 @@ from conditional_detr.checkpoint import ConditionalDETRCheckpointer
 from conditional_detr.class_head import COCO_CLASS_NAMES, class_head_keys, fine_tune_class_heads
 from conditional_detr.engine import get_config
 from conditional_detr import conversion
-from official_fixture import reference_file, tiny_detr_fixture_cfg, tiny_fixture_cfg
+
+from helpers.official import reference_file, tiny_detr_fixture_cfg, tiny_fixture_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,8 @@ from detectron2.modeling import build_model
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
 from conditional_detr.engine import get_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.paths import QUICK_SCHEDULES
+
 CONFIGS = {
     "ConditionalDETR": "conditional_detr_instant_test.yaml",
     "DETR": "conditional_detr_instant_test.yaml",
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(architecture, *opts):
-    config = os.path.join(REPO, "configs", "quick_schedules", CONFIGS[architecture])
+    config = os.path.join(QUICK_SCHEDULES, CONFIGS[architecture])
     cfg = get_config(config, ["MODEL.DEVICE", "cpu", "MODEL.META_ARCHITECTURE", architecture, *map(str, opts)])
     return build_model(cfg)
 

@@ -8,8 +8,8 @@ import yaml
 
 from conditional_detr.engine import get_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO, "configs")
+from helpers.paths import CONFIGS as CONFIG_DIR
+
 ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
 COCO_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "COCO-Detection", "*.yaml")))
 # Conditional DETR's and DETR's: one feature map, and the same recipe but for the losses

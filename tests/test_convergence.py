@@ -5,7 +5,8 @@ import os
 import pytest
 
 from conditional_detr.tools import convergence
-from test_training import INSTANT_CONFIG, shapes_root  # noqa: F401 (fixture)
+
+from helpers.paths import INSTANT_CONFIG
 
 
 def write_metrics(output_dir, records, partial_tail="", max_iter=100):
@@ -77,7 +78,7 @@ def test_bad_system_argument():
 
 
 @pytest.mark.slow
-def test_two_systems_train_evaluate_and_resume(shapes_root, tmp_path):  # noqa: F811
+def test_two_systems_train_evaluate_and_resume(shapes_root, tmp_path):
     out = tmp_path / "study"
     argv = [
         "--output-dir", str(out), "--iterations", "4", "--eval-period", "2",

@@ -1,4 +1,3 @@
-import os
 
 import numpy as np
 import pytest
@@ -10,8 +9,7 @@ from detectron2.structures import BoxMode
 from conditional_detr.data.dataset_mapper import DetrDatasetMapper
 from conditional_detr.engine import get_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_CONFIG = os.path.join(REPO, "configs", "Base-ConditionalDETR.yaml")
+from helpers.paths import BASE_CONFIG
 
 
 def make_cfg(*opts):

@@ -1,7 +1,6 @@
 """COCO-format datasets from the config or the command line, and the NUM_CLASSES check."""
 import json
 import os
-import sys
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -10,13 +9,11 @@ from conditional_detr.data.datasets import check_num_classes, dataset_class_name
 from conditional_detr.engine import Trainer, get_config
 from conditional_detr.tools import coco_subset
 from conditional_detr.tools.inference import build_eval_model
-from coco_fixture import write_coco_dataset
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # train_net.py is a script at the top of the repository
-import train_net  # noqa: E402
+from helpers.coco import write_coco_dataset
+from helpers.paths import INSTANT_CONFIG
+import train_net
 
-INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

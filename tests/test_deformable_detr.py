@@ -13,29 +13,20 @@ from detectron2.structures import Boxes, Instances
 
 from conditional_detr.engine import get_config
 from conditional_detr.solver import build_optimizer
-from official_fixture import deformable_resnet_cfg, shrink_to_tiny_fixture
-from test_training import REPO, cli_args, instant_opts, read_metrics, shapes_root, train_net  # noqa: F401
 
-INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "deformable_detr_instant_test.yaml")
+from helpers.paths import DEFORMABLE_INSTANT_CONFIG, QUICK_SCHEDULES
+from helpers.tiny import tiny_deformable_cfg
+from helpers.training import cli_args, instant_opts, read_metrics
+import train_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_cfg(variant="two_stage", **overrides):
-    cfg = shrink_to_tiny_fixture(deformable_resnet_cfg(18, 5, variant), num_queries=6)
-    cfg.MODEL.CONDITIONAL_DETR.HIDDEN_DIM = 64
-    cfg.MODEL.CONDITIONAL_DETR.NHEADS = 4
-    cfg.MODEL.CONDITIONAL_DETR.DIM_FEEDFORWARD = 64
-    for key, value in overrides.items():
-        cfg.merge_from_list([key, value])
-    return cfg
 
 
 @pytest.mark.slow
 def test_train_then_evaluate(shapes_root, tmp_path):
     out = tmp_path / "run"
     args = cli_args(*instant_opts(out, "SOLVER.MAX_ITER", 3, "SOLVER.STEPS", "(2,)"))
-    args.config_file = INSTANT_CONFIG
+    args.config_file = DEFORMABLE_INSTANT_CONFIG
     train_net.main(args)
     losses = [r for r in read_metrics(out) if "total_loss" in r]
     assert losses and all(math.isfinite(r["total_loss"]) for r in losses)
@@ -46,7 +37,7 @@ def test_train_then_evaluate(shapes_root, tmp_path):
 
 
 def test_optimizer_reduces_sampling_offsets_and_reference_points():
-    cfg = tiny_cfg("plain")
+    cfg = tiny_deformable_cfg("plain")
     cfg.SOLVER.BASE_LR = 2e-4
     model = build_model(cfg)
     optimizer = build_optimizer(cfg, model)
@@ -84,7 +75,7 @@ def random_inputs(num_images, with_objects=True):
 @pytest.mark.parametrize("variant", ["plain", "refine", "two_stage"])
 def test_single_image_equals_its_row_of_a_batch(variant):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(variant)).eval()
+    model = build_model(tiny_deformable_cfg(variant)).eval()
     inputs = random_inputs(2)
     with torch.no_grad():
         batched = model(inputs)
@@ -98,7 +89,7 @@ def test_single_image_equals_its_row_of_a_batch(variant):
 
 def test_images_without_objects_train():
     torch.manual_seed(0)
-    model = build_model(tiny_cfg("two_stage")).train()
+    model = build_model(tiny_deformable_cfg("two_stage")).train()
     losses = model(random_inputs(2, with_objects=False))
     total = sum(losses.values())
     assert torch.isfinite(total)
@@ -119,11 +110,11 @@ def test_images_without_objects_train():
 )
 def test_configs_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
-        build_model(tiny_cfg("two_stage", **overrides))
+        build_model(tiny_deformable_cfg("two_stage", **overrides))
 
 
 def test_shapes_config_builds_four_levels():
-    cfg = get_config(os.path.join(REPO, "configs", "quick_schedules", "deformable_detr_shapes.yaml"), ["MODEL.DEVICE", "cpu"])
+    cfg = get_config(os.path.join(QUICK_SCHEDULES, "deformable_detr_shapes.yaml"), ["MODEL.DEVICE", "cpu"])
     model = build_model(cfg)
     assert len(model.input_proj) == 4 and model.feature_names == ["res3", "res4", "res5"]
 
@@ -134,7 +125,7 @@ def test_bfloat16_inference_is_close_to_float32(variant):
     detections = {}
     for amp in (False, True):
         torch.manual_seed(0)
-        model = build_model(tiny_cfg(variant, **{"TEST.AMP.ENABLED": amp})).eval()
+        model = build_model(tiny_deformable_cfg(variant, **{"TEST.AMP.ENABLED": amp})).eval()
         dtypes = []
         model.backbone.register_forward_hook(lambda m, a, out: dtypes.append(next(iter(out.values())).dtype))
         with torch.no_grad():
@@ -143,7 +134,7 @@ def test_bfloat16_inference_is_close_to_float32(variant):
     # without TEST.AMP, a caller's own autocast stays in force
     dtypes.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model = build_model(tiny_cfg(variant)).eval()
+        model = build_model(tiny_deformable_cfg(variant)).eval()
         model.backbone.register_forward_hook(lambda m, a, out: dtypes.append(next(iter(out.values())).dtype))
         model(inputs)
     assert dtypes == [torch.bfloat16]

@@ -12,10 +12,7 @@ from conditional_detr.engine import get_config
 from conditional_detr.tools import demo
 from conditional_detr.tools.inference import build_eval_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTANT_CONFIG = os.path.join(
-    REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml"
-)
+from helpers.paths import INSTANT_CONFIG
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,7 +173,7 @@ def test_batched_folder_gives_the_single_image_detections(tmp_path, checkpoint):
 def test_coco_json_of_a_dataset_folder_uses_its_ids(tmp_path):
     from pycocotools.coco import COCO
 
-    from coco_fixture import write_coco_dataset
+    from helpers.coco import write_coco_dataset
 
     json_file, image_root = write_coco_dataset(str(tmp_path / "mine"), num_images=3)
     datasets = repr((("demo_mine", json_file, image_root),))

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conditional_detr import ops
 from conditional_detr.modeling.transformer import Dropout
 from conditional_detr.ops import reference, self_check
-from test_ops import DEVICES, dropout_keep_mask, requires_ops
+
+from helpers.ops import DEVICES, dropout_keep_mask, requires_ops
 
 RNG_STATE = torch.tensor([987654321], dtype=torch.int64)
 

@@ -1,6 +1,5 @@
 """SOLVER.EMA: the average's arithmetic, its evaluation, its checkpoints and resuming."""
 import json
-import os
 
 import pytest
 import torch
@@ -8,10 +7,10 @@ from detectron2.engine import HookBase
 
 from conditional_detr.ema import FINAL_EMA_CHECKPOINT
 from conditional_detr.engine import Trainer, get_config
-from coco_fixture import write_coco_dataset
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml")
+from helpers.coco import write_coco_dataset
+from helpers.paths import INSTANT_CONFIG
+
 WATCHED = "class_embed.weight"
 
 pytestmark = pytest.mark.usefixtures("one_thread")

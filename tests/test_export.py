@@ -9,10 +9,10 @@ from detectron2.modeling import build_model
 from conditional_detr.engine import get_config
 from conditional_detr.tools import export
 
+from helpers.paths import QUICK_SCHEDULES
+
 onnxruntime = pytest.importorskip("onnxruntime")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = os.path.join(REPO, "configs", "quick_schedules")
 MODELS = {
     "ConditionalDETR": ("conditional_detr_instant_test.yaml", []),
     "DETR": ("conditional_detr_instant_test.yaml", ["MODEL.META_ARCHITECTURE", "DETR", "MODEL.CONDITIONAL_DETR.CLASS_LOSS", "softmax"]),
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module", params=list(MODELS))
 def exported(request, tmp_path_factory):
     config, opts = MODELS[request.param]
-    config = os.path.join(QUICK, config)
+    config = os.path.join(QUICK_SCHEDULES, config)
     opts = ["MODEL.DEVICE", "cpu", *opts]
     folder = tmp_path_factory.mktemp(request.param)
     # class scores spread apart (not saturated), so that rounding does not decide the top-k order
@@ -128,7 +128,7 @@ def test_differences_are_reported_per_case():
         def forward(self, images, sizes):
             raise RuntimeError("fixed at another size")
 
-    model = build_model(get_config(os.path.join(QUICK, MODELS["ConditionalDETR"][0]), ["MODEL.DEVICE", "cpu"])).eval()
+    model = build_model(get_config(os.path.join(QUICK_SCHEDULES, MODELS["ConditionalDETR"][0]), ["MODEL.DEVICE", "cpu"])).eval()
     exportable = export.ExportableDetector(model)
     shifted = lambda images, sizes: [x + 1 if x.is_floating_point() else x for x in exportable(images, sizes)]  # noqa: E731
     results = export.check_exported(exportable, shifted, [(64, 64, 1)])

@@ -11,7 +11,8 @@ import tarfile
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers.paths import REPO
+
 STEPS = (
     "install_wheels", "build", "cuda_tests", "memcheck", "racecheck", "exercise_ops",
     "benchmark_attention", "benchmark_deformable_attention", "benchmark_model",

@@ -3,34 +3,7 @@ import torch
 
 from conditional_detr.modeling import HungarianMatcher, SetCriterion
 
-NUM_CLASSES = 5
-
-
-def random_outputs(batch, num_queries=7, num_layers=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-
-    def layer():
-        boxes = torch.rand(batch, num_queries, 4, generator=generator) * 0.5 + 0.25
-        return {
-            "pred_logits": torch.randn(batch, num_queries, NUM_CLASSES, generator=generator),
-            "pred_boxes": boxes,
-        }
-
-    outputs = layer()
-    outputs["aux_outputs"] = [layer() for _ in range(num_layers - 1)]
-    return outputs
-
-
-def random_targets(counts, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "labels": torch.randint(0, NUM_CLASSES, (n,), generator=generator),
-            "boxes": torch.rand(n, 4, generator=generator) * 0.4 + 0.3,
-        }
-        for n in counts
-    ]
-
+from helpers.tiny import NUM_CLASSES, random_outputs, random_targets
 
 def image(outputs, i):
     one = {k: v[i : i + 1] for k, v in outputs.items() if k != "aux_outputs"}

@@ -13,7 +13,8 @@ from conditional_detr.model_zoo import OFFICIAL_CHECKPOINTS, SCHEME, OfficialChe
 from conditional_detr.model_zoo import model_zoo as model_zoo_module
 from conditional_detr.model_zoo.path_handler import CONVERTED_NUM_CLASSES
 from conditional_detr import conversion
-from official_fixture import reference_file, tiny_fixture_cfg
+
+from helpers.official import reference_file, tiny_fixture_cfg
 
 TINY_NAME = "Tiny-R18"
 TINY_CONFIG = "test/tiny_r18.yaml"

@@ -10,8 +10,9 @@ from torch import nn
 
 from conditional_detr import ops
 from conditional_detr.ops import reference
-from official_fixture import reference_file
-from test_ops import DEVICES, LOW_PRECISION, detached_copy, max_error, requires_ops
+
+from helpers.official import reference_file
+from helpers.ops import DEVICES, LOW_PRECISION, detached_copy, max_error, requires_ops
 
 pytestmark = requires_ops
 

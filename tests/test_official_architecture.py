@@ -10,7 +10,8 @@ from detectron2.modeling import build_model
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conditional_detr.conversion import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
-from official_fixture import reference_file, resnet_cfg
+
+from helpers.official import reference_file, resnet_cfg
 
 OFFICIAL_PARAMETERS = {50: 43_418_401, 101: 62_358_305}
 COCO_ID_CLASS_HEAD_EXTRA = 11 * 257  # 91 - 80 logits, each with 256 weights and a bias

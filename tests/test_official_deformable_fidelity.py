@@ -11,7 +11,8 @@ from detectron2.modeling import build_model
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
 from conditional_detr import conversion
 from conditional_detr.tools import convert_official
-from official_fixture import (
+
+from helpers.official import (
     DEFORMABLE_VARIANTS, assert_same_detections, assert_same_losses, deformable_resnet_cfg, layers,
     load_converted, postprocessed, reference_file, run, tiny_deformable_fixture_cfg, tiny_fixture_cfg,
 )

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conditional_detr.tools import convert_official
-from official_fixture import (
+
+from helpers.official import (
     assert_same_detections, assert_same_losses, layers, load_converted, postprocessed,
     reference_file, run, tiny_fixture_cfg,
 )

@@ -9,7 +9,8 @@ import torch
 
 from conditional_detr import ops
 from conditional_detr.ops import self_check
-from test_ops import attention_inputs, padding_mask, requires_ops
+
+from helpers.ops import attention_inputs, padding_mask, requires_ops
 
 pytestmark = requires_ops
 

@@ -10,9 +10,9 @@ from detectron2.modeling import build_model
 from conditional_detr.modeling import HungarianMatcher, SetCriterion
 from conditional_detr.modeling.attention import ProjectedSelfAttention, within_groups
 
-from test_ablations import NUM_QUERIES, tiny_batch, tiny_model
-from test_deformable_detr import tiny_cfg as deformable_cfg
-from test_matcher_criterion import NUM_CLASSES, random_outputs, random_targets
+from helpers.tiny import (
+    NUM_CLASSES, NUM_QUERIES, random_outputs, random_targets, tiny_batch, tiny_deformable_cfg, tiny_model,
+)
 
 GROUPS = 3
 
@@ -101,7 +101,7 @@ def test_extra_groups_train_and_leave_inference_alone(architecture):
 
 
 def test_deformable_detr_refuses_groups():
-    cfg = deformable_cfg(**{"MODEL.CONDITIONAL_DETR.QUERY_GROUPS": 2})
+    cfg = tiny_deformable_cfg(**{"MODEL.CONDITIONAL_DETR.QUERY_GROUPS": 2})
     with pytest.raises(ValueError, match="QUERY_GROUPS 1, got 2"):
         build_model(cfg)
 

@@ -19,6 +19,8 @@ import conditional_detr.data  # noqa: F401  (registers the default datasets)
 from conditional_detr.data import shapes
 from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
 
+from helpers.paths import REPO
+
 # Small enough to be drawn in well under a second, large enough to contain both
 # empty and crowded images.
 SMALL_KWARGS = dict(image_size=(128, 128), num_train=12, num_val=60, object_size=(12, 48))
@@ -63,8 +65,7 @@ def _mtimes(path):
 
 def _subprocess_env(tmp_path):
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "d2"))
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
     return env
 
 

@@ -7,74 +7,27 @@ import glob
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 from PIL import Image
 from torch import nn
 
-from detectron2.data import DatasetCatalog
 from detectron2.layers import ShapeSpec
-from detectron2.engine import HookBase, default_argument_parser, launch
+from detectron2.engine import HookBase, launch
 from detectron2.solver import build_lr_scheduler
 
-from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
 from conditional_detr.engine import Trainer, get_config, hide_gpus_for_cpu_workers, train_loader_prefetch
 from conditional_detr.modeling.norms import (
     BatchNorm2d, GroupNorm, LayerNorm, NaiveSyncBatchNorm, SyncBatchNorm, trainable_batchnorm_in_float32,
 )
 from conditional_detr.solver import build_optimizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # train_net.py is a script at the top of the repository
-import train_net  # noqa: E402
-
-INSTANT_CONFIG = os.path.join(
-    REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml"
-)
-BASE_CONFIG = os.path.join(REPO, "configs", "Base-ConditionalDETR.yaml")
-TINY_SHAPES = ShapesParams(
-    image_size=(64, 64), num_train=16, num_val=8, object_size=(10, 40), max_objects=3
-)
-
-
-def register_tiny_shapes(root):
-    register_shapes_datasets(root=root, params=TINY_SHAPES)
-
+from helpers.paths import BASE_CONFIG, INSTANT_CONFIG
+from helpers.training import cli_args, instant_cfg, instant_opts, read_metrics, register_tiny_shapes
+import train_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("datasets") / "shapes")
-    old = os.environ.get("DETECTRON2_DATASETS")
-    os.environ["DETECTRON2_DATASETS"] = os.path.dirname(root)
-    register_tiny_shapes(root)
-    DatasetCatalog.get("shapes_train"), DatasetCatalog.get("shapes_val")  # generate once
-    yield root
-    if old is None:
-        os.environ.pop("DETECTRON2_DATASETS", None)
-    else:
-        os.environ["DETECTRON2_DATASETS"] = old
-
-
-def instant_opts(output_dir, *opts):
-    return ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(output_dir), *map(str, opts)]
-
-
-def instant_cfg(output_dir, *opts):
-    return get_config(INSTANT_CONFIG, instant_opts(output_dir, *opts))
-
-
-def cli_args(*argv):
-    return default_argument_parser().parse_args(["--config-file", INSTANT_CONFIG, *map(str, argv)])
-
-
-def read_metrics(output_dir):
-    with open(os.path.join(output_dir, "metrics.json")) as f:
-        return [json.loads(line) for line in f]
 
 
 # ---------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ written, and bad query or layer indices are named.
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -18,10 +17,8 @@ from conditional_detr.ops import reference
 from conditional_detr.tools import visualize_attention as tool
 from conditional_detr.tools.inference import build_eval_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INSTANT_CONFIG = os.path.join(
-    REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml"
-)
+from helpers.paths import INSTANT_CONFIG
+
 IMPLS = ["pytorch"] + (["compiled"] if ops.has_ops_for("cpu") else [])
 
 

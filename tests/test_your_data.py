@@ -7,7 +7,6 @@ behaviour, evaluated, and its predictions drawn.
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -16,11 +15,9 @@ from detectron2.data import DatasetCatalog
 from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
 from conditional_detr.tools import coco_subset, demo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # train_net.py is a script at the top of the repository
-import train_net  # noqa: E402
+from helpers.paths import INSTANT_CONFIG
+import train_net
 
-INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "conditional_detr_instant_test.yaml")
 SHAPES = ["circle", "rectangle", "triangle", "star", "cross"]
 FOCAL_PRIOR = -math.log((1 - 0.01) / 0.01)
 

@@ -1,5 +1,4 @@
-"""Shared helpers for tests against the official implementation's reference outputs."""
-import os
+"""The official implementations' reference outputs, and configs of their architectures."""
 from pathlib import Path
 
 import pytest
@@ -10,15 +9,18 @@ from detectron2.modeling import build_model
 
 from conditional_detr import add_conditional_detr_config
 
-REFERENCE_DIR = Path(
-    os.environ.get("CONDITIONAL_DETR_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference")
-)
+from .paths import REFERENCE_DIR
 
 
 def reference_file(name):
-    path = REFERENCE_DIR / name
+    """The path of a reference output; the calling test skips, naming the file, where it is missing."""
+    path = Path(REFERENCE_DIR) / name
     if not path.exists():
-        pytest.skip(f"official reference output {path} not found (set CONDITIONAL_DETR_REFERENCE)")
+        pytest.skip(
+            f"official reference output {name} not found in {REFERENCE_DIR}: it is written by the official "
+            "implementation (its README.md in that folder says how); set CONDITIONAL_DETR_REFERENCE to the "
+            "folder that holds it"
+        )
     return path
 
 
