@@ -2,6 +2,7 @@
 import json
 import os
 
+import onnxruntime
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -10,8 +11,6 @@ from conditional_detr.engine import get_config
 from conditional_detr.tools import export
 
 from helpers.paths import QUICK_SCHEDULES
-
-onnxruntime = pytest.importorskip("onnxruntime")
 
 MODELS = {
     "ConditionalDETR": ("conditional_detr_instant_test.yaml", []),

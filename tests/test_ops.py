@@ -4,6 +4,7 @@ float64, odd sizes, padding, non-contiguous and empty inputs, every dtype, dropo
 registration (opcheck, torch.compile) and FLOP counting.
 """
 import pytest
+from fvcore.nn import FlopCountAnalysis
 import torch
 from torch import nn
 
@@ -392,7 +393,6 @@ def test_torch_compile_decoder_layer_without_graph_break():
 
 
 def test_fvcore_counts_match_reference():
-    fvcore = pytest.importorskip("fvcore.nn")
 
     class Attention(nn.Module):
         def __init__(self, impl):
@@ -408,7 +408,7 @@ def test_fvcore_counts_match_reference():
     inputs = (*tensors, padding_mask(2, 19, "cpu"), torch.rand(11, 2, 2), torch.randn(11, 2, 32))
     totals = {}
     for impl in ("compiled", "pytorch"):
-        analysis = fvcore.FlopCountAnalysis(Attention(impl).eval(), inputs)
+        analysis = FlopCountAnalysis(Attention(impl).eval(), inputs)
         analysis.set_op_handle(**ops.fvcore_handles())
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         totals[impl] = analysis.total()
