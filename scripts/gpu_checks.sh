@@ -107,7 +107,8 @@ fi
 
 # 3. the CUDA tests (on CPU, the same selection skips)
 step cuda_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider \
-    tests/test_ops.py tests/test_ms_deform_attn.py tests/test_ops_fallback.py -k "cuda"
+    tests/test_conditional_attention_op.py tests/test_deformable_attention_op.py tests/test_hashed_dropout.py \
+    tests/test_ops_fallback.py -k "cuda"
 
 # 4. compute-sanitizer on every op, forward and backward
 if [ "$DRY_RUN" = 1 ] || ! command -v compute-sanitizer > /dev/null; then

@@ -1,3 +1,9 @@
+"""
+Checkpoints: official weights converted or loaded as they are, and files that are not
+checkpoints named.
+"""
+import re
+
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -6,6 +12,7 @@ from conditional_detr.checkpoint import ConditionalDETRCheckpointer
 from conditional_detr import conversion
 from conditional_detr.tools import convert_official
 
+from helpers import tiny
 from helpers.official import reference_file, tiny_fixture_cfg
 
 
@@ -56,3 +63,38 @@ def test_converter_rejects_other_checkpoints(tmp_path):
     torch.save({"model": {"conv.weight": torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match=r"other\.pth: not an official Conditional DETR, DETR or Deformable DETR checkpoint"):
         conversion.load_official_checkpoint(path)
+
+
+# --------------------------------------------------------------- files that are not checkpoints
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny.tiny_model()
+
+
+def test_truncated_checkpoint_is_named(model, tmp_path):
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": model.state_dict()}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model_final\.pth: cannot read this checkpoint \(a truncated file"):
+        ConditionalDETRCheckpointer(model).load(str(path))
+
+
+@pytest.mark.parametrize("name, content", [("notes.pth", b"these are not weights\n"), ("empty.pkl", b""), ("weights.pth", None)])
+def test_non_checkpoints_are_named(model, tmp_path, name, content):
+    path = tmp_path / name
+    if content is None:
+        torch.save(torch.zeros(3), path)  # a tensor, not a state dict
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(name) + ": (cannot read this checkpoint|not a checkpoint)"):
+        ConditionalDETRCheckpointer(model).load(str(path))
+
+
+def test_dict_without_tensors_is_not_a_checkpoint(model, tmp_path):
+    path = tmp_path / "settings.pth"
+    torch.save({"model": {"lr": 0.1}}, path)
+    with pytest.raises(ValueError, match=r"settings\.pth: not a checkpoint: expected a state dict of tensors"):
+        ConditionalDETRCheckpointer(model).load(str(path))

@@ -1,3 +1,7 @@
+"""
+Every config loads; the COCO configs hold the official schedules and recipes; typed and
+unknown keys are named.
+"""
 import glob
 import math
 import os

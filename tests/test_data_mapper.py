@@ -1,3 +1,7 @@
+"""
+The dataset mapper: DETR's augmentation and resizing, boxes that follow the image, and
+unreadable images named.
+"""
 
 import numpy as np
 import pytest

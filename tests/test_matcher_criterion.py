@@ -1,3 +1,7 @@
+"""
+The Hungarian matcher and the set criterion: one-to-one minimal matching, empty targets,
+every decoder layer's losses.
+"""
 import pytest
 import torch
 

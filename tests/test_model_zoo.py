@@ -1,3 +1,7 @@
+"""
+The model zoo: every config by name, the official checkpoints downloaded, converted and
+cached (and nothing cached from a broken download).
+"""
 import os
 import re
 import shutil

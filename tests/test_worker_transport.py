@@ -1,4 +1,7 @@
-"""Samples from DataLoader workers: small tensors by value, large ones in shared memory, same contents."""
+"""
+Samples from DataLoader workers: small tensors by value, large ones in shared memory, same
+contents.
+"""
 import torch
 from detectron2.structures import Boxes, Instances
 from torch.utils.data import DataLoader

@@ -1,3 +1,8 @@
+"""
+The benchmarks of the compiled ops (tools/benchmark_attention,
+benchmark_deformable_attention) and their shared timing, memory and machine-description
+helpers.
+"""
 import json
 
 import pytest
