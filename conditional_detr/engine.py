@@ -91,8 +91,7 @@ def train_loader_prefetch(cfg):
     """
     DataLoader arguments that keep two batches of images in flight. With aspect-ratio
     grouping the workers hand over single images, and torch's default of two per worker
-    left the model waiting for most of every batch (on the demo, one worker and 8 images:
-    up to 45 ms of a 200 ms step).
+    left the model waiting for most of every batch.
     """
     workers = cfg.DATALOADER.NUM_WORKERS
     if workers == 0 or not cfg.DATALOADER.ASPECT_RATIO_GROUPING:

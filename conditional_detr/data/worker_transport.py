@@ -2,11 +2,11 @@
 How mapped samples travel from a DataLoader worker to the training process.
 
 torch hands every tensor of a worker's sample over in its own shared-memory segment, and
-receiving one costs about 2 ms on the 2-core development CPU whatever its size: with an
-image, its boxes and its classes, 8 small images took 15-20 ms of the main process per
-step of the embedded demo. Copied through the pipe, a whole demo sample costs about 0.3 ms,
-but an 800x1200 image costs 8 ms against 1 ms in shared memory. So small tensors go by
-value and large ones keep the shared-memory route.
+receiving one costs about the same whatever its size: for the embedded demo's small images,
+boxes and classes that fixed cost dominates the main process's share of a step, while
+copying a whole small sample through the pipe costs a fraction of it. A COCO-sized image is
+the other way round. So small tensors go by value and large ones keep the shared-memory
+route (measurements in docs/speed.md).
 """
 import copyreg
 import io
@@ -16,7 +16,7 @@ import torch
 
 __all__ = ["SmallTensorsByValue"]
 
-# Measured on the 2-core CPU: by value costs about 2.7 ms per MiB; a segment about 1-2 ms.
+# Where copying a tensor by value starts to cost more than a shared-memory segment.
 BY_VALUE_BYTES = 256 * 1024
 _NUMPY_DTYPES = {
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,

@@ -5,7 +5,7 @@ CUDA's autocast computes LayerNorm and GroupNorm in float32; the CPU's keeps a b
 input in bfloat16, and with it the residual stream that the normalization's output
 starts (the whole encoder's, after a bfloat16 input projection). BatchNorm is left in
 the input's dtype by both; in float32, a backbone trained from scratch under bf16
-autocast came closer to its float32 accuracy (README, the embedded demo). A BatchNorm
+autocast came closer to its float32 accuracy (docs/demo.md). A BatchNorm
 whose output reaches nothing but a convolution (through ReLU) can stay in the input's
 dtype at no cost in accuracy: its statistics are accumulated in float32 either way, and
 the convolution would round a float32 output to that dtype; it saves two casts of the

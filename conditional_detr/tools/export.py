@@ -144,8 +144,8 @@ def export_torchscript(exportable, inputs, path):
 
 
 def export_onnx(exportable, inputs, path):
-    # torch.onnx's TorchScript-based exporter: several times faster here than the
-    # torch.export-based one, with the same graph for these models
+    # torch.onnx's TorchScript-based exporter: it exports these models much faster than the
+    # torch.export-based one, with the same graph
     with torch.no_grad():
         torch.onnx.export(
             exportable,

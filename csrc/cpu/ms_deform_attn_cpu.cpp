@@ -254,7 +254,7 @@ void backward_kernel(const DeformableAttentionShape& s, const Levels& levels, co
   // Task (n, l, group of heads) reads and writes only level l of those heads of batch element
   // n. Groups are as wide as the thread count allows: a query's heads sit side by side in
   // memory, so wide groups stream through the locations, weights and grad_output (one head per
-  // task made the backward 2.5x slower here).
+  // task made the backward several times slower).
   const int64_t wanted_tasks = 2 * static_cast<int64_t>(at::get_num_threads());
   const int64_t groups =
       std::min(M, std::max<int64_t>(1, (wanted_tasks + s.batch * L - 1) / (s.batch * L)));
