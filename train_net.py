@@ -14,6 +14,7 @@ from detectron2.utils.logger import setup_logger
 
 import conditional_detr  # noqa: F401 (registers the meta-architecture and the embedded datasets)
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
+from conditional_detr.config_checks import check_device
 from conditional_detr.data.datasets import add_coco_datasets
 from conditional_detr.engine import (
     Trainer,
@@ -73,7 +74,9 @@ if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
     world_size = args.num_gpus * args.num_machines
-    hide_gpus_for_cpu_workers(get_config(args.config_file, args.opts), world_size)
+    cfg = get_config(args.config_file, args.opts)
+    check_device(cfg.MODEL.DEVICE, args.num_gpus)
+    hide_gpus_for_cpu_workers(cfg, world_size)
     launch(
         main,
         args.num_gpus,

@@ -3,9 +3,11 @@ Config values that cannot work, stopped when the model is built with an error na
 the key and the value, rather than deep inside a layer or the loss.
 """
 
+import torch
+
 from .class_head import check_behaviour
 
-__all__ = ["check_model_config"]
+__all__ = ["check_device", "check_model_config"]
 
 _PREFIX = "MODEL.CONDITIONAL_DETR."
 
@@ -42,8 +44,30 @@ def _check_bound(key, value, bound, lower):
         raise ValueError(f"{_PREFIX}{key} must be {relation} {limit}, got {value!r}")
 
 
+def check_device(device, num_processes=1):
+    """
+    MODEL.DEVICE and the processes of a run against the GPUs there are: torch's own error,
+    raised when the model or a process first touches CUDA, names neither the key nor the
+    way out.
+    """
+    if torch.device(device).type != "cuda":
+        return
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available == 0:
+        raise ValueError(
+            f"MODEL.DEVICE {device!r}, but this machine has no CUDA device; "
+            "set MODEL.DEVICE cpu (or auto: the GPU where there is one)"
+        )
+    if num_processes > available:
+        raise ValueError(
+            f"--num-gpus {num_processes} with MODEL.DEVICE {device!r}, but this machine has "
+            f"{available} CUDA device(s)"
+        )
+
+
 def check_model_config(cfg):
-    """The shared MODEL.CONDITIONAL_DETR keys of every detector of the package."""
+    """The shared MODEL.CONDITIONAL_DETR keys of every detector of the package, and MODEL.DEVICE."""
+    check_device(cfg.MODEL.DEVICE)
     args = cfg.MODEL.CONDITIONAL_DETR
     for key, bound in _LOWER_BOUNDS.items():
         _check_bound(key, args[key], bound, lower=True)

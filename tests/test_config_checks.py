@@ -2,8 +2,10 @@
 import os
 
 import pytest
+import torch
 from detectron2.modeling import build_model
 
+from conditional_detr.config_checks import check_device
 from conditional_detr.engine import get_config
 
 from helpers.paths import QUICK_SCHEDULES
@@ -50,3 +52,23 @@ def test_bad_values_stop_at_build_time(architecture, key, value, message):
 
 def test_an_encoder_free_model_still_builds():
     assert len(build("DETR", "MODEL.CONDITIONAL_DETR.ENC_LAYERS", 0).transformer.encoder.layers) == 0
+
+
+def without_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+def test_cuda_device_without_a_gpu_names_the_key(monkeypatch):
+    without_gpus(monkeypatch)
+    with pytest.raises(ValueError, match=r"MODEL\.DEVICE 'cuda', but this machine has no CUDA device; set MODEL\.DEVICE cpu"):
+        build("ConditionalDETR", "MODEL.DEVICE", "cuda")
+    check_device("cpu", num_processes=8)  # CPU workers need no GPU
+
+
+def test_more_processes_than_gpus_names_the_flag(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_device("cuda:0", num_processes=2)
+    with pytest.raises(ValueError, match=r"--num-gpus 8 with MODEL\.DEVICE 'cuda', but this machine has 2 CUDA"):
+        check_device("cuda", num_processes=8)
