@@ -12,7 +12,8 @@ from conditional_detr import ops
 from conditional_detr.ops import reference
 
 from helpers.ops import (
-    DEVICES, LOW_PRECISION, attention_inputs, detached_copy, dropout_keep_mask, max_error, padding_mask, requires_ops,
+    DEVICES, LOW_PRECISION, assert_compiles_without_graph_break, attention_inputs, detached_copy, dropout_keep_mask,
+    max_error, padding_mask, requires_ops,
 )
 
 pytestmark = requires_ops
@@ -375,18 +376,7 @@ def test_torch_compile_decoder_layer_without_graph_break():
         padding_mask(batch, num_keys, "cpu"), torch.randn(num_keys, batch, d_model),
         torch.randn(num_queries, batch, d_model), torch.rand(num_queries, batch, 2),
     )
-    torch._dynamo.reset()
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    out = compiled(*inputs)
-    torch.testing.assert_close(out, module(*inputs))
-    out.sum().backward()
-    grads = [p.grad.clone() for p in module.parameters()]
-    module.zero_grad()
-    module(*inputs).sum().backward()
-    for g, p in zip(grads, module.parameters()):
-        torch.testing.assert_close(g, p.grad)
-    explanation = torch._dynamo.explain(module)(*inputs)
-    assert explanation.graph_break_count == 0
+    assert_compiles_without_graph_break(module, inputs)
 
 
 # ------------------------------------------------------------------------------ fvcore

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from conditional_detr import ops
-from conditional_detr.ops import reference
 
 from helpers.official import reference_file
-from helpers.ops import DEVICES, LOW_PRECISION, detached_copy, max_error, requires_ops
+from helpers.ops import (
+    DEVICES, LOW_PRECISION, assert_compiles_without_graph_break, detached_copy, max_error, requires_ops,
+)
 
 pytestmark = requires_ops
 
@@ -304,14 +305,4 @@ def test_torch_compile_without_graph_break():
     spatial_shapes, level_start_index = level_tensors(levels, "cpu")
     inputs = (torch.randn(2, 6, 16), torch.rand(2, 6, 2), torch.randn(2, 47, 16), spatial_shapes,
               level_start_index)
-    torch._dynamo.reset()
-    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
-    out = compiled(*inputs)
-    torch.testing.assert_close(out, module(*inputs))
-    out.sum().backward()
-    grads = [p.grad.clone() for p in module.parameters()]
-    module.zero_grad()
-    module(*inputs).sum().backward()
-    for g, p in zip(grads, module.parameters()):
-        torch.testing.assert_close(g, p.grad)
-    assert torch._dynamo.explain(module)(*inputs).graph_break_count == 0
+    assert_compiles_without_graph_break(module, inputs)

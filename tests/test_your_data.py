@@ -55,7 +55,7 @@ def route(tmp_path_factory):
 def fine_tune(route, name, behaviour):
     root, yours, weights, _ = route
     out = root / name
-    results = run_train_net(
+    run_train_net(
         "--coco-dataset", "mine_train", *yours["train"], "--coco-dataset", "mine_val", *yours["val"],
         "OUTPUT_DIR", out, "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('mine_train',)", "DATASETS.TEST", "('mine_val',)",
         "MODEL.CONDITIONAL_DETR.NUM_CLASSES", 3, "MODEL.WEIGHTS", weights,

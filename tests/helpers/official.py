@@ -17,9 +17,9 @@ def reference_file(name):
     path = Path(REFERENCE_DIR) / name
     if not path.exists():
         pytest.skip(
-            f"official reference output {name} not found in {REFERENCE_DIR}: it is written by the official "
-            "implementation (its README.md in that folder says how); set CONDITIONAL_DETR_REFERENCE to the "
-            "folder that holds it"
+            f"official reference output {name} not found in {REFERENCE_DIR}: the official implementations' "
+            "outputs live beside the repository in shared/reference; set CONDITIONAL_DETR_REFERENCE to the "
+            "folder that holds them"
         )
     return path
 

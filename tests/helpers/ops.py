@@ -64,3 +64,18 @@ def dropout_keep_mask(seed, count, p):
         z ^= z >> np.uint64(31)
     bits = (z >> np.uint64(32)).astype(np.uint64)
     return torch.from_numpy(bits >= np.uint64(min(p * 2**32, 2**32 - 1)))
+
+
+def assert_compiles_without_graph_break(module, inputs):
+    """torch.compile(fullgraph=True) gives the eager outputs and parameter gradients, in one graph."""
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    torch.testing.assert_close(out, module(*inputs))
+    out.sum().backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    module(*inputs).sum().backward()
+    for g, p in zip(grads, module.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    assert torch._dynamo.explain(module)(*inputs).graph_break_count == 0
