@@ -25,7 +25,7 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
     DetectionCheckpointer that also loads official Conditional DETR and DETR
     checkpoints (converted on the fly), refuses a checkpoint whose class count differs
     from the model's, which detectron2 would otherwise skip with only a warning, unless
-    `class_head` (MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD) says how to fine-tune to
+    `class_head` (MODEL.WEIGHTS_CLASS_HEAD) says how to fine-tune to
     the model's classes, and stops with an error naming a file that is not a checkpoint.
 
     Saved checkpoints hold the model's `class_names`, so that a later fine-tuning can match
@@ -45,7 +45,7 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
             model,
             save_dir,
             class_names=model_class_names(cfg),
-            class_head=cfg.MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD,
+            class_head=cfg.MODEL.WEIGHTS_CLASS_HEAD,
             **kwargs,
         )
 
@@ -175,6 +175,6 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         suffix = f" + no-object ({class_weight.shape[0]} logits)" if no_object else ""
         raise ValueError(
             f"{filename}: checkpoint field {key!r} has {class_weight.shape[0] - no_object} "
-            f"classes{suffix} but MODEL.CONDITIONAL_DETR.NUM_CLASSES is {num_classes}; set NUM_CLASSES "
+            f"classes{suffix} but MODEL.DETR.NUM_CLASSES is {num_classes}; set NUM_CLASSES "
             f"to match, convert the checkpoint for this class count, or {self._fine_tuning_hint()}"
         )

@@ -1,6 +1,6 @@
 """
 Fine-tuning to other classes: what the class heads of a checkpoint become when its
-classes are not the model's, by MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD.
+classes are not the model's, by MODEL.WEIGHTS_CLASS_HEAD.
 
 A class head is any checkpoint entry whose last module is `class_embed`:
 `class_embed.weight` (Conditional DETR, DETR), `class_embed.3.bias` (one head per
@@ -26,7 +26,7 @@ __all__ = [
     "fine_tune_class_heads",
 ]
 
-CONFIG_KEY = "MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD"
+CONFIG_KEY = "MODEL.WEIGHTS_CLASS_HEAD"
 BEHAVIOURS = ("keep", "reinit", "match_names")
 # detectron2's 80 contiguous COCO classes: those of official and model-zoo checkpoints once converted
 COCO_CLASS_NAMES = tuple(c["name"] for c in COCO_CATEGORIES if c["isthing"])

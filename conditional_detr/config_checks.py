@@ -9,7 +9,7 @@ from .class_head import check_behaviour
 
 __all__ = ["check_device", "check_model_config"]
 
-_PREFIX = "MODEL.CONDITIONAL_DETR."
+_PREFIX = "MODEL.DETR."
 
 # key: (least value, whether the least value itself is allowed)
 _LOWER_BOUNDS = {
@@ -21,17 +21,16 @@ _LOWER_BOUNDS = {
     "ENC_LAYERS": (0, True),  # DETR's ablation without an encoder
     "DEC_LAYERS": (1, True),
     "DIM_FEEDFORWARD": (1, True),
-    "NUM_TOPK": (1, True),
     "DROPOUT": (0.0, True),
     "FOCAL_ALPHA": (0.0, True),
     "FOCAL_GAMMA": (0.0, True),
-    "COST_CLASS": (0.0, True),
-    "COST_BBOX": (0.0, True),
-    "COST_GIOU": (0.0, True),
+    "CLASS_COST": (0.0, True),
+    "L1_COST": (0.0, True),
+    "GIOU_COST": (0.0, True),
     "CLASS_WEIGHT": (0.0, True),
     "L1_WEIGHT": (0.0, True),
     "GIOU_WEIGHT": (0.0, True),
-    "EOS_COEF": (0.0, False),
+    "NO_OBJECT_WEIGHT": (0.0, False),
 }
 _UPPER_BOUNDS = {"DROPOUT": (1.0, False), "FOCAL_ALPHA": (1.0, True)}
 
@@ -66,9 +65,9 @@ def check_device(device, num_processes=1):
 
 
 def check_model_config(cfg):
-    """The shared MODEL.CONDITIONAL_DETR keys of every detector of the package, and MODEL.DEVICE."""
+    """The MODEL.DETR keys of every detector of the package, and MODEL.DEVICE."""
     check_device(cfg.MODEL.DEVICE)
-    args = cfg.MODEL.CONDITIONAL_DETR
+    args = cfg.MODEL.DETR
     for key, bound in _LOWER_BOUNDS.items():
         _check_bound(key, args[key], bound, lower=True)
     for key, bound in _UPPER_BOUNDS.items():
@@ -80,4 +79,6 @@ def check_model_config(cfg):
         raise ValueError(
             f"{_PREFIX}NHEADS {args.NHEADS} does not divide {_PREFIX}HIDDEN_DIM {args.HIDDEN_DIM}"
         )
-    check_behaviour(args.CHECKPOINT_CLASS_HEAD)
+    if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
+        raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {cfg.TEST.DETECTIONS_PER_IMAGE!r}")
+    check_behaviour(cfg.MODEL.WEIGHTS_CLASS_HEAD)

@@ -1,7 +1,7 @@
 """
 The paper's ablations (Section 4.3: reference points, Table 3: the conditional spatial
 query, Figure 5: the transformation T, Table 4: focal loss and box offset regression)
-as MODEL.CONDITIONAL_DETR switches, and the DETR baseline: each builds, trains a step
+as MODEL.CONDITIONAL_DETR and MODEL.DETR switches, and the DETR baseline: each builds, trains a step
 on tiny images and changes what it should.
 """
 import pytest
@@ -11,7 +11,7 @@ from conditional_detr import ops
 from conditional_detr.modeling.backbone import feature_padding_mask
 from conditional_detr.modeling.conditional_detr import apply_transformation
 
-from helpers.tiny import HIDDEN_DIM, NHEADS, NUM_QUERIES, tiny_batch, tiny_model
+from helpers.tiny import HIDDEN_DIM, NHEADS, NUM_QUERIES, detector_node, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,7 +149,7 @@ def test_spatial_query_forms(form):
 
 
 def test_class_loss_switches_head_loss_and_inference():
-    focal, softmax = tiny_model(), tiny_model(CLASS_LOSS="softmax", EOS_COEF=0.25)
+    focal, softmax = tiny_model(), tiny_model(CLASS_LOSS="softmax", NO_OBJECT_WEIGHT=0.25)
     assert focal.class_embed.out_features == 5 and softmax.class_embed.out_features == 6
     assert focal.criterion.class_loss == "focal" and softmax.criterion.class_loss == "softmax"
     assert softmax.criterion.matcher.class_loss == "softmax"
@@ -198,7 +198,7 @@ def test_box_offset_switch():
     [("REFERENCE_POINTS", "random"), ("SPATIAL_QUERY", "CSQ-X"), ("TRANSFORMATION", "sparse"), ("CLASS_LOSS", "bce")],
 )
 def test_bad_values_name_key_and_value(key, value):
-    with pytest.raises(ValueError, match=rf"MODEL\.CONDITIONAL_DETR\.{key}.*{value}"):
+    with pytest.raises(ValueError, match=rf"MODEL\.{detector_node(key)}\.{key}.*{value}"):
         tiny_model(**{key: value})
 
 

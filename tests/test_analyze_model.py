@@ -49,7 +49,7 @@ def test_complete_count_adds_the_masked_encoder_attention_logits():
     flops, all_flops, _, _ = analyze_model.count_flops(
         model, analyze_model.synthetic_inputs(64, 96)
     )
-    args = cfg.MODEL.CONDITIONAL_DETR
+    args = cfg.MODEL.DETR
     assert all_flops - flops == args.ENC_LAYERS * 6 * 6 * args.HIDDEN_DIM
 
 
@@ -59,7 +59,7 @@ def test_same_count_with_either_attention_impl():
     counts = {}
     for impl in ("compiled", "pytorch"):
         torch.manual_seed(0)
-        _, model = tiny_model("MODEL.CONDITIONAL_DETR.ATTENTION_IMPL", impl)
+        _, model = tiny_model("MODEL.DETR.OPS_IMPL", impl)
         counts[impl] = analyze_model.count_flops(model, inputs)[:2]
     assert counts["compiled"] == counts["pytorch"]
     assert counts["compiled"][0] > 0
@@ -121,10 +121,10 @@ def test_bad_arguments_are_named():
 
 
 def test_deformable_attention_counts_its_samples():
-    cfg = get_config(DEFORMABLE_INSTANT_CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.CONDITIONAL_DETR.ATTENTION_IMPL", "pytorch"])
+    cfg = get_config(DEFORMABLE_INSTANT_CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.DETR.OPS_IMPL", "pytorch"])
     model = build_eval_model(cfg)
     _, _, by_operator, _ = analyze_model.count_flops(model, analyze_model.synthetic_inputs(64, 96))
-    args, deformable = cfg.MODEL.CONDITIONAL_DETR, cfg.MODEL.DEFORMABLE_DETR
+    args, deformable = cfg.MODEL.DETR, cfg.MODEL.DEFORMABLE_DETR
     # levels of strides 8, 16, 32, 64: 8x12, 4x6, 2x3 and 1x2 positions
     positions = 96 + 24 + 6 + 2
     levels = deformable.NUM_FEATURE_LEVELS
@@ -142,6 +142,6 @@ def test_deformable_count_is_the_same_with_either_attention_impl():
     counts = {}
     for impl in ("compiled", "pytorch"):
         torch.manual_seed(0)
-        cfg = get_config(DEFORMABLE_INSTANT_CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.CONDITIONAL_DETR.ATTENTION_IMPL", impl])
+        cfg = get_config(DEFORMABLE_INSTANT_CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.DETR.OPS_IMPL", impl])
         counts[impl] = analyze_model.count_flops(build_eval_model(cfg), inputs)[:2]
     assert counts["compiled"] == counts["pytorch"]

@@ -23,7 +23,7 @@ def official_path():
 
 def tiny_model(num_classes):
     cfg = tiny_fixture_cfg()
-    cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = num_classes
+    cfg.MODEL.DETR.NUM_CLASSES = num_classes
     return build_model(cfg)
 
 

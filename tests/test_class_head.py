@@ -1,4 +1,4 @@
-"""Fine-tuning to other classes: MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD."""
+"""Fine-tuning to other classes: MODEL.WEIGHTS_CLASS_HEAD."""
 import contextlib
 import logging
 import math
@@ -24,7 +24,7 @@ FOCAL_PRIOR = -math.log((1 - 0.01) / 0.01)
 def tiny_model(num_classes=5, *opts):
     cfg = get_config(
         "configs/quick_schedules/conditional_detr_instant_test.yaml",
-        ["MODEL.DEVICE", "cpu", "MODEL.CONDITIONAL_DETR.NUM_CLASSES", num_classes, *map(str, opts)],
+        ["MODEL.DEVICE", "cpu", "MODEL.DETR.NUM_CLASSES", num_classes, *map(str, opts)],
     )
     return build_model(cfg)
 
@@ -71,7 +71,7 @@ def test_saved_checkpoints_hold_the_class_names(source):
 
 def test_keep_names_the_switch_on_a_count_mismatch(source):
     path, _ = source
-    with pytest.raises(ValueError, match=r"shapes\.pth.*5 classes but .*NUM_CLASSES is 3.*CHECKPOINT_CLASS_HEAD to 'reinit' or 'match_names'"):
+    with pytest.raises(ValueError, match=r"shapes\.pth.*5 classes but .*NUM_CLASSES is 3.*WEIGHTS_CLASS_HEAD to 'reinit' or 'match_names'"):
         load(path, "keep")
 
 
@@ -121,7 +121,7 @@ def test_match_names_needs_names_on_both_sides(source, tmp_path):
     path, trained = source
     nameless = tmp_path / "nameless.pth"
     torch.save({"model": trained}, nameless)
-    with pytest.raises(ValueError, match=r"nameless\.pth stores no class names, which MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD 'match_names' needs"):
+    with pytest.raises(ValueError, match=r"nameless\.pth stores no class names, which MODEL.WEIGHTS_CLASS_HEAD 'match_names' needs"):
         load(str(nameless), "match_names")
     with pytest.raises(ValueError, match=r"'match_names' needs the model's class names"):
         load(path, "match_names", class_names=None)
@@ -131,7 +131,7 @@ def test_match_names_needs_names_on_both_sides(source, tmp_path):
 
 
 def test_unknown_behaviour_names_key_and_value():
-    with pytest.raises(ValueError, match=r"CHECKPOINT_CLASS_HEAD must be one of .* got 'drop'"):
+    with pytest.raises(ValueError, match=r"MODEL\.WEIGHTS_CLASS_HEAD must be one of .* got 'drop'"):
         ConditionalDETRCheckpointer(tiny_model(3), class_head="drop")
 
 
@@ -168,7 +168,7 @@ def test_names_that_do_not_fit_the_head():
 
 
 def official_model(cfg, names):
-    cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = len(names)
+    cfg.MODEL.DETR.NUM_CLASSES = len(names)
     torch.manual_seed(0)
     return build_model(cfg)
 
@@ -196,7 +196,7 @@ def test_official_checkpoints_match_coco_names(detr):
 def test_official_checkpoint_keep_names_the_switch():
     path = reference_file("official_r18_tiny.pth")
     model = official_model(tiny_fixture_cfg(), MINE)
-    with pytest.raises(ValueError, match=r"official_r18_tiny\.pth: .*CHECKPOINT_CLASS_HEAD to 'reinit' or 'match_names'"):
+    with pytest.raises(ValueError, match=r"official_r18_tiny\.pth: .*WEIGHTS_CLASS_HEAD to 'reinit' or 'match_names'"):
         ConditionalDETRCheckpointer(model).load(str(path))
 
 
@@ -219,7 +219,7 @@ def test_deformable_detr_per_layer_heads(tmp_path):
     def deformable(num_classes):
         cfg = get_config(
             "configs/quick_schedules/deformable_detr_instant_test.yaml",
-            ["MODEL.DEVICE", "cpu", "MODEL.CONDITIONAL_DETR.NUM_CLASSES", str(num_classes)],
+            ["MODEL.DEVICE", "cpu", "MODEL.DETR.NUM_CLASSES", str(num_classes)],
         )
         return build_model(cfg)
 

@@ -308,7 +308,7 @@ def test_dropout_keeps_expected_fraction():
 
 def test_impl_validation():
     tensors = attention_inputs(2, 3, 1, 4, "cpu")
-    with pytest.raises(ValueError, match="ATTENTION_IMPL"):
+    with pytest.raises(ValueError, match="OPS_IMPL"):
         ops.conditional_cross_attention(*tensors, None, 1, impl="fast")
     assert ops.has_ops_for("cpu") and ops.unavailable_reason("cpu") is None
     assert "no kernels" in ops.unavailable_reason("xpu")

@@ -29,29 +29,40 @@ def build(architecture, *opts):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("NHEADS", 3, r"NHEADS 3 does not divide MODEL.CONDITIONAL_DETR.HIDDEN_DIM 64"),
+        ("NHEADS", 3, r"NHEADS 3 does not divide MODEL.DETR.HIDDEN_DIM 64"),
         ("NHEADS", 0, r"NHEADS must be >= 1, got 0"),
         ("HIDDEN_DIM", 66, r"HIDDEN_DIM must be a multiple of 4, got 66"),
         ("NUM_OBJECT_QUERIES", 0, r"NUM_OBJECT_QUERIES must be >= 1, got 0"),
         ("NUM_CLASSES", -1, r"NUM_CLASSES must be >= 1, got -1"),
         ("ENC_LAYERS", -1, r"ENC_LAYERS must be >= 0, got -1"),
         ("DEC_LAYERS", 0, r"DEC_LAYERS must be >= 1, got 0"),
-        ("NUM_TOPK", 0, r"NUM_TOPK must be >= 1, got 0"),
         ("DIM_FEEDFORWARD", 0, r"DIM_FEEDFORWARD must be >= 1, got 0"),
         ("DROPOUT", 1.0, r"DROPOUT must be < 1.0, got 1.0"),
         ("FOCAL_ALPHA", 1.5, r"FOCAL_ALPHA must be <= 1.0, got 1.5"),
         ("GIOU_WEIGHT", -2.0, r"GIOU_WEIGHT must be >= 0.0, got -2.0"),
-        ("EOS_COEF", 0.0, r"EOS_COEF must be > 0.0, got 0.0"),
-        ("CHECKPOINT_CLASS_HEAD", "drop", r"CHECKPOINT_CLASS_HEAD must be one of .*, got 'drop'"),
+        ("NO_OBJECT_WEIGHT", 0.0, r"NO_OBJECT_WEIGHT must be > 0.0, got 0.0"),
     ],
 )
 def test_bad_values_stop_at_build_time(architecture, key, value, message):
-    with pytest.raises(ValueError, match=r"MODEL\.CONDITIONAL_DETR\." + message):
-        build(architecture, f"MODEL.CONDITIONAL_DETR.{key}", value)
+    with pytest.raises(ValueError, match=r"MODEL\.DETR\." + message):
+        build(architecture, f"MODEL.DETR.{key}", value)
+
+
+@pytest.mark.parametrize("architecture", list(CONFIGS))
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("TEST.DETECTIONS_PER_IMAGE", 0, r"TEST\.DETECTIONS_PER_IMAGE must be >= 1, got 0"),
+        ("MODEL.WEIGHTS_CLASS_HEAD", "drop", r"MODEL\.WEIGHTS_CLASS_HEAD must be one of .*, got 'drop'"),
+    ],
+)
+def test_bad_values_of_other_nodes_stop_at_build_time(architecture, key, value, message):
+    with pytest.raises(ValueError, match=message):
+        build(architecture, key, value)
 
 
 def test_an_encoder_free_model_still_builds():
-    assert len(build("DETR", "MODEL.CONDITIONAL_DETR.ENC_LAYERS", 0).transformer.encoder.layers) == 0
+    assert len(build("DETR", "MODEL.DETR.ENC_LAYERS", 0).transformer.encoder.layers) == 0
 
 
 def without_gpus(monkeypatch):

@@ -10,9 +10,10 @@ import re
 import pytest
 import yaml
 
+from conditional_detr.config import RENAMED_KEYS
 from conditional_detr.engine import get_config
 
-from helpers.paths import CONFIGS as CONFIG_DIR
+from helpers.paths import CONFIGS as CONFIG_DIR, INSTANT_CONFIG
 
 ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True))
 COCO_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "COCO-Detection", "*.yaml")))
@@ -36,6 +37,7 @@ def test_configs_found():
     } <= names
     assert len(COCO_CONFIGS) == 12 + 8 + 3
     assert {
+        "Base-SetPrediction.yaml",
         "Base-ConditionalDETR.yaml",
         "Base-DETR.yaml",
         "Base-DeformableDETR.yaml",
@@ -47,11 +49,19 @@ def test_configs_found():
     } <= names
 
 
+@pytest.mark.parametrize("detector", ["ConditionalDETR", "DETR", "DeformableDETR"])
+def test_each_detector_base_extends_only_the_shared_one(detector):
+    with open(os.path.join(CONFIG_DIR, f"Base-{detector}.yaml")) as f:
+        assert yaml.safe_load(f)["_BASE_"] == "Base-SetPrediction.yaml"
+
+
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_config_loads(path):
     cfg = get_config(path)
     name = os.path.basename(path).lower()
-    if name.startswith(("detr_", "base-detr")):
+    if name == "base-setprediction.yaml":
+        assert cfg.MODEL.META_ARCHITECTURE == "GeneralizedRCNN"  # detectron2's default: a base, not a model
+    elif name.startswith(("detr_", "base-detr")):
         assert cfg.MODEL.META_ARCHITECTURE == "DETR"
     elif name.startswith(("deformable_detr_", "base-deformabledetr")):
         assert cfg.MODEL.META_ARCHITECTURE == "DeformableDETR"
@@ -101,7 +111,7 @@ def test_coco_schedule_matches_the_official_one(path):
 def test_deformable_detr_configs_have_the_official_recipe(path):
     variant = re.fullmatch(r"deformable_detr_R_50(_refine|_two_stage)?_50ep\.yaml", os.path.basename(path)).group(1)
     cfg = get_config(path)
-    args, deformable = cfg.MODEL.CONDITIONAL_DETR, cfg.MODEL.DEFORMABLE_DETR
+    args, deformable = cfg.MODEL.DETR, cfg.MODEL.DEFORMABLE_DETR
     assert cfg.MODEL.RESNETS.DEPTH == 50 and cfg.MODEL.RESNETS.OUT_FEATURES == ["res3", "res4", "res5"]
     assert cfg.MODEL.RESNETS.NORM == "FrozenBN" and cfg.MODEL.BACKBONE.FREEZE_AT == 2
     assert (deformable.NUM_FEATURE_LEVELS, deformable.ENC_N_POINTS, deformable.DEC_N_POINTS) == (4, 4, 4)
@@ -110,7 +120,7 @@ def test_deformable_detr_configs_have_the_official_recipe(path):
     assert (args.ENC_LAYERS, args.DEC_LAYERS, args.HIDDEN_DIM, args.NHEADS) == (6, 6, 256, 8)
     assert args.DIM_FEEDFORWARD == 1024 and args.DROPOUT == 0.1 and args.NUM_OBJECT_QUERIES == 300
     assert args.CLASS_LOSS == "focal" and args.FOCAL_ALPHA == 0.25
-    assert (args.COST_CLASS, args.COST_BBOX, args.COST_GIOU) == (2, 5, 2)
+    assert (args.CLASS_COST, args.L1_COST, args.GIOU_COST) == (2, 5, 2)
     assert (args.CLASS_WEIGHT, args.L1_WEIGHT, args.GIOU_WEIGHT) == (2, 5, 2)
     # AdamW lr 2e-4; backbone, sampling offsets and reference points x0.1
     assert cfg.SOLVER.BASE_LR == 2e-4 and cfg.SOLVER.WEIGHT_DECAY == 1e-4
@@ -125,11 +135,11 @@ def test_deformable_detr_configs_have_the_official_recipe(path):
 
 def test_detr_config_has_the_official_detr_recipe():
     cfg = get_config(os.path.join(CONFIG_DIR, "Base-DETR.yaml"))
-    args = cfg.MODEL.CONDITIONAL_DETR
+    args = cfg.MODEL.DETR
     assert cfg.MODEL.META_ARCHITECTURE == "DETR"
     assert args.NUM_OBJECT_QUERIES == 100 and args.NUM_CLASSES == 80
-    assert args.CLASS_LOSS == "softmax" and args.EOS_COEF == 0.1
-    assert (args.COST_CLASS, args.COST_BBOX, args.COST_GIOU) == (1, 5, 2)
+    assert args.CLASS_LOSS == "softmax" and args.NO_OBJECT_WEIGHT == 0.1
+    assert (args.CLASS_COST, args.L1_COST, args.GIOU_COST) == (1, 5, 2)
     assert (args.CLASS_WEIGHT, args.L1_WEIGHT, args.GIOU_WEIGHT) == (1, 5, 2)
     assert args.DEEP_SUPERVISION and args.DROPOUT == 0.1
     assert (args.ENC_LAYERS, args.DEC_LAYERS, args.HIDDEN_DIM, args.NHEADS) == (6, 6, 256, 8)
@@ -158,7 +168,7 @@ def test_quick_schedules_use_the_embedded_dataset():
         assert cfg.DATASETS.TRAIN == ("shapes_train",) and cfg.DATASETS.TEST == ("shapes_val",)
         assert cfg.MODEL.WEIGHTS == ""
         assert cfg.MODEL.RESNETS.DEPTH == 18 and cfg.MODEL.RESNETS.RES2_OUT_CHANNELS == 64
-        assert cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES == 5
+        assert cfg.MODEL.DETR.NUM_CLASSES == 5
 
 
 def test_the_demo_trains_query_groups_and_the_convergence_study_the_papers_models():
@@ -166,11 +176,11 @@ def test_the_demo_trains_query_groups_and_the_convergence_study_the_papers_model
     from conditional_detr.tools.shapes_demo import DEFAULT_CONFIG
 
     demo = get_config(DEFAULT_CONFIG)
-    assert demo.MODEL.CONDITIONAL_DETR.QUERY_GROUPS == 4
+    assert demo.MODEL.DETR.QUERY_GROUPS == 4
     assert demo.SOLVER.AMP.ENABLED and demo.SOLVER.AMP.PRECISION == "bfloat16"
     for system in DEFAULT_SYSTEMS:
         cfg = get_config(system.split("=", 1)[1])
-        assert cfg.MODEL.CONDITIONAL_DETR.QUERY_GROUPS == 1, system
+        assert cfg.MODEL.DETR.QUERY_GROUPS == 1, system
         # otherwise the demo's settings
         assert cfg.SOLVER.MAX_ITER == demo.SOLVER.MAX_ITER and cfg.SEED == demo.SEED
 
@@ -199,17 +209,49 @@ def test_wrong_type_in_yaml_names_key_and_value(tmp_path):
         yaml.safe_dump(
             {
                 "_BASE_": os.path.join(CONFIG_DIR, "Base-ConditionalDETR.yaml"),
-                "MODEL": {"CONDITIONAL_DETR": {"NUM_OBJECT_QUERIES": "three hundred"}},
+                "MODEL": {"DETR": {"NUM_OBJECT_QUERIES": "three hundred"}},
             }
         )
     )
     with pytest.raises(ValueError) as e:
         get_config(str(path))
     message = str(e.value)
-    assert "MODEL.CONDITIONAL_DETR.NUM_OBJECT_QUERIES" in message and "three hundred" in message
+    assert "MODEL.DETR.NUM_OBJECT_QUERIES" in message and "three hundred" in message
 
 
 def test_unknown_key_is_named():
     # yacs reports an unknown key on the command line by an AssertionError.
     with pytest.raises((KeyError, AssertionError), match="SOLVER.BACKBONE_MULTIPLER"):
         get_config(opts=["SOLVER.BACKBONE_MULTIPLER", "0.1"])
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("MODEL.CONDITIONAL_DETR.NUM_CLASSES", "MODEL.DETR.NUM_CLASSES"),
+        ("MODEL.CONDITIONAL_DETR.EOS_COEF", "MODEL.DETR.NO_OBJECT_WEIGHT"),
+        ("MODEL.CONDITIONAL_DETR.NUM_TOPK", "TEST.DETECTIONS_PER_IMAGE"),
+        ("MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD", "MODEL.WEIGHTS_CLASS_HEAD"),
+    ],
+)
+def test_old_names_are_answered_with_the_new(tmp_path, old, new):
+    message = rf"{re.escape(old)} was renamed to {re.escape(new)}"
+    with pytest.raises(KeyError, match=message):
+        get_config(INSTANT_CONFIG, [old, "1"])
+    node, key = old.rsplit(".", 1)
+    nested = {key: 1}
+    for part in reversed(node.split(".")):
+        nested = {part: nested}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"_BASE_": INSTANT_CONFIG, **nested}))
+    with pytest.raises(KeyError, match=message):
+        get_config(str(path))
+
+
+def test_every_renamed_key_names_an_existing_key():
+    cfg = get_config(INSTANT_CONFIG)
+    for old, new in RENAMED_KEYS.items():
+        node = cfg
+        for part in new.split("."):
+            node = node[part]  # KeyError where the table points nowhere
+        assert old.rsplit(".", 1)[-1] not in cfg.MODEL.CONDITIONAL_DETR

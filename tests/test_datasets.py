@@ -63,7 +63,7 @@ def test_evaluation_reports_the_dataset_class_names(mine, tmp_path):
         INSTANT_CONFIG,
         coco_instances(("mine_eval", json_file, image_root))
         + ["DATASETS.TEST", "('mine_eval',)", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path),
-           "MODEL.CONDITIONAL_DETR.NUM_CLASSES", "3"],
+           "MODEL.DETR.NUM_CLASSES", "3"],
     )
     results = Trainer.test(cfg, build_eval_model(cfg))["bbox"]
     assert {"AP-car", "AP-dog", "AP-person"} <= set(results)
@@ -88,7 +88,7 @@ def test_num_classes_mismatch_stops_before_training(mine, tmp_path):
 def test_check_passes_for_the_right_count_and_unknown_datasets(mine):
     json_file, image_root = mine
     cfg = get_config(INSTANT_CONFIG, coco_instances(("mine_ok", json_file, image_root)))
-    cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = 3
+    cfg.MODEL.DETR.NUM_CLASSES = 3
     check_num_classes(cfg, ["mine_ok", "a_dataset_without_metadata"])
 
 

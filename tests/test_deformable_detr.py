@@ -102,8 +102,8 @@ def test_images_without_objects_train():
     [
         ({"MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE": False}, "TWO_STAGE needs MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE"),
         ({"MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS": 2}, "NUM_FEATURE_LEVELS is 2"),
-        ({"MODEL.CONDITIONAL_DETR.CLASS_LOSS": "softmax"}, "CLASS_LOSS must be 'focal'"),
-        ({"MODEL.CONDITIONAL_DETR.HIDDEN_DIM": 48}, "HIDDEN_DIM must be a multiple of 32, got 48"),
+        ({"MODEL.DETR.CLASS_LOSS": "softmax"}, "CLASS_LOSS must be 'focal'"),
+        ({"MODEL.DETR.HIDDEN_DIM": 48}, "HIDDEN_DIM must be a multiple of 32, got 48"),
         ({"MODEL.DEFORMABLE_DETR.DEC_N_POINTS": 0}, "DEC_N_POINTS must be positive, got 0"),
         ({"TEST.AMP.ENABLED": True, "TEST.AMP.PRECISION": "fp8"}, "TEST.AMP.PRECISION must be one of"),
     ],

@@ -132,7 +132,7 @@ def test_video_becomes_an_annotated_video(tmp_path, checkpoint):
     assert entry["output"] == str(tmp_path / "out" / "clip.mp4")
     frames = read_frames(entry["output"])
     assert len(frames) == len(entry["frames"]) == 5 and frames[0].shape == (48, 64, 3)
-    assert all(len(frame["scores"]) == 20 for frame in entry["frames"])  # NUM_TOPK, threshold 0
+    assert all(len(frame["scores"]) == 20 for frame in entry["frames"])  # TEST.DETECTIONS_PER_IMAGE, threshold 0
     summary = run_demo([video], tmp_path / "out2", "--max-frames", "3")
     assert len(summary[0]["frames"]) == 3 and len(read_frames(summary[0]["output"])) == 3
 
@@ -179,7 +179,7 @@ def test_coco_json_of_a_dataset_folder_uses_its_ids(tmp_path):
     datasets = repr((("demo_mine", json_file, image_root),))
     run_demo(
         [image_root], tmp_path / "out", "--coco-json",
-        "DATASETS.COCO_INSTANCES", datasets, "DATASETS.TEST", "('demo_mine',)", "MODEL.CONDITIONAL_DETR.NUM_CLASSES", "3",
+        "DATASETS.COCO_INSTANCES", datasets, "DATASETS.TEST", "('demo_mine',)", "MODEL.DETR.NUM_CLASSES", "3",
     )
     with open(tmp_path / "out" / "coco_detections.json") as f:
         detections = json.load(f)

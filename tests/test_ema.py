@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def dataset(tmp_path_factory):
     json_file, image_root = write_coco_dataset(str(tmp_path_factory.mktemp("ema_data")), num_images=4)
     return ["DATASETS.COCO_INSTANCES", repr((("ema_data", json_file, image_root),)),
-            "DATASETS.TRAIN", "('ema_data',)", "DATASETS.TEST", "('ema_data',)", "MODEL.CONDITIONAL_DETR.NUM_CLASSES", "3"]
+            "DATASETS.TRAIN", "('ema_data',)", "DATASETS.TEST", "('ema_data',)", "MODEL.DETR.NUM_CLASSES", "3"]
 
 
 def ema_cfg(output_dir, dataset, *opts):

@@ -14,7 +14,7 @@ from helpers.paths import QUICK_SCHEDULES
 
 MODELS = {
     "ConditionalDETR": ("conditional_detr_instant_test.yaml", []),
-    "DETR": ("conditional_detr_instant_test.yaml", ["MODEL.META_ARCHITECTURE", "DETR", "MODEL.CONDITIONAL_DETR.CLASS_LOSS", "softmax"]),
+    "DETR": ("conditional_detr_instant_test.yaml", ["MODEL.META_ARCHITECTURE", "DETR", "MODEL.DETR.CLASS_LOSS", "softmax"]),
     "DeformableDETR": ("deformable_detr_instant_test.yaml", []),
 }
 EXPORT_SIZE = (64, 80)

@@ -18,7 +18,7 @@ from helpers.official import (
     reference_file, run, tiny_fixture_cfg,
 )
 
-ATTENTION_IMPLS = ["pytorch", "auto"]
+OPS_IMPLS = ["pytorch", "auto"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def recovered_class_bias(model, outputs, reference_io):
     return bias + residual.mean(0), residual
 
 
-@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+@pytest.mark.parametrize("impl", OPS_IMPLS)
 def test_boxes_of_every_layer_match(converted_checkpoint, reference_io, impl):
     outputs = run(load_model(converted_checkpoint, impl), reference_io)
     for ours, official in zip(layers(outputs), layers(reference_io)):
@@ -65,7 +65,7 @@ def test_logits_differ_only_by_float16_rounding_of_class_bias(converted_checkpoi
     assert half_ulp < 2e-3
 
 
-@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+@pytest.mark.parametrize("impl", OPS_IMPLS)
 def test_outputs_detections_and_losses_match(converted_checkpoint, reference_io, impl):
     model = load_model(converted_checkpoint, impl)
     bias, _ = recovered_class_bias(model, run(model, reference_io), reference_io)

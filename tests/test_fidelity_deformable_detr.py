@@ -30,7 +30,7 @@ OFFICIAL_KEY_FILES = {
     "refine": "official_deformable_r50_refine_keys.txt",
     "two_stage": "official_deformable_r50_two_stage_keys.txt",
 }
-ATTENTION_IMPLS = ["pytorch", "auto"]
+OPS_IMPLS = ["pytorch", "auto"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_format_is_detected_from_the_keys(official_checkpoints):
 
 
 @pytest.mark.parametrize("variant", DEFORMABLE_VARIANTS)
-@pytest.mark.parametrize("impl", ATTENTION_IMPLS)
+@pytest.mark.parametrize("impl", OPS_IMPLS)
 def test_outputs_detections_and_losses_match(converted_checkpoints, reference_io, variant, impl):
     model = load_converted(converted_checkpoints[variant], tiny_deformable_fixture_cfg(variant, impl))
     official = reference_io[variant]
@@ -116,7 +116,7 @@ def test_invalid_proposals_are_the_official_unit_boxes(converted_checkpoints, re
 @pytest.mark.parametrize("variant", DEFORMABLE_VARIANTS)
 def test_checkpointer_loads_official_checkpoint_with_80_classes(official_checkpoints, reference_io, variant):
     cfg = tiny_deformable_fixture_cfg(variant)
-    cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = 80
+    cfg.MODEL.DETR.NUM_CLASSES = 80
     model = build_model(cfg).eval()
     ConditionalDETRCheckpointer(model).load(str(official_checkpoints[variant]))
     ours = run(model, reference_io)

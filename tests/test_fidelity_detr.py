@@ -92,7 +92,7 @@ def test_official_weights_load_directly(official_path, tmp_path, num_classes):
     converted_path = tmp_path / "converted.pth"
     convert_official.main([str(official_path), str(converted_path), "--num-classes", str(num_classes)])
     cfg = tiny_detr_fixture_cfg()
-    cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = num_classes
+    cfg.MODEL.DETR.NUM_CLASSES = num_classes
     direct, via_converter = build_model(cfg), build_model(cfg)
     ConditionalDETRCheckpointer(direct).load(str(official_path))
     ConditionalDETRCheckpointer(via_converter).load(str(converted_path))
@@ -105,7 +105,7 @@ def test_checkpointer_names_class_counts_and_formats(official_path, tmp_path):
     converted_path = tmp_path / "detr91.pth"
     convert_official.main([str(official_path), str(converted_path), "--num-classes", "91"])
     cfg = tiny_detr_fixture_cfg()
-    cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = 5
+    cfg.MODEL.DETR.NUM_CLASSES = 5
     with pytest.raises(ValueError, match=r"detr91\.pth.*91 classes \+ no-object \(92 logits\).*NUM_CLASSES is 5"):
         ConditionalDETRCheckpointer(build_model(cfg)).load(str(converted_path))
     with pytest.raises(ValueError, match=r"official detr checkpoint cannot load into .* ConditionalDETR"):

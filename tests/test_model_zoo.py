@@ -54,7 +54,7 @@ def test_official_checkpoints_fit_their_configs():
             assert checkpoint.config in configs, name
         if checkpoint.config in configs:
             cfg = model_zoo.get_config(checkpoint.config)
-            assert cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES == CONVERTED_NUM_CLASSES, name
+            assert cfg.MODEL.DETR.NUM_CLASSES == CONVERTED_NUM_CLASSES, name
 
 
 def test_unknown_config_and_name_list_the_known_ones():
@@ -93,7 +93,7 @@ def tiny_zoo(tmp_path, monkeypatch, official_path):
     config_root = tmp_path / "configs"
     (config_root / "test").mkdir(parents=True)
     cfg = tiny_fixture_cfg()
-    cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = CONVERTED_NUM_CLASSES
+    cfg.MODEL.DETR.NUM_CLASSES = CONVERTED_NUM_CLASSES
     (config_root / TINY_CONFIG).write_text(cfg.dump())
     monkeypatch.setattr(model_zoo_module, "CONFIG_ROOT", str(config_root))
 

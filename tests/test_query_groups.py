@@ -1,5 +1,5 @@
 """
-Training-time groups of object queries (MODEL.CONDITIONAL_DETR.QUERY_GROUPS, Group DETR):
+Training-time groups of object queries (MODEL.DETR.QUERY_GROUPS, Group DETR):
 groups attend only within themselves, are matched on their own, average their losses, and
 leave inference to the first group, so that the deployed model is the paper's.
 """
@@ -101,7 +101,7 @@ def test_extra_groups_train_and_leave_inference_alone(architecture):
 
 
 def test_deformable_detr_refuses_groups():
-    cfg = tiny_deformable_cfg(**{"MODEL.CONDITIONAL_DETR.QUERY_GROUPS": 2})
+    cfg = tiny_deformable_cfg(**{"MODEL.DETR.QUERY_GROUPS": 2})
     with pytest.raises(ValueError, match="QUERY_GROUPS 1, got 2"):
         build_model(cfg)
 

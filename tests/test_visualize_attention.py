@@ -44,7 +44,7 @@ def cli(image, output, *rest):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_combined_map_is_the_attention_the_model_used(tmp_path, impl):
-    cfg, model = tiny("MODEL.CONDITIONAL_DETR.ATTENTION_IMPL", impl)
+    cfg, model = tiny("MODEL.DETR.OPS_IMPL", impl)
     out_proj_inputs = []
     hooks = [
         m.out_proj.register_forward_hook(lambda mod, args, out: out_proj_inputs.append(args[0]))
@@ -56,7 +56,7 @@ def test_combined_map_is_the_attention_the_model_used(tmp_path, impl):
     for hook in hooks:
         hook.remove()
 
-    assert len(layers) == len(out_proj_inputs) == cfg.MODEL.CONDITIONAL_DETR.DEC_LAYERS
+    assert len(layers) == len(out_proj_inputs) == cfg.MODEL.DETR.DEC_LAYERS
     assert layers[0]["key_padding_mask"].shape[1] == feature_size[0] * feature_size[1]
     for inputs, used in zip(layers, out_proj_inputs):
         weights = tool.attention_maps(inputs)["combined"]  # [batch, heads, queries, keys]
@@ -142,7 +142,7 @@ def test_figures_and_json_are_written(tmp_path):
             weights,
         )
     )
-    last = cfg.MODEL.CONDITIONAL_DETR.DEC_LAYERS - 1
+    last = cfg.MODEL.DETR.DEC_LAYERS - 1
     assert one["query"] == 7 and one["figure"].endswith(f"scene_query7_layer{last}.png")
 
 
@@ -168,7 +168,7 @@ def test_softmax_class_scores_leave_out_no_object(tmp_path):
             str(tmp_path / "out"),
             "MODEL.DEVICE",
             "cpu",
-            "MODEL.CONDITIONAL_DETR.CLASS_LOSS",
+            "MODEL.DETR.CLASS_LOSS",
             "softmax",
         )
     )
@@ -187,7 +187,7 @@ def test_model_without_conditional_attention_is_named(tmp_path):
                 "cpu",
                 "MODEL.META_ARCHITECTURE",
                 "DETR",
-                "MODEL.CONDITIONAL_DETR.CLASS_LOSS",
+                "MODEL.DETR.CLASS_LOSS",
                 "softmax",
             )
         )

@@ -58,8 +58,8 @@ def fine_tune(route, name, behaviour):
     run_train_net(
         "--coco-dataset", "mine_train", *yours["train"], "--coco-dataset", "mine_val", *yours["val"],
         "OUTPUT_DIR", out, "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('mine_train',)", "DATASETS.TEST", "('mine_val',)",
-        "MODEL.CONDITIONAL_DETR.NUM_CLASSES", 3, "MODEL.WEIGHTS", weights,
-        "MODEL.CONDITIONAL_DETR.CHECKPOINT_CLASS_HEAD", behaviour, "SOLVER.MAX_ITER", 2, "SOLVER.STEPS", "(1,)",
+        "MODEL.DETR.NUM_CLASSES", 3, "MODEL.WEIGHTS", weights,
+        "MODEL.WEIGHTS_CLASS_HEAD", behaviour, "SOLVER.MAX_ITER", 2, "SOLVER.STEPS", "(1,)",
     )
     final = torch.load(out / "model_final.pth", weights_only=False)
     return out, final, open(out / "log.txt").read()
@@ -71,7 +71,7 @@ def close(a, b, atol=1e-3):
 
 @pytest.mark.slow
 def test_keep_stops_and_names_the_switch(route):
-    with pytest.raises(ValueError, match=r"model_final\.pth: .* 5 classes but .*NUM_CLASSES is 3.*CHECKPOINT_CLASS_HEAD"):
+    with pytest.raises(ValueError, match=r"model_final\.pth: .* 5 classes but .*NUM_CLASSES is 3.*WEIGHTS_CLASS_HEAD"):
         fine_tune(route, "keep", "keep")
 
 

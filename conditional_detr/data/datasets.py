@@ -120,15 +120,15 @@ def model_class_names(cfg):
 
 def check_num_classes(cfg, dataset_names):
     """
-    Stop when MODEL.CONDITIONAL_DETR.NUM_CLASSES differs from a dataset's category count,
+    Stop when MODEL.DETR.NUM_CLASSES differs from a dataset's category count,
     which the loss would otherwise meet as an index error, or not at all.
     """
-    num_classes = cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES
+    num_classes = cfg.MODEL.DETR.NUM_CLASSES
     for name in dataset_names:
         names = dataset_class_names(name)
         if names is not None and len(names) != num_classes:
             shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
             raise ValueError(
-                f"MODEL.CONDITIONAL_DETR.NUM_CLASSES is {num_classes} but dataset {name!r} has "
+                f"MODEL.DETR.NUM_CLASSES is {num_classes} but dataset {name!r} has "
                 f"{len(names)} categories ({shown}); set NUM_CLASSES to {len(names)}"
             )

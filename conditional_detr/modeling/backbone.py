@@ -35,7 +35,7 @@ def build_resnet_like_torchvision(cfg, input_shape=None, num_features=1):
             f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} reads {num_features} feature "
             f"map(s); MODEL.RESNETS.OUT_FEATURES must name as many stages, got {list(out_features)}"
         )
-    if cfg.MODEL.CONDITIONAL_DETR.FOLD_FROZEN_BATCHNORM:
+    if cfg.MODEL.BACKBONE.FOLD_FROZEN_BATCHNORM:
         fold_frozen_batchnorm(backbone)
     trainable_batchnorm_in_float32(backbone, keep=norms_read_only_by_convolutions(backbone))
     if cfg.MODEL.RESNETS.RES5_DILATION > 1:

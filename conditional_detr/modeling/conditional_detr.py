@@ -218,14 +218,14 @@ class ConditionalDETR(SingleLevelDetector):
     class and box heads. Boxes are predicted as offsets from each query's reference
     point in the sigmoid-inverse space (the paper's equation 1), or on their own with
     MODEL.CONDITIONAL_DETR.BOX_OFFSET off. The ablations of the paper's Section 4.3 are
-    MODEL.CONDITIONAL_DETR.REFERENCE_POINTS, SPATIAL_QUERY, TRANSFORMATION, CLASS_LOSS
-    and BOX_OFFSET (see `ConditionalDecoder`).
+    MODEL.CONDITIONAL_DETR.REFERENCE_POINTS, SPATIAL_QUERY, TRANSFORMATION and BOX_OFFSET,
+    and MODEL.DETR.CLASS_LOSS (see `ConditionalDecoder`).
     """
 
     def __init__(self, cfg):
-        reference_points = config_choice(cfg, "REFERENCE_POINTS", REFERENCE_POINTS)
-        spatial_query = config_choice(cfg, "SPATIAL_QUERY", SPATIAL_QUERIES)
-        transformation = config_choice(cfg, "TRANSFORMATION", TRANSFORMATIONS)
+        reference_points = config_choice(cfg, "REFERENCE_POINTS", REFERENCE_POINTS, "MODEL.CONDITIONAL_DETR")
+        spatial_query = config_choice(cfg, "SPATIAL_QUERY", SPATIAL_QUERIES, "MODEL.CONDITIONAL_DETR")
+        transformation = config_choice(cfg, "TRANSFORMATION", TRANSFORMATIONS, "MODEL.CONDITIONAL_DETR")
         if spatial_query in ("CSQ-C", "CSQ-T", "CSQ-P") and transformation != "diagonal":
             raise ValueError(
                 f"MODEL.CONDITIONAL_DETR.SPATIAL_QUERY {spatial_query!r} has no transformation T to "
@@ -235,7 +235,7 @@ class ConditionalDETR(SingleLevelDetector):
         def build_decoder(args):
             return ConditionalDecoder(
                 args.HIDDEN_DIM, args.NHEADS, args.DEC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT,
-                args.ATTENTION_IMPL, reference_points, spatial_query, transformation,
+                args.OPS_IMPL, reference_points, spatial_query, transformation,
                 args.NUM_OBJECT_QUERIES,
             )
 

@@ -45,17 +45,17 @@ class DeformableDETR(SetPredictionDetector):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        args = cfg.MODEL.CONDITIONAL_DETR
+        args = cfg.MODEL.DETR
         deformable = cfg.MODEL.DEFORMABLE_DETR
         if self.class_loss != "focal":
             raise ValueError(
-                f"DeformableDETR is trained with the focal loss: MODEL.CONDITIONAL_DETR.CLASS_LOSS "
+                f"DeformableDETR is trained with the focal loss: MODEL.DETR.CLASS_LOSS "
                 f"must be 'focal', got {self.class_loss!r}"
             )
         if self.query_groups != 1:
             raise ValueError(
                 "groups of queries are built for DETR and Conditional DETR: DeformableDETR needs "
-                f"MODEL.CONDITIONAL_DETR.QUERY_GROUPS 1, got {self.query_groups}"
+                f"MODEL.DETR.QUERY_GROUPS 1, got {self.query_groups}"
             )
         self.two_stage = deformable.TWO_STAGE
         self.with_box_refine = deformable.WITH_BOX_REFINE
@@ -68,7 +68,7 @@ class DeformableDETR(SetPredictionDetector):
         if hidden_dim % GROUP_NORM_GROUPS:
             raise ValueError(
                 f"DeformableDETR normalizes its input projections in {GROUP_NORM_GROUPS} groups: "
-                f"MODEL.CONDITIONAL_DETR.HIDDEN_DIM must be a multiple of {GROUP_NORM_GROUPS}, got {hidden_dim}"
+                f"MODEL.DETR.HIDDEN_DIM must be a multiple of {GROUP_NORM_GROUPS}, got {hidden_dim}"
             )
         for key in ("NUM_FEATURE_LEVELS", "ENC_N_POINTS", "DEC_N_POINTS"):
             if deformable[key] < 1:
@@ -94,7 +94,7 @@ class DeformableDETR(SetPredictionDetector):
         self.transformer = DeformableTransformer(
             hidden_dim, args.NHEADS, args.ENC_LAYERS, args.DEC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT,
             num_levels, deformable.ENC_N_POINTS, deformable.DEC_N_POINTS, self.two_stage,
-            self.num_queries, args.ATTENTION_IMPL,
+            self.num_queries, args.OPS_IMPL,
         )
         if not self.two_stage:
             self.query_embed = nn.Embedding(self.num_queries, hidden_dim * 2)

@@ -24,7 +24,7 @@ from .transformer import MLP, Transformer, TransformerEncoder
 INFERENCE_PRECISIONS = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def config_choice(cfg, key, choices, namespace="MODEL.CONDITIONAL_DETR"):
+def config_choice(cfg, key, choices, namespace="MODEL.DETR"):
     """The value of <namespace>.<key>, which must be one of `choices`."""
     node = cfg
     for part in namespace.split("."):
@@ -57,12 +57,12 @@ def heads_in_float32(hs):
 
 class SetPredictionDetector(nn.Module):
     """
-    What every detector of the package shares: the shared MODEL.CONDITIONAL_DETR keys,
+    What every detector of the package shares: the MODEL.DETR keys,
     class and box heads trained by the Hungarian set losses, inference, and detectron2's
     inputs and outputs. Subclasses build the backbone, transformer and heads, and return
     the official output dict from `forward_outputs`.
 
-    With MODEL.CONDITIONAL_DETR.CLASS_LOSS "focal" the class head has NUM_CLASSES
+    With MODEL.DETR.CLASS_LOSS "focal" the class head has NUM_CLASSES
     logits, trained with the sigmoid focal loss, and inference keeps the top-k
     (query, class) pairs; with "softmax" it has one more, "no object", trained with
     cross-entropy, and inference keeps the best class of each query, as in DETR.
@@ -71,16 +71,16 @@ class SetPredictionDetector(nn.Module):
     def __init__(self, cfg):
         check_model_config(cfg)
         super().__init__()
-        args = cfg.MODEL.CONDITIONAL_DETR
+        args = cfg.MODEL.DETR
         self.num_classes = args.NUM_CLASSES
         self.num_queries = args.NUM_OBJECT_QUERIES
         self.query_groups = args.QUERY_GROUPS
-        self.num_topk = args.NUM_TOPK
+        self.num_topk = cfg.TEST.DETECTIONS_PER_IMAGE
         self.deep_supervision = args.DEEP_SUPERVISION
         self.class_loss = config_choice(cfg, "CLASS_LOSS", CLASS_LOSSES)
 
         matcher = HungarianMatcher(
-            cost_class=args.COST_CLASS, cost_bbox=args.COST_BBOX, cost_giou=args.COST_GIOU,
+            cost_class=args.CLASS_COST, cost_bbox=args.L1_COST, cost_giou=args.GIOU_COST,
             focal_alpha=args.FOCAL_ALPHA, focal_gamma=args.FOCAL_GAMMA, class_loss=self.class_loss,
         )
         weight_dict = {"loss_ce": args.CLASS_WEIGHT, "loss_bbox": args.L1_WEIGHT, "loss_giou": args.GIOU_WEIGHT}
@@ -89,12 +89,12 @@ class SetPredictionDetector(nn.Module):
                 weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
         self.criterion = SetCriterion(
             self.num_classes, matcher, weight_dict, args.FOCAL_ALPHA, args.FOCAL_GAMMA,
-            class_loss=self.class_loss, eos_coef=args.EOS_COEF, num_groups=self.query_groups,
+            class_loss=self.class_loss, eos_coef=args.NO_OBJECT_WEIGHT, num_groups=self.query_groups,
         )
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
-        self.memory_format = torch.channels_last if args.CHANNELS_LAST else torch.contiguous_format
+        self.memory_format = torch.channels_last if cfg.MODEL.BACKBONE.CHANNELS_LAST else torch.contiguous_format
         # inference under autocast (TEST.AMP), post-processing in float32
         self.inference_dtype = None
         if cfg.TEST.AMP.ENABLED:
@@ -122,7 +122,7 @@ class SetPredictionDetector(nn.Module):
         return ImageList(images.tensor.contiguous(memory_format=self.memory_format), images.image_sizes)
 
     def use_memory_format(self, *convolutional_modules):
-        """Puts the convolutions' weights in MODEL.CONDITIONAL_DETR.CHANNELS_LAST's format."""
+        """Puts the convolutions' weights in MODEL.BACKBONE.CHANNELS_LAST's format."""
         for module in convolutional_modules:
             module.to(memory_format=self.memory_format)
 
@@ -211,7 +211,7 @@ class SingleLevelDetector(SetPredictionDetector):
 
     def __init__(self, cfg, build_decoder):
         super().__init__(cfg)
-        args = cfg.MODEL.CONDITIONAL_DETR
+        args = cfg.MODEL.DETR
         hidden_dim = args.HIDDEN_DIM
         self.backbone, (self.feature_name,) = build_resnet_like_torchvision(cfg)
         feature_channels = self.backbone.output_shape()[self.feature_name].channels

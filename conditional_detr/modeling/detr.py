@@ -64,7 +64,7 @@ class DETR(SingleLevelDetector):
     DETR: learned object queries added to the decoder's queries, a zero initial
     target, boxes sigmoid(FFN(f)) with no reference point. Its recipe (100 queries,
     softmax cross-entropy with a "no object" logit, costs and weights class 1 / L1 5 /
-    GIoU 2) is set by configs/Base-DETR.yaml through the MODEL.CONDITIONAL_DETR keys.
+    GIoU 2) is set by configs/Base-DETR.yaml through the MODEL.DETR keys.
     """
 
     def __init__(self, cfg):

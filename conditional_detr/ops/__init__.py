@@ -33,7 +33,7 @@ _DEFAULT_SINE_DIM = 256
 
 def _check_impl(impl):
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"ATTENTION_IMPL must be one of {IMPLEMENTATIONS}, got {impl!r}")
+        raise ValueError(f"MODEL.DETR.OPS_IMPL must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
 def _use_compiled(impl, tensor, op_name):

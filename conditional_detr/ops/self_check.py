@@ -35,7 +35,7 @@ def trusted(op_name, device, dtype):
         if _verdicts[key] is not None:
             warnings.warn(
                 f"conditional_detr: the compiled {op_name} disagrees with the PyTorch reference on "
-                f"{device.type} in {dtype} ({_verdicts[key]}); ATTENTION_IMPL 'auto' uses the reference "
+                f"{device.type} in {dtype} ({_verdicts[key]}); OPS_IMPL 'auto' uses the reference "
                 "there from now on",
                 RuntimeWarning,
                 stacklevel=3,

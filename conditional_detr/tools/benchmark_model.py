@@ -103,7 +103,7 @@ def random_targets(images, seed):
 def build_ours(cfg, impl, device):
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.CONDITIONAL_DETR.ATTENTION_IMPL = impl
+    cfg.MODEL.DETR.OPS_IMPL = impl
     cfg.MODEL.DEVICE = device
     return build_model(cfg)
 
@@ -232,7 +232,7 @@ def build_systems(args, cfg):
     """{name: (inference model, training model, official wrapper or None)}, same weights."""
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.DETR.NUM_CLASSES = NUM_CLASSES
     torch.manual_seed(0)
     systems = {}
     official = None

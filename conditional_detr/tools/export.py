@@ -14,14 +14,14 @@ Inputs:
                  each image at the top left of the batch tensor; the padding may hold anything.
     image_sizes  [batch, 2] int64: (height, width) of each image in the batch tensor.
 Outputs:
-    scores       [batch, K] float32; K is NUM_TOPK (focal loss) or NUM_OBJECT_QUERIES (softmax).
+    scores       [batch, K] float32; K is TEST.DETECTIONS_PER_IMAGE (focal loss) or NUM_OBJECT_QUERIES (softmax).
     labels       [batch, K] int64, contiguous class indices (the metadata's thing_classes).
     boxes        [batch, K, 4] float32, XYXY in the pixels of each image, clipped to it.
 The detections are those of the model's own post-processing; detectron2 also drops boxes
 that clipping left empty, which a fixed-size output keeps (with their scores).
 
 The compiled attention ops are exported as their PyTorch reference
-(MODEL.CONDITIONAL_DETR.ATTENTION_IMPL "pytorch"), so that the files run anywhere.
+(MODEL.DETR.OPS_IMPL "pytorch"), so that the files run anywhere.
 """
 
 import argparse
@@ -132,7 +132,7 @@ def build_exportable(cfg):
     """The model of `cfg`, its weights loaded, on the PyTorch path of every compiled op."""
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.CONDITIONAL_DETR.ATTENTION_IMPL = "pytorch"
+    cfg.MODEL.DETR.OPS_IMPL = "pytorch"
     return ExportableDetector(build_eval_model(cfg)).eval()
 
 

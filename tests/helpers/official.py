@@ -41,19 +41,19 @@ def resnet_cfg(depth=50, num_classes=91, dilation=1):
     cfg.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]
     cfg.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]
     cfg.INPUT.FORMAT = "RGB"
-    cfg.MODEL.CONDITIONAL_DETR.NUM_CLASSES = num_classes
+    cfg.MODEL.DETR.NUM_CLASSES = num_classes
     return cfg
 
 
 def tiny_fixture_cfg(attention_impl="pytorch"):
     cfg = shrink_to_tiny_fixture(resnet_cfg(depth=18, num_classes=91), num_queries=30)
-    cfg.MODEL.CONDITIONAL_DETR.ATTENTION_IMPL = attention_impl
+    cfg.MODEL.DETR.OPS_IMPL = attention_impl
     return cfg
 
 
 def shrink_to_tiny_fixture(cfg, num_queries):
     """The architecture of the tiny fixtures (their *_args.json)."""
-    args = cfg.MODEL.CONDITIONAL_DETR
+    args = cfg.MODEL.DETR
     args.NUM_OBJECT_QUERIES = num_queries
     args.ENC_LAYERS = 2
     args.DEC_LAYERS = 3
@@ -66,11 +66,11 @@ def detr_resnet_cfg(depth=50, num_classes=91, dilation=1):
     """A config with the official DETR model: its decoder, 100 queries and softmax recipe."""
     cfg = resnet_cfg(depth, num_classes, dilation)
     cfg.MODEL.META_ARCHITECTURE = "DETR"
-    args = cfg.MODEL.CONDITIONAL_DETR
+    args = cfg.MODEL.DETR
     args.NUM_OBJECT_QUERIES = 100
     args.CLASS_LOSS = "softmax"
-    args.EOS_COEF = 0.1
-    args.COST_CLASS = 1.0
+    args.NO_OBJECT_WEIGHT = 0.1
+    args.CLASS_COST = 1.0
     args.CLASS_WEIGHT = 1.0
     return cfg
 
@@ -152,8 +152,7 @@ def deformable_resnet_cfg(depth=50, num_classes=91, variant="plain"):
     cfg = resnet_cfg(depth, num_classes)
     cfg.MODEL.META_ARCHITECTURE = "DeformableDETR"
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
-    args = cfg.MODEL.CONDITIONAL_DETR
-    args.DIM_FEEDFORWARD = 1024
+    cfg.MODEL.DETR.DIM_FEEDFORWARD = 1024
     cfg.MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE = variant in ("refine", "two_stage")
     cfg.MODEL.DEFORMABLE_DETR.TWO_STAGE = variant == "two_stage"
     return cfg
@@ -161,5 +160,5 @@ def deformable_resnet_cfg(depth=50, num_classes=91, variant="plain"):
 
 def tiny_deformable_fixture_cfg(variant, attention_impl="pytorch"):
     cfg = shrink_to_tiny_fixture(deformable_resnet_cfg(18, 91, variant), num_queries=30)
-    cfg.MODEL.CONDITIONAL_DETR.ATTENTION_IMPL = attention_impl
+    cfg.MODEL.DETR.OPS_IMPL = attention_impl
     return cfg

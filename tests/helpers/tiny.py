@@ -12,13 +12,18 @@ from .official import deformable_resnet_cfg, shrink_to_tiny_fixture
 from .paths import INSTANT_CONFIG
 
 HIDDEN_DIM, NHEADS, NUM_QUERIES = 64, 4, 10
+_CONDITIONAL_DETR_KEYS = ("REFERENCE_POINTS", "SPATIAL_QUERY", "TRANSFORMATION", "BOX_OFFSET")
+
+
+def detector_node(key):
+    return "CONDITIONAL_DETR" if key in _CONDITIONAL_DETR_KEYS else "DETR"
 
 
 def tiny_model(**overrides):
-    """The instant config's model; overrides without a dot are MODEL.CONDITIONAL_DETR keys."""
+    """The instant config's model; an override without a dot is a key of MODEL.CONDITIONAL_DETR or MODEL.DETR."""
     opts = ["MODEL.DEVICE", "cpu"]
     for key, value in overrides.items():
-        opts += [key if "." in key else f"MODEL.CONDITIONAL_DETR.{key}", str(value)]
+        opts += [key if "." in key else f"MODEL.{detector_node(key)}.{key}", str(value)]
     torch.manual_seed(0)
     return build_model(get_config(INSTANT_CONFIG, opts))
 
@@ -40,9 +45,9 @@ def tiny_batch(seed=0):
 def tiny_deformable_cfg(variant="two_stage", **overrides):
     """Deformable DETR of the tiny fixture's architecture at width 64, 5 classes and 6 queries."""
     cfg = shrink_to_tiny_fixture(deformable_resnet_cfg(18, 5, variant), num_queries=6)
-    cfg.MODEL.CONDITIONAL_DETR.HIDDEN_DIM = 64
-    cfg.MODEL.CONDITIONAL_DETR.NHEADS = 4
-    cfg.MODEL.CONDITIONAL_DETR.DIM_FEEDFORWARD = 64
+    cfg.MODEL.DETR.HIDDEN_DIM = 64
+    cfg.MODEL.DETR.NHEADS = 4
+    cfg.MODEL.DETR.DIM_FEEDFORWARD = 64
     for key, value in overrides.items():
         cfg.merge_from_list([key, value])
     return cfg
