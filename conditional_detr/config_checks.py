@@ -1,13 +1,17 @@
 """
-Config values that cannot work, stopped when the model is built with an error naming
-the key and the value, rather than deep inside a layer or the loss.
+The checks every detector of the package shares, run when the model is built: values of the
+MODEL.DETR keys that cannot work, and keys of another detector's node, which this one would
+silently ignore. Each stops with an error naming the key and the value, rather than deep
+inside a layer or the loss. Each detector checks its own node's keys beside its code.
 """
+import functools
 
 import torch
+from detectron2.config import get_cfg
 
-from .class_head import check_behaviour
+from .config import DETECTOR_NODES, add_conditional_detr_config
 
-__all__ = ["check_device", "check_model_config"]
+__all__ = ["check_detector_keys", "check_device", "check_shared_keys"]
 
 _PREFIX = "MODEL.DETR."
 
@@ -64,8 +68,8 @@ def check_device(device, num_processes=1):
         )
 
 
-def check_model_config(cfg):
-    """The MODEL.DETR keys of every detector of the package, and MODEL.DEVICE."""
+def check_shared_keys(cfg):
+    """The MODEL.DETR keys of every detector of the package, TEST.DETECTIONS_PER_IMAGE and MODEL.DEVICE."""
     check_device(cfg.MODEL.DEVICE)
     args = cfg.MODEL.DETR
     for key, bound in _LOWER_BOUNDS.items():
@@ -81,4 +85,27 @@ def check_model_config(cfg):
         )
     if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
         raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {cfg.TEST.DETECTIONS_PER_IMAGE!r}")
-    check_behaviour(cfg.MODEL.WEIGHTS_CLASS_HEAD)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_detector_nodes():
+    cfg = get_cfg()
+    add_conditional_detr_config(cfg)
+    return {node: dict(cfg.MODEL[node]) for node in DETECTOR_NODES}
+
+
+def check_detector_keys(cfg, detector, own_node=None):
+    """
+    `detector` (a meta-architecture's name) reads only its own node of DETECTOR_NODES:
+    a key of another detector's node set away from its default would be ignored.
+    """
+    for node, owner in DETECTOR_NODES.items():
+        if node == own_node:
+            continue
+        for key, default in _default_detector_nodes()[node].items():
+            value = cfg.MODEL[node][key]
+            if value != default:
+                raise ValueError(
+                    f"MODEL.{node}.{key} is {value!r}, but {detector} does not read it: it is a key of "
+                    f"{owner} only; leave it at its default {default!r}"
+                )

@@ -1,10 +1,12 @@
 """Bad input: config values that cannot work stop at build time, naming key and value."""
 import os
+import re
 
 import pytest
 import torch
 from detectron2.modeling import build_model
 
+from conditional_detr.config import DETECTOR_NODES
 from conditional_detr.config_checks import check_device
 from conditional_detr.engine import get_config
 
@@ -53,7 +55,6 @@ def test_bad_values_stop_at_build_time(architecture, key, value, message):
     "key, value, message",
     [
         ("TEST.DETECTIONS_PER_IMAGE", 0, r"TEST\.DETECTIONS_PER_IMAGE must be >= 1, got 0"),
-        ("MODEL.WEIGHTS_CLASS_HEAD", "drop", r"MODEL\.WEIGHTS_CLASS_HEAD must be one of .*, got 'drop'"),
     ],
 )
 def test_bad_values_of_other_nodes_stop_at_build_time(architecture, key, value, message):
@@ -83,3 +84,35 @@ def test_more_processes_than_gpus_names_the_flag(monkeypatch):
     check_device("cuda:0", num_processes=2)
     with pytest.raises(ValueError, match=r"--num-gpus 8 with MODEL\.DEVICE 'cuda', but this machine has 2 CUDA"):
         check_device("cuda", num_processes=8)
+
+
+DETECTOR_ONLY_KEYS = [
+    ("MODEL.CONDITIONAL_DETR.REFERENCE_POINTS", "learned", "ConditionalDETR"),
+    ("MODEL.CONDITIONAL_DETR.SPATIAL_QUERY", "CSQ-T", "ConditionalDETR"),
+    ("MODEL.CONDITIONAL_DETR.TRANSFORMATION", "full", "ConditionalDETR"),
+    ("MODEL.CONDITIONAL_DETR.BOX_OFFSET", False, "ConditionalDETR"),
+    ("MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS", 3, "DeformableDETR"),
+    ("MODEL.DEFORMABLE_DETR.ENC_N_POINTS", 2, "DeformableDETR"),
+    ("MODEL.DEFORMABLE_DETR.DEC_N_POINTS", 2, "DeformableDETR"),
+    ("MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE", True, "DeformableDETR"),
+    ("MODEL.DEFORMABLE_DETR.TWO_STAGE", True, "DeformableDETR"),
+    ("MODEL.DEFORMABLE_DETR.LINEAR_PROJ_LR_MULTIPLIER", 0.5, "DeformableDETR"),
+]
+
+
+FOREIGN_KEYS = [
+    (architecture, key, value, owner)
+    for architecture in CONFIGS for key, value, owner in DETECTOR_ONLY_KEYS if architecture != owner
+]
+
+
+@pytest.mark.parametrize("architecture, key, value, owner", FOREIGN_KEYS, ids=[f"{a}-{k}" for a, k, _, _ in FOREIGN_KEYS])
+def test_a_key_of_another_detector_is_refused(architecture, key, value, owner):
+    with pytest.raises(ValueError, match=rf"{re.escape(key)} is .*, but {architecture} does not read it: it is a key of {owner} only"):
+        build(architecture, key, value)
+
+
+def test_every_detector_only_key_is_covered():
+    cfg = get_config()
+    covered = {key for key, _, _ in DETECTOR_ONLY_KEYS}
+    assert covered == {f"MODEL.{node}.{key}" for node in DETECTOR_NODES for key in cfg.MODEL[node]}

@@ -222,6 +222,8 @@ class ConditionalDETR(SingleLevelDetector):
     and MODEL.DETR.CLASS_LOSS (see `ConditionalDecoder`).
     """
 
+    own_config_node = "CONDITIONAL_DETR"
+
     def __init__(self, cfg):
         reference_points = config_choice(cfg, "REFERENCE_POINTS", REFERENCE_POINTS, "MODEL.CONDITIONAL_DETR")
         spatial_query = config_choice(cfg, "SPATIAL_QUERY", SPATIAL_QUERIES, "MODEL.CONDITIONAL_DETR")

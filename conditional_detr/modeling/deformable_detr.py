@@ -43,6 +43,8 @@ class DeformableDETR(SetPredictionDetector):
     learned queries. The official parameter names, shared modules listed under every name.
     """
 
+    own_config_node = "DEFORMABLE_DETR"
+
     def __init__(self, cfg):
         super().__init__(cfg)
         args = cfg.MODEL.DETR

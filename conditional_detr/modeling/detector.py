@@ -12,7 +12,7 @@ from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
-from ..config_checks import check_model_config
+from ..config_checks import check_detector_keys, check_shared_keys
 from .backbone import build_resnet_like_torchvision, feature_padding_mask
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .criterion import SetCriterion
@@ -68,8 +68,12 @@ class SetPredictionDetector(nn.Module):
     cross-entropy, and inference keeps the best class of each query, as in DETR.
     """
 
+    # the node of DETECTOR_NODES (conditional_detr/config.py) whose keys this detector reads
+    own_config_node = None
+
     def __init__(self, cfg):
-        check_model_config(cfg)
+        check_shared_keys(cfg)
+        check_detector_keys(cfg, type(self).__name__, self.own_config_node)
         super().__init__()
         args = cfg.MODEL.DETR
         self.num_classes = args.NUM_CLASSES
