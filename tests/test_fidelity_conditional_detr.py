@@ -33,8 +33,8 @@ def converted_checkpoint(tmp_path_factory):
     return path
 
 
-def load_model(checkpoint, attention_impl="pytorch"):
-    return load_converted(checkpoint, tiny_fixture_cfg(attention_impl))
+def load_model(checkpoint, ops_impl="pytorch"):
+    return load_converted(checkpoint, tiny_fixture_cfg(ops_impl))
 
 
 def recovered_class_bias(model, outputs, reference_io):

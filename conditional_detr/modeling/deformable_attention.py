@@ -19,7 +19,7 @@ class MultiScaleDeformableAttention(nn.Module):
     `attention_weights`, `value_proj` and `output_proj`.
     """
 
-    def __init__(self, d_model=256, num_levels=4, num_heads=8, num_points=4, attention_impl="auto"):
+    def __init__(self, d_model=256, num_levels=4, num_heads=8, num_points=4, ops_impl="auto"):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model {d_model} must be divisible by the head count {num_heads}")
@@ -27,7 +27,7 @@ class MultiScaleDeformableAttention(nn.Module):
         self.num_levels = num_levels
         self.num_heads = num_heads
         self.num_points = num_points
-        self.attention_impl = attention_impl
+        self.ops_impl = ops_impl
 
         self.sampling_offsets = nn.Linear(d_model, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(d_model, num_heads * num_levels * num_points)
@@ -85,6 +85,6 @@ class MultiScaleDeformableAttention(nn.Module):
         else:
             raise ValueError(f"reference_points must end with 2 or 4 coordinates, got {tuple(reference_points.shape)}")
         out = ops.multi_scale_deformable_attention(
-            value, spatial_shapes, level_start_index, locations, weights, impl=self.attention_impl
+            value, spatial_shapes, level_start_index, locations, weights, impl=self.ops_impl
         )
         return self.output_proj(out)

@@ -45,9 +45,9 @@ def resnet_cfg(depth=50, num_classes=91, dilation=1):
     return cfg
 
 
-def tiny_fixture_cfg(attention_impl="pytorch"):
+def tiny_fixture_cfg(ops_impl="pytorch"):
     cfg = shrink_to_tiny_fixture(resnet_cfg(depth=18, num_classes=91), num_queries=30)
-    cfg.MODEL.DETR.OPS_IMPL = attention_impl
+    cfg.MODEL.DETR.OPS_IMPL = ops_impl
     return cfg
 
 
@@ -158,7 +158,7 @@ def deformable_resnet_cfg(depth=50, num_classes=91, variant="plain"):
     return cfg
 
 
-def tiny_deformable_fixture_cfg(variant, attention_impl="pytorch"):
+def tiny_deformable_fixture_cfg(variant, ops_impl="pytorch"):
     cfg = shrink_to_tiny_fixture(deformable_resnet_cfg(18, 91, variant), num_queries=30)
-    cfg.MODEL.DETR.OPS_IMPL = attention_impl
+    cfg.MODEL.DETR.OPS_IMPL = ops_impl
     return cfg
