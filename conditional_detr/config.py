@@ -4,11 +4,14 @@ detector of the package has (sizes, queries, matching costs, losses, the ops' im
 MODEL.CONDITIONAL_DETR and MODEL.DEFORMABLE_DETR hold what only that detector reads. Keys of
 earlier releases are answered with their new names (RENAMED_KEYS).
 """
+import torch
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from .data.dataset_mapper import add_detr_augmentation_config
+from .data.datasets import register_coco_datasets
 
-__all__ = ["DETECTOR_NODES", "RENAMED_KEYS", "add_conditional_detr_config"]
+__all__ = ["DETECTOR_NODES", "RENAMED_KEYS", "add_conditional_detr_config", "get_config", "resolve_device"]
 
 # The nodes of keys that only one meta-architecture reads.
 DETECTOR_NODES = {"CONDITIONAL_DETR": "ConditionalDETR", "DEFORMABLE_DETR": "DeformableDETR"}
@@ -175,3 +178,24 @@ def add_conditional_detr_config(cfg):
     for old, new in RENAMED_KEYS.items():
         if not cfg.key_is_renamed(old):
             cfg.register_renamed_key(old, new)
+
+
+def resolve_device(cfg):
+    """MODEL.DEVICE "auto" means the GPU when there is one, else the CPU."""
+    if cfg.MODEL.DEVICE == "auto":
+        cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg
+
+
+def get_config(config_file: str = "", opts=()):
+    """
+    A config of the package's detectors from a YAML file and "KEY VALUE" overrides, not
+    frozen, with the datasets of DATASETS.COCO_INSTANCES registered.
+    """
+    cfg = get_cfg()
+    add_conditional_detr_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
+    register_coco_datasets(cfg)
+    return resolve_device(cfg)

@@ -11,7 +11,6 @@ import weakref
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import (
     AMPTrainer,
@@ -26,9 +25,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import ConditionalDETRCheckpointer
-from .config import add_conditional_detr_config
+from .config import get_config, resolve_device
 from .data.dataset_mapper import DetrDatasetMapper
-from .data.datasets import check_num_classes, register_coco_datasets
+from .data.datasets import check_num_classes
 from .data.worker_transport import SmallTensorsByValue
 from .ema import EMAHook, build_ema
 from .solver import build_optimizer
@@ -40,27 +39,6 @@ __all__ = [
     "hide_gpus_for_cpu_workers",
     "limit_cpu_threads",
 ]
-
-
-def resolve_device(cfg):
-    """MODEL.DEVICE "auto" means the GPU when there is one, else the CPU."""
-    if cfg.MODEL.DEVICE == "auto":
-        cfg.MODEL.DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg
-
-
-def get_config(config_file: str = "", opts=()):
-    """
-    A Conditional DETR config from a YAML file and "KEY VALUE" overrides, not frozen, with
-    the datasets of DATASETS.COCO_INSTANCES registered.
-    """
-    cfg = get_cfg()
-    add_conditional_detr_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts or []))
-    register_coco_datasets(cfg)
-    return resolve_device(cfg)
 
 
 def hide_gpus_for_cpu_workers(cfg, num_processes: int):

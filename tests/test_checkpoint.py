@@ -1,19 +1,23 @@
 """
-Checkpoints: official weights converted or loaded as they are, and files that are not
-checkpoints named.
+Checkpoints: the registry of foreign formats, official weights converted or loaded as they
+are (by this project's checkpointer and by detectron2's DefaultPredictor), and files that are
+not checkpoints named.
 """
 import re
 
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 
-from conditional_detr.checkpoint import ConditionalDETRCheckpointer
-from conditional_detr import conversion
+from conditional_detr.checkpoint import ConditionalDETRCheckpointer, formats
+from conditional_detr.checkpoint import class_heads
+from conditional_detr.checkpoint import official as official_formats
 from conditional_detr.tools import convert_official
 
 from helpers import tiny
-from helpers.official import reference_file, tiny_fixture_cfg
+from helpers.official import reference_file, tiny_deformable_fixture_cfg, tiny_detr_fixture_cfg, tiny_fixture_cfg
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +31,67 @@ def tiny_model(num_classes):
     return build_model(cfg)
 
 
+def official_fixture(name):
+    """The official state dict of one format's tiny fixture, and the config of its architecture."""
+    if name == "deformable_detr":
+        variants = torch.load(reference_file("official_deformable_r18_tiny.pth"), map_location="cpu")
+        return variants["plain"]["model"], tiny_deformable_fixture_cfg("plain")
+    file, cfg = {
+        "conditional_detr": ("official_r18_tiny.pth", tiny_fixture_cfg()),
+        "detr": ("official_detr_r18_tiny.pth", tiny_detr_fixture_cfg()),
+    }[name]
+    return official_formats.load_official_checkpoint(reference_file(file)), cfg
+
+
+def test_the_registry_recognizes_and_converts_a_fixture_of_each_format():
+    assert [fmt.name for fmt in formats.FORMATS] == ["conditional_detr", "detr", "deformable_detr"]
+    for fmt in formats.FORMATS:
+        state_dict, cfg = official_fixture(fmt.name)
+        assert formats.recognize(state_dict) is fmt
+        assert cfg.MODEL.META_ARCHITECTURE == fmt.architecture
+        model = build_model(cfg)
+        converted = fmt.convert(state_dict, cfg.MODEL.DETR.NUM_CLASSES)
+        incompatible = torch.nn.Module.load_state_dict(model, converted, strict=False)
+        assert not incompatible.missing_keys and not incompatible.unexpected_keys, fmt.name
+        assert formats.recognize(converted) is None  # this project's own names
+
+
+def test_converter_names_the_formats_it_reads(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"model": {"conv.weight": torch.zeros(1)}}, path)
+    with pytest.raises(ValueError, match=r"other\.pth: not a checkpoint of a known format; known formats: .*facebookresearch/detr"):
+        convert_official.main([str(path), str(tmp_path / "out.pth")])
+
+
+def test_default_predictor_loads_an_official_checkpoint_of_the_model_classes(official_path):
+    cfg = tiny_fixture_cfg()  # 91 classes: the official logits as they are
+    cfg.MODEL.WEIGHTS = str(official_path)
+    predictor = DefaultPredictor(cfg)
+    ours = build_model(cfg)
+    ConditionalDETRCheckpointer(ours).load(str(official_path))
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(predictor.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    image = torch.randint(0, 256, (96, 128, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    detections = predictor(image.numpy())["instances"]
+    assert len(detections) == cfg.TEST.DETECTIONS_PER_IMAGE
+
+
+def test_default_predictor_refuses_an_official_checkpoint_it_would_load_in_part(official_path):
+    # detectron2 drops the 91-logit class head of an 80-class model before the model sees it
+    cfg = tiny_fixture_cfg()
+    cfg.MODEL.DETR.NUM_CLASSES = 80
+    cfg.MODEL.WEIGHTS = str(official_path)
+    with pytest.raises(ValueError, match=r"Atten4Vis/ConditionalDETR state dict without its class heads.*ConditionalDETRCheckpointer"):
+        DefaultPredictor(cfg)
+    model = build_model(cfg)
+    with pytest.raises(ValueError, match="without its class heads"):
+        DetectionCheckpointer(model).load(str(official_path))
+
+
 def test_80_classes_take_the_coco_id_rows(official_path):
-    official = conversion.load_official_checkpoint(official_path)
-    converted = conversion.convert_state_dict(official, num_classes=80)
-    category_ids = conversion.coco_contiguous_to_category_id()
+    official = official_formats.load_official_checkpoint(official_path)
+    converted = official_formats.convert_state_dict(official, num_classes=80)
+    category_ids = class_heads.coco_contiguous_to_category_id()
     assert len(category_ids) == 80 and category_ids[0] == 1 and category_ids[-1] == 90
     assert converted["class_embed.weight"].shape == (80, 256)
     torch.testing.assert_close(converted["class_embed.weight"][0], official["class_embed.weight"][1].float())
@@ -62,7 +123,7 @@ def test_converter_rejects_other_checkpoints(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"model": {"conv.weight": torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match=r"other\.pth: not an official Conditional DETR, DETR or Deformable DETR checkpoint"):
-        conversion.load_official_checkpoint(path)
+        official_formats.load_official_checkpoint(path)
 
 
 # --------------------------------------------------------------- files that are not checkpoints

@@ -8,9 +8,10 @@ import torch
 from detectron2.modeling import build_model
 
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
-from conditional_detr.class_head import COCO_CLASS_NAMES, class_head_keys, fine_tune_class_heads
+from conditional_detr.checkpoint.class_heads import COCO_CLASS_NAMES, class_head_keys, fine_tune_class_heads
 from conditional_detr.engine import get_config
-from conditional_detr import conversion
+from conditional_detr.checkpoint import class_heads
+from conditional_detr.checkpoint import official as official_formats
 
 from helpers.official import reference_file, tiny_detr_fixture_cfg, tiny_fixture_cfg
 
@@ -176,7 +177,7 @@ def official_model(cfg, names):
 @pytest.mark.parametrize("detr", [False, True], ids=["conditional_detr", "detr"])
 def test_official_checkpoints_match_coco_names(detr):
     path = reference_file("official_detr_r18_tiny.pth" if detr else "official_r18_tiny.pth")
-    official = conversion.load_official_checkpoint(path)
+    official = official_formats.load_official_checkpoint(path)
     names = ["person", "zebra-crossing", "car"]
     model = official_model(tiny_detr_fixture_cfg() if detr else tiny_fixture_cfg(), names)
     initial = model.state_dict()["class_embed.weight"].clone()
@@ -203,7 +204,7 @@ def test_official_checkpoint_keep_names_the_switch():
 def test_model_zoo_checkpoints_have_coco_names(tmp_path, monkeypatch):
     path = reference_file("official_r18_tiny.pth")
     monkeypatch.setenv("CONDITIONAL_DETR_CACHE", str(tmp_path))
-    converted = conversion.convert_state_dict(conversion.load_official_checkpoint(path), 80)
+    converted = official_formats.convert_state_dict(official_formats.load_official_checkpoint(path), 80)
     torch.save({"model": converted, "matching_heuristics": False}, tmp_path / "ConditionalDETR-R50-50ep.pth")
     model = official_model(tiny_fixture_cfg(), ["car", "person"])
     ConditionalDETRCheckpointer(model, class_names=["car", "person"], class_head="match_names").load(
@@ -229,7 +230,7 @@ def test_deformable_detr_per_layer_heads(tmp_path):
     keys = [k for k in loaded if "class_embed" in k]
     assert "class_embed.0.weight" in keys and "transformer.decoder.class_embed.0.weight" in keys
     # two-stage: the last head (after 2 decoder layers) scores proposals with its row 0
-    proposal_keys = set(conversion.proposal_head_keys(loaded))
+    proposal_keys = set(class_heads.proposal_head_keys(loaded))
     assert proposal_keys == {f"{p}class_embed.2.{n}" for p in ("", "transformer.decoder.") for n in ("weight", "bias")}
     for key in keys:
         if key in proposal_keys:

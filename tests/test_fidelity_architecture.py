@@ -9,7 +9,7 @@ import torchvision
 from detectron2.modeling import build_model
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from conditional_detr.conversion import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
+from conditional_detr.checkpoint.official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
 
 from helpers.official import reference_file, resnet_cfg
 

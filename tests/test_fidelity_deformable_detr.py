@@ -9,7 +9,8 @@ import torch
 from detectron2.modeling import build_model
 
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
-from conditional_detr import conversion
+from conditional_detr.checkpoint import class_heads
+from conditional_detr.checkpoint import official as official_formats
 from conditional_detr.tools import convert_official
 
 from helpers.official import (
@@ -73,8 +74,8 @@ def run_with_transformer(model, reference_io):
 
 def test_format_is_detected_from_the_keys(official_checkpoints):
     for path in official_checkpoints.values():
-        state_dict = conversion.load_official_checkpoint(path)
-        assert conversion.official_format(state_dict) == "deformable_detr"
+        state_dict = official_formats.load_official_checkpoint(path)
+        assert official_formats.official_format(state_dict) == "deformable_detr"
 
 
 @pytest.mark.parametrize("variant", DEFORMABLE_VARIANTS)
@@ -121,7 +122,7 @@ def test_checkpointer_loads_official_checkpoint_with_80_classes(official_checkpo
     ConditionalDETRCheckpointer(model).load(str(official_checkpoints[variant]))
     ours = run(model, reference_io)
     official = reference_io[variant]
-    rows = conversion.coco_contiguous_to_category_id()
+    rows = class_heads.coco_contiguous_to_category_id()
     torch.testing.assert_close(ours["pred_logits"], official["pred_logits"][..., rows], atol=1e-4, rtol=0)
     torch.testing.assert_close(ours["pred_boxes"], official["pred_boxes"], atol=1e-4, rtol=0)
 
@@ -149,7 +150,7 @@ def test_full_size_parameter_counts_keys_and_shapes(variant):
 
     shapes = official_r50_keys(variant)
     fake_official = {k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()}
-    converted = conversion.convert_state_dict(fake_official, num_classes=91)
+    converted = official_formats.convert_state_dict(fake_official, num_classes=91)
     model_state = model.state_dict()
     assert set(converted) == set(model_state)
     for key, value in converted.items():
@@ -159,12 +160,12 @@ def test_full_size_parameter_counts_keys_and_shapes(variant):
 def test_converter_maps_every_class_head_to_80_classes():
     shapes = official_r50_keys("two_stage")
     fake_official = {k: torch.randn(s) for k, s in shapes.items()}
-    converted = conversion.convert_state_dict(fake_official, num_classes=80)
-    class_keys = conversion.class_head_keys(converted)
+    converted = official_formats.convert_state_dict(fake_official, num_classes=80)
+    class_keys = class_heads.class_head_keys(converted)
     # 7 heads (6 layers + proposals), each also under the decoder, weight and bias
     assert len(class_keys) == 28
-    rows = conversion.coco_contiguous_to_category_id()
-    proposal_keys = conversion.proposal_head_keys(converted)
+    rows = class_heads.coco_contiguous_to_category_id()
+    proposal_keys = class_heads.proposal_head_keys(converted)
     assert sorted(proposal_keys) == sorted(
         f"{prefix}class_embed.6.{name}" for prefix in ("", "transformer.decoder.") for name in ("weight", "bias")
     )

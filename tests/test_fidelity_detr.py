@@ -12,7 +12,8 @@ import torch
 from detectron2.modeling import build_model
 
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer
-from conditional_detr import conversion
+from conditional_detr.checkpoint import class_heads
+from conditional_detr.checkpoint import official as official_formats
 from conditional_detr.tools import convert_official
 
 from helpers.official import (
@@ -47,9 +48,9 @@ def outputs(model, reference_io):
 
 
 def test_format_is_detected_from_the_keys(official_path):
-    assert conversion.official_format(conversion.load_official_checkpoint(official_path)) == "detr"
-    conditional = conversion.load_official_checkpoint(reference_file("official_r18_tiny.pth"))
-    assert conversion.official_format(conditional) == "conditional_detr"
+    assert official_formats.official_format(official_formats.load_official_checkpoint(official_path)) == "detr"
+    conditional = official_formats.load_official_checkpoint(reference_file("official_r18_tiny.pth"))
+    assert official_formats.official_format(conditional) == "conditional_detr"
 
 
 def test_boxes_and_logits_of_every_layer_match(outputs, reference_io):
@@ -79,10 +80,10 @@ def test_detections_match(model, reference_io):
 
 
 def test_80_classes_keep_the_no_object_logit_last(official_path):
-    official = conversion.load_official_checkpoint(official_path)
-    converted = conversion.convert_state_dict(official, num_classes=80)
+    official = official_formats.load_official_checkpoint(official_path)
+    converted = official_formats.convert_state_dict(official, num_classes=80)
     assert converted["class_embed.weight"].shape == (81, 256)
-    category_ids = conversion.coco_contiguous_to_category_id()
+    category_ids = class_heads.coco_contiguous_to_category_id()
     torch.testing.assert_close(converted["class_embed.bias"][:80], official["class_embed.bias"][category_ids].float())
     torch.testing.assert_close(converted["class_embed.weight"][80], official["class_embed.weight"][91].float())
 
@@ -131,7 +132,7 @@ def test_r50_parameter_count(num_classes):
 @pytest.mark.parametrize("num_classes", [91, 80])
 def test_converted_r50_keys_and_shapes_match(num_classes):
     fake_official = {k: torch.zeros(s, dtype=torch.float16) for k, s in official_detr_r50_keys().items()}
-    converted = conversion.convert_state_dict(fake_official, num_classes=num_classes)
+    converted = official_formats.convert_state_dict(fake_official, num_classes=num_classes)
     model_state = build_model(detr_resnet_cfg(50, num_classes)).state_dict()
     assert set(converted) == set(model_state)
     for key, value in converted.items():

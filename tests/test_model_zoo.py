@@ -5,6 +5,8 @@ cached (and nothing cached from a broken download).
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,8 +17,9 @@ from detectron2.utils.file_io import PathManager
 from conditional_detr import ConditionalDETR, model_zoo
 from conditional_detr.model_zoo import OFFICIAL_CHECKPOINTS, SCHEME, OfficialCheckpoint
 from conditional_detr.model_zoo import model_zoo as model_zoo_module
-from conditional_detr.model_zoo.path_handler import CONVERTED_NUM_CLASSES
-from conditional_detr import conversion
+from conditional_detr.checkpoint.path_handler import CONVERTED_NUM_CLASSES
+from conditional_detr.checkpoint import class_heads
+from conditional_detr.checkpoint import official as official_formats
 
 from helpers.official import reference_file, tiny_fixture_cfg
 
@@ -119,8 +122,8 @@ def test_download_convert_cache(tiny_zoo, official_path):
     assert downloads == [official_path.as_uri()]
     assert_cache_holds_only(cache, [TINY_NAME + ".pth"])
 
-    expected = conversion.convert_state_dict(
-        conversion.load_official_checkpoint(official_path)
+    expected = official_formats.convert_state_dict(
+        official_formats.load_official_checkpoint(official_path)
     )
     loaded = model.state_dict()
     assert set(loaded) == set(expected)
@@ -148,8 +151,8 @@ def detr_zoo(tmp_path, monkeypatch):
 
 def test_detr_checkpoint_is_cached_as_converted(detr_zoo):
     converted = torch.load(PathManager.get_local_path(SCHEME + "Tiny-DETR-R18"), weights_only=True)
-    expected = conversion.convert_state_dict(
-        conversion.load_official_checkpoint(detr_zoo)
+    expected = official_formats.convert_state_dict(
+        official_formats.load_official_checkpoint(detr_zoo)
     )
     assert converted["model"].keys() == expected.keys()
     for key, value in expected.items():
@@ -284,5 +287,15 @@ def test_deformable_detr_checkpoint_saved_by_hand_loads_into_its_config(tmp_path
     key = "transformer.encoder.layers.3.self_attn.sampling_offsets.weight"
     assert torch.equal(state[key], official[key])
     assert torch.equal(state["backbone.res4.2.conv1.weight"], official["backbone.0.body.layer3.2.conv1.weight"])
-    rows = conversion.coco_contiguous_to_category_id()
+    rows = class_heads.coco_contiguous_to_category_id()
     assert torch.equal(state["class_embed.2.weight"], official["class_embed.2.weight"][rows])
+
+
+@pytest.mark.slow
+def test_importing_the_package_leaves_the_trainer_out():
+    code = (
+        "import sys, conditional_detr\n"
+        "for name in ('conditional_detr.engine', 'detectron2.engine'):\n"
+        "    assert name not in sys.modules, name\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

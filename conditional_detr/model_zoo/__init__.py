@@ -5,9 +5,9 @@ The project's configs by name, and the official Conditional DETR and DETR checkp
 
 from detectron2.utils.file_io import PathManager
 
-from .checkpoints import OFFICIAL_CHECKPOINTS, SCHEME, OfficialCheckpoint
+from ..checkpoint.catalog import OFFICIAL_CHECKPOINTS, SCHEME, OfficialCheckpoint
+from ..checkpoint.path_handler import OfficialCheckpointHandler, cache_dir
 from .model_zoo import get, get_checkpoint_name, get_config, get_config_file, list_configs
-from .path_handler import OfficialCheckpointHandler, cache_dir
 
 __all__ = [
     "OFFICIAL_CHECKPOINTS",

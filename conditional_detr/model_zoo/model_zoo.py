@@ -7,8 +7,8 @@ import torch
 from detectron2.modeling import build_model
 
 from ..checkpoint import ConditionalDETRCheckpointer
-from ..engine import get_config as load_config
-from .checkpoints import checkpoint_name_for_config
+from ..checkpoint.catalog import checkpoint_name_for_config
+from ..config import get_config as load_config
 
 # The repository's configs/: a link in a source tree, a copy in an installed wheel (setup.py).
 CONFIG_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")

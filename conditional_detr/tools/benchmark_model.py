@@ -28,7 +28,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
 from ..engine import get_config
-from ..conversion import convert_state_dict
+from ..checkpoint.official import convert_state_dict
 from ..solver import build_optimizer
 from .benchmarking import interleaved_medians, machine_header, peak_memory_bytes
 

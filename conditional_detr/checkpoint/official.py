@@ -12,19 +12,13 @@ stays last.
 """
 import argparse
 import re
+from dataclasses import dataclass
 
 import torch
-from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+from .class_heads import COCO_CLASS_NAMES, class_head_keys, coco_contiguous_to_category_id, proposal_head_keys
 
 OFFICIAL_BACKBONE_PREFIX = "backbone.0.body."
-# the class heads: one (Conditional DETR, DETR) or one per decoder layer, also listed under
-# the decoder (Deformable DETR)
-CLASS_HEAD_KEY = re.compile(r"(^|\.)class_embed(\.\d+)?\.(weight|bias)$")
-
-
-def coco_contiguous_to_category_id():
-    """COCO category id of each of detectron2's 80 contiguous classes, in order."""
-    return [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
 
 
 def _convert_backbone_key(key):
@@ -56,22 +50,33 @@ def official_format(state_dict):
     return "detr" if any(".multihead_attn." in k for k in state_dict) else "conditional_detr"
 
 
-def class_head_keys(state_dict):
-    """The keys of every class head's weight and bias."""
-    return [k for k in state_dict if CLASS_HEAD_KEY.search(k)]
+@dataclass(frozen=True)
+class OfficialFormat:
+    """
+    The state dicts of one official repository: the interface of every format of the
+    registry (`formats.py`): `name`, `architecture` (the meta-architecture it loads into),
+    `recognizes(state_dict)`, `convert(state_dict, num_classes)` and `class_names(num_classes)`.
+    """
+
+    name: str
+    architecture: str
+    repository: str
+
+    def recognizes(self, state_dict):
+        return is_official_state_dict(state_dict) and official_format(state_dict) == self.name
+
+    def convert(self, state_dict, num_classes=80):
+        return convert_state_dict(state_dict, num_classes)
+
+    @staticmethod
+    def class_names(num_classes):
+        """The names of the converted head's classes: COCO's 80, or None for the COCO-id logits."""
+        return COCO_CLASS_NAMES if num_classes == len(COCO_CLASS_NAMES) else None
 
 
-def proposal_head_keys(state_dict):
-    """
-    Two-stage Deformable DETR's last class head scores the encoder's proposals as one
-    class-agnostic foreground, its logit 0, whatever the class count: its keys, or [].
-    """
-    if "transformer.enc_output.weight" not in state_dict:
-        return []
-    heads = [k for k in class_head_keys(state_dict) if k.startswith("class_embed.")]
-    last = max(int(k.split(".")[1]) for k in heads)
-    return [k for k in class_head_keys(state_dict) if k.endswith(f"class_embed.{last}.weight")
-            or k.endswith(f"class_embed.{last}.bias")]
+CONDITIONAL_DETR = OfficialFormat("conditional_detr", "ConditionalDETR", "Atten4Vis/ConditionalDETR")
+DETR = OfficialFormat("detr", "DETR", "facebookresearch/detr")
+DEFORMABLE_DETR = OfficialFormat("deformable_detr", "DeformableDETR", "fundamentalvision/Deformable-DETR")
 
 
 def convert_state_dict(state_dict, num_classes=80):

@@ -13,12 +13,8 @@ from urllib.parse import urlparse
 import torch
 from iopath.common.file_io import PathHandler, file_lock, get_cache_dir
 
-from ..conversion import (
-    convert_state_dict,
-    convert_torchvision_resnet,
-    load_official_checkpoint,
-)
-from .checkpoints import SCHEME, official_checkpoint
+from .catalog import SCHEME, official_checkpoint
+from .official import convert_state_dict, convert_torchvision_resnet, load_official_checkpoint
 
 # detectron2's contiguous COCO classes, those of every COCO config of this project
 CONVERTED_NUM_CLASSES = 80

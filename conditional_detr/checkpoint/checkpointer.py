@@ -1,9 +1,13 @@
+"""The checkpointer of the package's detectors: foreign formats converted, class heads fitted."""
 import logging
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .class_head import (
+from ..data.datasets import model_class_names
+from . import formats
+from .catalog import SCHEME, official_checkpoint
+from .class_heads import (
     COCO_CLASS_NAMES,
     CONFIG_KEY as CLASS_HEAD_KEY,
     check_behaviour,
@@ -11,19 +15,12 @@ from .class_head import (
     fine_tune_class_heads,
     same_names,
 )
-from .data.datasets import model_class_names
-from .model_zoo.checkpoints import SCHEME, official_checkpoint
-from .modeling import DETR, ConditionalDETR, DeformableDETR
-from .conversion import convert_state_dict, is_official_state_dict, official_format
-
-# the official format each meta-architecture loads
-OFFICIAL_FORMATS = {ConditionalDETR: "conditional_detr", DETR: "detr", DeformableDETR: "deformable_detr"}
 
 
 class ConditionalDETRCheckpointer(DetectionCheckpointer):
     """
-    DetectionCheckpointer that also loads official Conditional DETR and DETR
-    checkpoints (converted on the fly), refuses a checkpoint whose class count differs
+    DetectionCheckpointer that also loads the checkpoints of the formats of `formats.py`
+    (the official implementations', converted on the fly), refuses a checkpoint whose class count differs
     from the model's, which detectron2 would otherwise skip with only a warning, unless
     `class_head` (MODEL.WEIGHTS_CLASS_HEAD) says how to fine-tune to
     the model's classes, and stops with an error naming a file that is not a checkpoint.
@@ -65,9 +62,10 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         checkpoint = self._read(filename)
         state_dict = checkpoint["model"]
         checkpoint_names = checkpoint.get("class_names")
-        if is_official_state_dict(state_dict):
-            self._check_official_format(state_dict, filename)
-            state_dict, checkpoint_names = self._convert_official(state_dict, filename)
+        source_format = formats.recognize(state_dict)
+        if source_format is not None:
+            self._check_architecture(source_format, filename)
+            state_dict, checkpoint_names = self._convert(source_format, state_dict, filename)
             checkpoint = {"model": state_dict, "matching_heuristics": False}
         elif checkpoint_names is None and self._loading_model_zoo_detector():
             checkpoint_names = COCO_CLASS_NAMES
@@ -95,26 +93,26 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
     def _num_classes(self):
         return getattr(self.model, "num_classes", None)
 
-    def _check_official_format(self, state_dict, filename):
-        expected = OFFICIAL_FORMATS.get(type(self.model))
-        found = official_format(state_dict)
-        if expected is not None and found != expected:
+    def _check_architecture(self, source_format, filename):
+        architecture = type(self.model).__name__
+        known = {fmt.architecture for fmt in formats.FORMATS}
+        if architecture in known and source_format.architecture != architecture:
             raise ValueError(
-                f"{filename}: an official {found} checkpoint cannot load into "
-                f"MODEL.META_ARCHITECTURE {type(self.model).__name__}"
+                f"{filename}: an official {source_format.name} checkpoint cannot load into "
+                f"MODEL.META_ARCHITECTURE {architecture}"
             )
 
-    def _convert_official(self, state_dict, filename):
-        """The converted state dict, and its class names when they are COCO's 80."""
+    def _convert(self, source_format, state_dict, filename):
+        """The converted state dict, and the names of its classes where the format knows them."""
         num_classes = self._num_classes()
         try:
-            converted = convert_state_dict(state_dict, num_classes)
-            return converted, COCO_CLASS_NAMES if num_classes == len(COCO_CLASS_NAMES) else None
+            return source_format.convert(state_dict, num_classes), source_format.class_names(num_classes)
         except ValueError as e:
             if self.class_head == "keep":
                 raise ValueError(f"{filename}: {e}; {self._fine_tuning_hint()}") from e
         # fine-tuning to other classes starts from COCO's 80, whose names are known
-        return convert_state_dict(state_dict, len(COCO_CLASS_NAMES)), COCO_CLASS_NAMES
+        coco = len(COCO_CLASS_NAMES)
+        return source_format.convert(state_dict, coco), source_format.class_names(coco)
 
     def _loading_model_zoo_detector(self):
         if not isinstance(self._loading, str) or not self._loading.startswith(SCHEME):

@@ -1,6 +1,7 @@
 """
-Fine-tuning to other classes: what the class heads of a checkpoint become when its
-classes are not the model's, by MODEL.WEIGHTS_CLASS_HEAD.
+Class heads in checkpoints: which keys they are, COCO's classes, and the policy of
+MODEL.WEIGHTS_CLASS_HEAD (what the class heads of a checkpoint become when its classes are
+not the model's).
 
 A class head is any checkpoint entry whose last module is `class_embed`:
 `class_embed.weight` (Conditional DETR, DETR), `class_embed.3.bias` (one head per
@@ -14,16 +15,16 @@ import re
 
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .conversion import proposal_head_keys
-
 __all__ = [
     "BEHAVIOURS",
     "CONFIG_KEY",
     "COCO_CLASS_NAMES",
     "check_behaviour",
     "class_head_keys",
-    "same_names",
+    "coco_contiguous_to_category_id",
     "fine_tune_class_heads",
+    "proposal_head_keys",
+    "same_names",
 ]
 
 CONFIG_KEY = "MODEL.WEIGHTS_CLASS_HEAD"
@@ -31,7 +32,14 @@ BEHAVIOURS = ("keep", "reinit", "match_names")
 # detectron2's 80 contiguous COCO classes: those of official and model-zoo checkpoints once converted
 COCO_CLASS_NAMES = tuple(c["name"] for c in COCO_CATEGORIES if c["isthing"])
 
+# one head (Conditional DETR, DETR) or one per decoder layer, also listed under the decoder
+# (Deformable DETR)
 _CLASS_HEAD_KEY = re.compile(r"(^|\.)class_embed(\.\d+)?\.(weight|bias)$")
+
+
+def coco_contiguous_to_category_id():
+    """COCO category id of each of detectron2's 80 contiguous classes, in order."""
+    return [c["id"] for c in COCO_CATEGORIES if c["isthing"]]
 
 
 def check_behaviour(behaviour):
@@ -41,7 +49,20 @@ def check_behaviour(behaviour):
 
 
 def class_head_keys(state_dict):
+    """The keys of every class head's weight and bias."""
     return [k for k in state_dict if _CLASS_HEAD_KEY.search(k)]
+
+
+def proposal_head_keys(state_dict):
+    """
+    Two-stage Deformable DETR's last class head scores the encoder's proposals as one
+    class-agnostic foreground, its logit 0, whatever the class count: its keys, or [].
+    """
+    if "transformer.enc_output.weight" not in state_dict:
+        return []
+    heads = [k for k in class_head_keys(state_dict) if k.startswith("class_embed.")]
+    last = max(int(k.split(".")[1]) for k in heads)
+    return [k for k in class_head_keys(state_dict) if k.endswith((f"class_embed.{last}.weight", f"class_embed.{last}.bias"))]
 
 
 def _normalized(name):

@@ -1,0 +1,41 @@
+"""
+The registry of foreign checkpoint formats: the state dicts of other implementations that
+the checkpointer, the converter tool and the models' own `load_state_dict` convert to this
+project's names. Each format recognizes its state dicts by their keys, converts them, and
+names the classes of its converted head (see `official.OfficialFormat`). Adding a format is
+one module beside this one and one line here.
+"""
+import argparse
+
+import torch
+
+from . import official
+
+__all__ = ["FORMATS", "describe", "load", "recognize"]
+
+FORMATS = (official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR)
+
+
+def recognize(state_dict):
+    """The format of FORMATS that recognizes `state_dict`, or None for this project's own."""
+    found = [fmt for fmt in FORMATS if fmt.recognizes(state_dict)]
+    if len(found) > 1:
+        raise ValueError(f"a state dict recognized by several formats: {[fmt.name for fmt in found]}")
+    return found[0] if found else None
+
+
+def describe():
+    """The formats of the registry, for help texts and errors."""
+    return ", ".join(f"{fmt.repository} ({fmt.architecture})" for fmt in FORMATS)
+
+
+def load(path):
+    """The format and state dict of a checkpoint file of one of FORMATS; a ValueError names the file."""
+    # official checkpoints pickle their argparse.Namespace next to the weights
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    source_format = recognize(state_dict) if isinstance(state_dict, dict) else None
+    if source_format is None:
+        raise ValueError(f"{path}: not a checkpoint of a known format; known formats: {describe()}")
+    return source_format, state_dict
