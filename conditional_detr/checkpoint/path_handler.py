@@ -37,7 +37,7 @@ class OfficialCheckpointHandler(PathHandler):
     """
     Resolves `conditional-detr://NAME` to a local checkpoint of this project. The official
     file is downloaded (by `download(url, destination, sha256_prefix)`), converted to
-    80 classes by `conversion.convert_state_dict` and written atomically to the
+    80 classes by `official.convert_state_dict` and written atomically to the
     cache; the download itself is not kept. A file the user saved as
     `<cache>/official/NAME.pth` is used instead of downloading: the way to use the
     checkpoints published only as share pages.
