@@ -15,6 +15,7 @@ from detectron2.modeling.backbone.resnet import (
     ResNet,
 )
 
+from .box_ops import image_sizes_tensor
 from .norms import trainable_batchnorm_in_float32
 
 
@@ -104,19 +105,22 @@ def fold_frozen_batchnorm(module):
     return module
 
 
-def feature_padding_mask(image_sizes, padded_size, feature_size, device):
+def feature_padding_mask(image_sizes, padded_size, feature_size, device=None):
     """
     The official mask: True at padded pixels of the batch tensor, brought to the
-    feature map's size by nearest-neighbour interpolation.
+    feature map's size by nearest-neighbour interpolation. Computed without a loop over the
+    images, so that a traced export keeps its batch size and image sizes dynamic.
 
     Args:
-        image_sizes: list of (h, w) of the unpadded images.
+        image_sizes: (h, w) of the unpadded images: a list of pairs, or a [batch, 2] tensor.
         padded_size: (H, W) of the padded batch tensor.
         feature_size: (h, w) of the feature map.
+        device: of the mask, when `image_sizes` is a list.
     Returns:
         [batch, h, w] bool
     """
-    mask = torch.ones((len(image_sizes), *padded_size), dtype=torch.bool, device=device)
-    for i, (h, w) in enumerate(image_sizes):
-        mask[i, :h, :w] = False
-    return F.interpolate(mask[None].float(), size=feature_size).to(torch.bool)[0]
+    sizes = image_sizes_tensor(image_sizes, device)
+    rows = torch.arange(padded_size[0], device=sizes.device)
+    columns = torch.arange(padded_size[1], device=sizes.device)
+    mask = (rows[None, :, None] >= sizes[:, 0, None, None]) | (columns[None, None, :] >= sizes[:, 1, None, None])
+    return F.interpolate(mask[None].float(), size=tuple(feature_size)).to(torch.bool)[0]

@@ -16,3 +16,15 @@ def inverse_sigmoid(x, eps=1e-5):
 
 
 __all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "generalized_box_iou", "inverse_sigmoid"]
+
+
+def image_sizes_tensor(image_sizes, device=None):
+    """
+    (height, width) per image as a [batch, 2] tensor, from a tensor or from a list of pairs
+    (ints, or 0-d tensors where detectron2's ImageList is traced).
+    """
+    if torch.is_tensor(image_sizes):
+        return image_sizes
+    if not len(image_sizes):
+        return torch.zeros(0, 2, dtype=torch.long, device=device)
+    return torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in image_sizes]).to(device)

@@ -16,10 +16,11 @@ from ..checkpoint.class_heads import class_head_keys
 from ..checkpoint.formats import recognize as recognize_format
 from ..config_checks import check_detector_keys, check_shared_keys
 from .backbone import build_resnet_like_torchvision, feature_padding_mask
-from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion
 from .matcher import CLASS_LOSSES, HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
+from .postprocess import detections
 from .transformer import MLP, Transformer, TransformerEncoder
 
 
@@ -201,28 +202,12 @@ class SetPredictionDetector(nn.Module):
         return targets
 
     def inference(self, pred_logits, pred_boxes, image_sizes):
-        """
-        Focal loss: the official top-k (query, class) pairs of sigmoid scores per image,
-        so one query can give several detections. Softmax: DETR's best class of each
-        query, "no object" left out.
-        """
-        boxes = box_cxcywh_to_xyxy(pred_boxes)
-        if self.class_loss == "softmax":
-            scores, labels = pred_logits.softmax(-1)[..., :-1].max(-1)
-        else:
-            batch, num_queries, num_classes = pred_logits.shape
-            prob = pred_logits.sigmoid().view(batch, -1)
-            k = min(self.num_topk, num_queries * num_classes)
-            scores, flat_index = torch.topk(prob, k, dim=1)
-            query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
-            labels = flat_index % num_classes
-            boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).repeat(1, 1, 4))
-
+        """`postprocess.detections` as detectron2 Instances, one per image."""
+        scores, labels, boxes = detections(pred_logits, pred_boxes, image_sizes, self.class_loss, self.num_topk)
         results = []
         for i, (h, w) in enumerate(image_sizes):
             result = Instances((h, w))
-            scale = torch.as_tensor([w, h, w, h], dtype=boxes.dtype, device=boxes.device)
-            result.pred_boxes = Boxes(boxes[i] * scale)
+            result.pred_boxes = Boxes(boxes[i])
             result.scores = scores[i]
             result.pred_classes = labels[i]
             results.append(result)

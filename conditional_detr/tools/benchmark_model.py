@@ -18,19 +18,18 @@ with a few boxes. bf16 is autocast (CPU and CUDA); the weights stay fp32.
 import argparse
 import contextlib
 import copy
-import importlib
 import json
 import os
-import sys
 
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from ..engine import get_config
+from ..config import get_config
 from ..checkpoint.official import convert_state_dict
 from ..solver import build_optimizer
 from .benchmarking import interleaved_medians, machine_header, peak_memory_bytes
+from .official_checkout import import_official
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(_REPO, "configs", "COCO-Detection", "conditional_detr_R_50_50ep.yaml")
@@ -115,27 +114,14 @@ class OfficialModel:
     """
 
     def __init__(self, path, cfg, device):
-        # the official attention module's version test takes torch 2 for torch < 1.9 and
-        # imports what torch 1.7 and 1.8 renamed: point the old names at the new ones
-        linear = torch.nn.modules.linear
-        if not hasattr(linear, "_LinearWithBias"):
-            linear._LinearWithBias = linear.NonDynamicallyQuantizableLinear
-        sys.modules.setdefault("torch._overrides", torch.overrides)
-        sys.path.insert(0, os.path.abspath(path))
-        try:
-            main = importlib.import_module("main")
-            backbone = importlib.import_module("models.backbone")
-            build = importlib.import_module("models").build_model
-        finally:
-            sys.path.pop(0)
+        main, backbone, models, self.misc = import_official(path, "main", "models.backbone", "models", "util.misc")
         backbone.is_main_process = lambda: False  # no ImageNet download: weights come from ours
         options = ["--device", device, "--backbone", f"resnet{cfg.MODEL.RESNETS.DEPTH}"]
         if cfg.MODEL.RESNETS.RES5_DILATION > 1:
             options.append("--dilation")
         self.args = main.get_args_parser().parse_args(options)
-        self.model, self.criterion, postprocessors = build(self.args)
+        self.model, self.criterion, postprocessors = models.build_model(self.args)
         self.postprocess = postprocessors["bbox"]
-        self.misc = importlib.import_module("util.misc")
         self.model.to(device)
         self.criterion.to(device)
 

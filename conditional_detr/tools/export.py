@@ -25,58 +25,27 @@ The compiled attention ops are exported as their PyTorch reference
 """
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import sys
 
 import torch
-import torch.nn.functional as F
 from detectron2.structures import ImageList
 from detectron2.utils.logger import setup_logger
 from torch import nn
 
+from ..config import get_config
 from ..data.datasets import model_class_names
-from ..engine import get_config
-from ..modeling.box_ops import box_cxcywh_to_xyxy
+from ..modeling.postprocess import detections
 from .inference import build_eval_model
 
-__all__ = ["ExportableDetector", "padding_mask", "export_torchscript", "export_onnx", "main"]
+__all__ = ["ExportableDetector", "export_torchscript", "export_onnx", "main"]
 
 FORMATS = ("torchscript", "onnx")
 INPUT_NAMES = ("images", "image_sizes")
 OUTPUT_NAMES = ("scores", "labels", "boxes")
 
 logger = logging.getLogger("detectron2")
-
-
-def padding_mask(image_sizes, padded_size, feature_size, device=None):
-    """
-    `modeling.backbone.feature_padding_mask` computed from an image-size tensor [batch, 2]
-    instead of a loop over the images, which would fix the batch size in an export.
-    """
-    rows = torch.arange(padded_size[0], device=image_sizes.device)
-    columns = torch.arange(padded_size[1], device=image_sizes.device)
-    mask = (rows[None, :, None] >= image_sizes[:, 0, None, None]) | (
-        columns[None, None, :] >= image_sizes[:, 1, None, None]
-    )  # [batch, H, W], True at padding
-    return F.interpolate(mask[None].float(), size=tuple(feature_size)).to(torch.bool)[0]
-
-
-@contextlib.contextmanager
-def _tensor_padding_masks(model):
-    """Let the modules that define the model's classes compute padding masks with `padding_mask`."""
-    modules = {sys.modules[c.__module__] for c in type(model).__mro__}
-    modules = [m for m in modules if hasattr(m, "feature_padding_mask")]
-    saved = [m.feature_padding_mask for m in modules]
-    for module in modules:
-        module.feature_padding_mask = padding_mask
-    try:
-        yield
-    finally:
-        for module, function in zip(modules, saved):
-            module.feature_padding_mask = function
 
 
 class ExportableDetector(nn.Module):
@@ -97,26 +66,15 @@ class ExportableDetector(nn.Module):
         )  # [batch, H, W]
         # normalized, then zero in the padding, as `preprocess_image` pads
         images = (images - model.pixel_mean) / model.pixel_std * inside[:, None].to(images.dtype)
-        with _tensor_padding_masks(model):
-            outputs = model.forward_outputs(ImageList(images, image_sizes))
-        return self.detections(outputs["pred_logits"], outputs["pred_boxes"], image_sizes)
-
-    def detections(self, pred_logits, pred_boxes, image_sizes):
-        """`SetPredictionDetector.inference` then detectron2's clipping, on tensors."""
-        boxes = box_cxcywh_to_xyxy(pred_boxes)
-        if self.model.class_loss == "softmax":
-            scores, labels = pred_logits.softmax(-1)[..., :-1].max(-1)
-        else:
-            num_queries, num_classes = pred_logits.shape[1:]
-            k = min(self.model.num_topk, num_queries * num_classes)
-            scores, flat_index = pred_logits.sigmoid().flatten(1).topk(k, dim=1)
-            labels = flat_index % num_classes
-            query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
-            boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).expand(-1, -1, 4))
+        # the image sizes stay a tensor, so that the padding masks stay dynamic in the trace
+        outputs = model.forward_outputs(ImageList(images, image_sizes))
+        scores, labels, boxes = detections(
+            outputs["pred_logits"], outputs["pred_boxes"], image_sizes, model.class_loss, model.num_topk
+        )
+        # detectron2's clipping to each image
         sizes = image_sizes.to(boxes.dtype)
-        scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=-1)[:, None]
-        boxes = torch.minimum(torch.clamp(boxes * scale, min=0), scale)  # [batch, K, 4]
-        return scores, labels, boxes
+        limits = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=-1)[:, None]
+        return scores, labels, torch.minimum(torch.clamp(boxes, min=0), limits)
 
 
 def example_inputs(cfg, height, width, batch=2, device=None):

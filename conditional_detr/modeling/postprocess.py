@@ -1,0 +1,35 @@
+"""From the heads' raw outputs to detections: what eager inference and the exported models share."""
+import torch
+
+from .box_ops import box_cxcywh_to_xyxy, image_sizes_tensor
+
+__all__ = ["detections"]
+
+
+def detections(pred_logits, pred_boxes, image_sizes, class_loss, num_topk):
+    """
+    Focal loss: the official top-k (query, class) pairs of sigmoid scores per image, so one
+    query can give several detections. Softmax: DETR's best class of each query, "no object"
+    left out.
+
+    Args:
+        pred_logits: [batch, num_queries, num_class_logits]; pred_boxes: [batch, num_queries, 4]
+            normalized cxcywh.
+        image_sizes: [batch, 2] tensor of (height, width), or a list of pairs.
+    Returns:
+        scores [batch, K], labels [batch, K] (contiguous class indices) and boxes [batch, K, 4]
+        (XYXY in the pixels of each image, not clipped); K is `num_topk` (focal) or the queries.
+    """
+    boxes = box_cxcywh_to_xyxy(pred_boxes)
+    if class_loss == "softmax":
+        scores, labels = pred_logits.softmax(-1)[..., :-1].max(-1)
+    else:
+        batch, num_queries, num_classes = pred_logits.shape
+        k = min(num_topk, num_queries * num_classes)
+        scores, flat_index = pred_logits.sigmoid().view(batch, -1).topk(k, dim=1)
+        labels = flat_index % num_classes
+        query_index = torch.div(flat_index, num_classes, rounding_mode="floor")
+        boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).expand(-1, -1, 4))
+    sizes = image_sizes_tensor(image_sizes, boxes.device).to(boxes.dtype)
+    scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=-1)[:, None]
+    return scores, labels, boxes * scale
