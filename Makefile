@@ -42,6 +42,15 @@ $(STAMPS)/test-deps: $(STAMPS)/venv
 	$(PIP) install pytest "numpy<2" "onnx==1.23.2" "onnxruntime==1.32.0"
 	touch $@
 
+# MMDetection 3.3 for the tests that compare with its models: pure-Python wheels in a folder of
+# their own, which those tests append to the import path, next to the project's torch (mmdet
+# refuses mmcv 2.2; mmcv-lite has no compiled ops, the tests stand in for them)
+MMDETECTION_DIR := $(VENV)/mmdetection
+$(STAMPS)/mmdetection: $(STAMPS)/venv
+	$(PIP) install --target $(MMDETECTION_DIR) --no-deps --upgrade mmdet==3.3.0 mmengine==0.10.7 \
+		mmcv-lite==2.1.0 addict yapf terminaltables shapely termcolor rich markdown-it-py mdurl pygments six
+	touch $@
+
 $(STAMPS)/project: $(STAMPS)/detectron2 $(STAMPS)/test-deps setup.py $(wildcard csrc/*.* csrc/*/*.*)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e .
 	touch $@
@@ -49,11 +58,11 @@ $(STAMPS)/project: $(STAMPS)/detectron2 $(STAMPS)/test-deps setup.py $(wildcard 
 demo: setup
 	$(PY) -m conditional_detr.tools.shapes_demo --output-dir output/demo
 
-test: setup
+test: setup $(STAMPS)/mmdetection
 	$(PY) -m pytest -q tests
 
 # the quick loop while working: everything but the tests marked slow (see tests/README.md)
-test-fast: setup
+test-fast: setup $(STAMPS)/mmdetection
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean-build:

@@ -65,7 +65,8 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         source_format = formats.recognize(state_dict)
         if source_format is not None:
             self._check_architecture(source_format, filename)
-            state_dict, checkpoint_names = self._convert(source_format, state_dict, filename)
+            state_dict, format_names = self._convert(source_format, state_dict, filename)
+            checkpoint_names = checkpoint_names or format_names  # the names the file stores come first
             checkpoint = {"model": state_dict, "matching_heuristics": False}
         elif checkpoint_names is None and self._loading_model_zoo_detector():
             checkpoint_names = COCO_CLASS_NAMES
@@ -80,7 +81,10 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
                 f"{filename}: cannot read this checkpoint (a truncated file, or not a checkpoint?): "
                 f"{type(e).__name__}: {e}"
             ) from e
-        state_dict = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+        contents = checkpoint.get("model") if isinstance(checkpoint, dict) else None
+        state_dict, class_names = formats.unwrap(contents)
+        if state_dict is not contents:  # a container of another implementation
+            checkpoint = {"model": state_dict, "class_names": class_names}
         if not isinstance(state_dict, dict) or not all(
             isinstance(v, torch.Tensor) or hasattr(v, "shape") for v in state_dict.values()
         ):

@@ -9,11 +9,11 @@ import argparse
 
 import torch
 
-from . import official
+from . import mmdetection, official
 
-__all__ = ["FORMATS", "describe", "load", "recognize"]
+__all__ = ["FORMATS", "describe", "load", "recognize", "unwrap"]
 
-FORMATS = (official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR)
+FORMATS = (official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR, mmdetection.CONDITIONAL_DETR)
 
 
 def recognize(state_dict):
@@ -22,6 +22,21 @@ def recognize(state_dict):
     if len(found) > 1:
         raise ValueError(f"a state dict recognized by several formats: {[fmt.name for fmt in found]}")
     return found[0] if found else None
+
+
+def unwrap(contents):
+    """
+    The state dict and the class names (or None) of a checkpoint file's contents: this
+    project's and the official ones hold the state dict under "model", MMDetection's under
+    "state_dict", with its classes in "meta"; a bare state dict is its own.
+    """
+    if isinstance(contents, dict) and isinstance(contents.get("state_dict"), dict) and "meta" in contents:
+        meta = contents["meta"] if isinstance(contents["meta"], dict) else {}
+        classes = (meta.get("dataset_meta") or {}).get("classes")
+        return contents["state_dict"], list(classes) if classes else None
+    if isinstance(contents, dict) and isinstance(contents.get("model"), dict):
+        return contents["model"], contents.get("class_names")
+    return contents, None
 
 
 def describe():
@@ -34,7 +49,7 @@ def load(path):
     # official checkpoints pickle their argparse.Namespace next to the weights
     with torch.serialization.safe_globals([argparse.Namespace]):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    state_dict, _ = unwrap(checkpoint)
     source_format = recognize(state_dict) if isinstance(state_dict, dict) else None
     if source_format is None:
         raise ValueError(f"{path}: not a checkpoint of a known format; known formats: {describe()}")

@@ -21,7 +21,7 @@ from .class_heads import COCO_CLASS_NAMES, class_head_keys, coco_contiguous_to_c
 OFFICIAL_BACKBONE_PREFIX = "backbone.0.body."
 
 
-def _convert_backbone_key(key):
+def convert_backbone_key(key):
     """torchvision ResNet names -> detectron2 ResNet names."""
     key = key[len(OFFICIAL_BACKBONE_PREFIX):]
     if key.startswith(("conv1.", "bn1.")):
@@ -94,7 +94,7 @@ def convert_state_dict(state_dict, num_classes=80):
         if key.endswith("num_batches_tracked"):
             continue  # frozen batch norm has no counter
         if key.startswith(OFFICIAL_BACKBONE_PREFIX):
-            key = _convert_backbone_key(key)
+            key = convert_backbone_key(key)
         if value.is_floating_point():
             value = value.float()
         converted[key] = value
@@ -130,7 +130,7 @@ def convert_torchvision_resnet(state_dict):
     for key, value in state_dict.items():
         if key.startswith("fc.") or key.endswith("num_batches_tracked"):
             continue
-        converted[_convert_backbone_key(OFFICIAL_BACKBONE_PREFIX + key)] = value.float()
+        converted[convert_backbone_key(OFFICIAL_BACKBONE_PREFIX + key)] = value.float()
     if "backbone.stem.conv1.weight" not in converted:
         raise ValueError("not a torchvision ResNet state dict (no 'conv1.weight')")
     return converted

@@ -1,0 +1,128 @@
+"""
+MMDetection 3.x checkpoints: recognized by their keys, loaded by MODEL.WEIGHTS and the
+converter, and giving MMDetection's own outputs on models that MMDetection builds on the fly
+with random weights.
+"""
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import ImageList
+
+from conditional_detr.checkpoint import ConditionalDETRCheckpointer, formats, mmdetection
+from conditional_detr.engine import get_config
+
+from helpers.mmdetection import build_mmdet_model, mmdet_checkpoint, mmdet_outputs
+from helpers.paths import CONFIGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CONDITIONAL_DETR = "conditional_detr/conditional-detr_r50_8xb2-50e_coco.py"
+
+
+def images():
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(0, 256, (3, h, w), generator=generator, dtype=torch.uint8) for h, w in ((96, 128), (120, 88))]
+
+
+def our_model(config, weights, ops_impl="pytorch"):
+    cfg = get_config(f"{CONFIGS}/COCO-Detection/{config}", [
+        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.DETR.OPS_IMPL", ops_impl, "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+    ])
+    model = build_model(cfg).eval()
+    ConditionalDETRCheckpointer.from_config(cfg, model).load(str(weights))
+    return model
+
+
+@pytest.fixture(scope="module")
+def conditional_detr(tmp_path_factory):
+    mmdet_model = build_mmdet_model(CONDITIONAL_DETR)
+    path = mmdet_checkpoint(mmdet_model, tmp_path_factory.mktemp("mmdet") / "conditional_detr.pth")
+    return mmdet_model, path
+
+
+def test_the_format_is_recognized_by_its_keys(conditional_detr):
+    mmdet_model, _ = conditional_detr
+    assert formats.recognize(mmdet_model.state_dict()) is mmdetection.CONDITIONAL_DETR
+
+
+@pytest.mark.parametrize("ops_impl", ["pytorch", "auto"])
+def test_conditional_detr_gives_mmdetection_outputs(conditional_detr, ops_impl):
+    mmdet_model, path = conditional_detr
+    inputs = images()
+    layer_logits, layer_boxes, predictions = mmdet_outputs(mmdet_model, inputs)
+    model = our_model("conditional_detr_R_50_50ep.yaml", path, ops_impl)
+    with torch.no_grad():
+        batch = model.preprocess_image([{"image": image.float()} for image in inputs])
+        outputs = model.forward_outputs(ImageList(batch.tensor, batch.image_sizes))
+        detections = model([{"image": image.float()} for image in inputs])
+    ours = [*outputs["aux_outputs"], outputs]
+    assert len(ours) == len(layer_logits) == 6
+    for layer, (logits, boxes) in enumerate(zip(layer_logits, layer_boxes)):
+        torch.testing.assert_close(ours[layer]["pred_logits"], logits, atol=1e-4, rtol=0, msg=f"layer {layer}")
+        torch.testing.assert_close(ours[layer]["pred_boxes"], boxes, atol=1e-4, rtol=0, msg=f"layer {layer}")
+    for result, expected in zip(detections, predictions):
+        assert_same_detections(result["instances"], expected)
+
+
+def assert_same_detections(instances, expected):
+    """
+    The same 100 (class, score, box) detections. Queries whose scores tie within rounding may
+    swap places, and at the cut the 100th may be either of two such queries.
+    """
+    assert len(instances) == len(expected.scores) == 100
+    torch.testing.assert_close(instances.scores, expected.scores, atol=1e-4, rtol=0)
+    ours = torch.cat([instances.pred_classes[:, None].float(), instances.scores[:, None], instances.pred_boxes.tensor], 1)
+    theirs = torch.cat([expected.labels[:, None].float(), expected.scores[:, None], expected.bboxes], 1)
+    tolerance = torch.tensor([0, 1e-4, 1e-3, 1e-3, 1e-3, 1e-3])
+    close = ((ours[:, None] - theirs[None]).abs() <= tolerance).all(-1)  # [ours, theirs]
+    at_the_cut = instances.scores <= instances.scores.min() + 1e-4
+    assert (close.any(1) | at_the_cut).all(), "detections that MMDetection's lack"
+    assert (close.any(0) | (expected.scores <= expected.scores.min() + 1e-4)).all(), "MMDetection's detections lacking"
+
+
+def test_the_converter_reads_mmdetection_checkpoints(conditional_detr, tmp_path):
+    from conditional_detr.tools import convert_official
+
+    _, path = conditional_detr
+    convert_official.main([str(path), str(tmp_path / "converted.pth")])
+    converted = torch.load(tmp_path / "converted.pth")["model"]
+    assert converted["class_embed.weight"].shape == (80, 256) and "input_proj.weight" in converted
+
+
+def test_a_part_the_project_lacks_is_refused_by_name(conditional_detr, tmp_path):
+    mmdet_model, _ = conditional_detr
+    state_dict = dict(mmdet_model.state_dict())
+    state_dict["neck.convs.0.gn.weight"] = torch.ones(256)  # a GroupNorm in the input projection
+    path = tmp_path / "normalized_neck.pth"
+    torch.save({"meta": {}, "state_dict": state_dict}, path)
+    with pytest.raises(ValueError, match=r"has 'neck\.convs\.0\.gn\.weight', a part this project's ConditionalDETR does not have"):
+        our_model("conditional_detr_R_50_50ep.yaml", path)
+
+
+def test_other_class_counts_are_refused_unless_fine_tuned(conditional_detr):
+    mmdet_model, path = conditional_detr
+    cfg = get_config(f"{CONFIGS}/COCO-Detection/conditional_detr_R_50_50ep.yaml", [
+        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.DETR.NUM_CLASSES", 3, "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+    ])
+    model = build_model(cfg)
+    with pytest.raises(ValueError, match=r"cannot map MMDetection's 80 classes to 3.*WEIGHTS_CLASS_HEAD"):
+        ConditionalDETRCheckpointer(model).load(str(path))
+    checkpointer = ConditionalDETRCheckpointer(model, class_names=["person", "dog", "unicorn"], class_head="match_names")
+    checkpointer.load(str(path))  # the checkpoint's meta names its classes: person and dog keep their rows
+    source = mmdet_model.state_dict()["bbox_head.fc_cls.weight"]
+    torch.testing.assert_close(model.class_embed.weight[0], source[0])  # person
+    torch.testing.assert_close(model.class_embed.weight[1], source[16])  # dog
+
+
+def test_detectron2_default_predictor_does_not_load_it_silently(conditional_detr):
+    from detectron2.engine import DefaultPredictor
+
+    _, path = conditional_detr
+    cfg = get_config(f"{CONFIGS}/COCO-Detection/conditional_detr_R_50_50ep.yaml", [
+        "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18, "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.WEIGHTS", str(path), "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+    ])
+    with pytest.raises(ValueError):  # fvcore refuses the {"meta", "state_dict"} container
+        DefaultPredictor(cfg)
