@@ -13,7 +13,10 @@ from . import mmdetection, official
 
 __all__ = ["FORMATS", "describe", "load", "recognize", "unwrap"]
 
-FORMATS = (official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR, mmdetection.CONDITIONAL_DETR)
+FORMATS = (
+    official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR,
+    mmdetection.CONDITIONAL_DETR, mmdetection.DETR,
+)
 
 
 def recognize(state_dict):
