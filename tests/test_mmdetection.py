@@ -21,6 +21,13 @@ CONDITIONAL_DETR = "conditional_detr/conditional-detr_r50_8xb2-50e_coco.py"
 MODELS = {
     CONDITIONAL_DETR: ("conditional_detr_R_50_50ep.yaml", mmdetection.CONDITIONAL_DETR),
     "detr/detr_r50_8xb2-500e_coco.py": ("detr_R_50_500ep.yaml", mmdetection.DETR),
+    "deformable_detr/deformable-detr_r50_16xb2-50e_coco.py": ("deformable_detr_R_50_50ep.yaml", mmdetection.DEFORMABLE_DETR),
+    "deformable_detr/deformable-detr-refine_r50_16xb2-50e_coco.py": (
+        "deformable_detr_R_50_refine_50ep.yaml", mmdetection.DEFORMABLE_DETR
+    ),
+    "deformable_detr/deformable-detr-refine-twostage_r50_16xb2-50e_coco.py": (
+        "deformable_detr_R_50_two_stage_50ep.yaml", mmdetection.DEFORMABLE_DETR
+    ),
 }
 
 
@@ -46,7 +53,7 @@ def conditional_detr(tmp_path_factory):
     return mmdet_model, path
 
 
-@pytest.fixture(scope="module", params=list(MODELS), ids=lambda config: config.split("/")[0])
+@pytest.fixture(scope="module", params=list(MODELS), ids=lambda config: config.split("/")[1].split("_")[0])
 def built(request, tmp_path_factory):
     """MMDetection's model of a config, its checkpoint file, this project's config and the format."""
     mmdet_model = build_mmdet_model(request.param)
@@ -140,3 +147,11 @@ def test_detectron2_default_predictor_does_not_load_it_silently(conditional_detr
     ])
     with pytest.raises(ValueError):  # fvcore refuses the {"meta", "state_dict"} container
         DefaultPredictor(cfg)
+
+
+def test_a_checkpoint_of_another_variant_is_refused(tmp_path):
+    # box refinement gives each decoder layer heads of its own: a plain model would ignore them
+    mmdet_model = build_mmdet_model("deformable_detr/deformable-detr-refine_r50_16xb2-50e_coco.py")
+    path = mmdet_checkpoint(mmdet_model, tmp_path / "refine.pth")
+    with pytest.raises(ValueError, match=r"refine\.pth: this open-mmlab/mmdetection checkpoint does not fit .*DeformableDETR.*WITH_BOX_REFINE"):
+        our_model("deformable_detr_R_50_50ep.yaml", path)

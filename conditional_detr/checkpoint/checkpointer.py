@@ -10,6 +10,7 @@ from .catalog import SCHEME, official_checkpoint
 from .class_heads import (
     COCO_CLASS_NAMES,
     CONFIG_KEY as CLASS_HEAD_KEY,
+    ClassMappingError,
     check_behaviour,
     class_head_keys,
     fine_tune_class_heads,
@@ -66,6 +67,7 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         if source_format is not None:
             self._check_architecture(source_format, filename)
             state_dict, format_names = self._convert(source_format, state_dict, filename)
+            self._check_layout(source_format, state_dict, filename)
             checkpoint_names = checkpoint_names or format_names  # the names the file stores come first
             checkpoint = {"model": state_dict, "matching_heuristics": False}
         elif checkpoint_names is None and self._loading_model_zoo_detector():
@@ -106,12 +108,32 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
                 f"MODEL.META_ARCHITECTURE {architecture}"
             )
 
+    def _check_layout(self, source_format, state_dict, filename):
+        """
+        A converted checkpoint of another implementation has exactly the model's keys: where it
+        does not, its architecture differs (layers, box refinement, two-stage...), and loading
+        the rest would give a model that computes something else.
+        """
+        # BatchNorm counters and extra query groups are the model's own, never in such files
+        model_keys = {
+            k for k in self.model.state_dict()
+            if not k.endswith("num_batches_tracked") and not k.startswith("group_query_embed.")
+        }
+        missing, unexpected = sorted(model_keys - set(state_dict)), sorted(set(state_dict) - model_keys)
+        if missing or unexpected:
+            raise ValueError(
+                f"{filename}: this {source_format.repository} checkpoint does not fit MODEL.META_ARCHITECTURE "
+                f"{type(self.model).__name__} as configured: {len(missing)} of the model's keys are missing "
+                f"(such as {missing[:2]}) and {len(unexpected)} are not the model's (such as {unexpected[:2]}); "
+                "check the layers, queries and MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE / TWO_STAGE"
+            )
+
     def _convert(self, source_format, state_dict, filename):
         """The converted state dict, and the names of its classes where the format knows them."""
         num_classes = self._num_classes()
         try:
             return source_format.convert(state_dict, num_classes), source_format.class_names(num_classes)
-        except ValueError as e:
+        except ClassMappingError as e:
             if self.class_head == "keep":
                 raise ValueError(f"{filename}: {e}; {self._fine_tuning_hint()}") from e
         # fine-tuning to other classes starts from COCO's 80, whose names are known

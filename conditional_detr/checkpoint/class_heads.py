@@ -18,6 +18,7 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 __all__ = [
     "BEHAVIOURS",
     "CONFIG_KEY",
+    "ClassMappingError",
     "COCO_CLASS_NAMES",
     "check_behaviour",
     "class_head_keys",
@@ -35,6 +36,10 @@ COCO_CLASS_NAMES = tuple(c["name"] for c in COCO_CATEGORIES if c["isthing"])
 # one head (Conditional DETR, DETR) or one per decoder layer, also listed under the decoder
 # (Deformable DETR)
 _CLASS_HEAD_KEY = re.compile(r"(^|\.)class_embed(\.\d+)?\.(weight|bias)$")
+
+
+class ClassMappingError(ValueError):
+    """A format's class head cannot become the model's classes by conversion alone."""
 
 
 def coco_contiguous_to_category_id():

@@ -15,7 +15,7 @@ __all__ = ["FORMATS", "describe", "load", "recognize", "unwrap"]
 
 FORMATS = (
     official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR,
-    mmdetection.CONDITIONAL_DETR, mmdetection.DETR,
+    mmdetection.CONDITIONAL_DETR, mmdetection.DETR, mmdetection.DEFORMABLE_DETR,
 )
 
 

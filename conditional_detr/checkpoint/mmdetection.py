@@ -11,10 +11,12 @@ with "no object" last), in the order of detectron2's 80 contiguous ones (the che
 """
 import re
 
-from .class_heads import COCO_CLASS_NAMES
+import torch
+
+from .class_heads import COCO_CLASS_NAMES, ClassMappingError
 from .official import OFFICIAL_BACKBONE_PREFIX, convert_backbone_key
 
-__all__ = ["CONDITIONAL_DETR", "DETR", "MMDetectionFormat"]
+__all__ = ["CONDITIONAL_DETR", "DEFORMABLE_DETR", "DETR", "MMDetectionFormat"]
 
 # (pattern, replacement) in order; the first that matches renames the key. What the detectors share:
 _COMMON_RENAMES = [
@@ -44,6 +46,43 @@ _DETR_RENAMES = [
     (r"^decoder\.layers\.(\d+)\.cross_attn\.attn\.", r"transformer.decoder.layers.\1.multihead_attn."),
 ] + _COMMON_RENAMES
 
+# Deformable DETR: a ChannelMapper with GroupNorms as input projections, deformable attention,
+# the decoder's norms in the official order (self-attention norm2, cross-attention norm1), one
+# head per decoder layer (and one for the two-stage proposals)
+_DEFORMABLE_DETR_RENAMES = [
+    (r"^neck\.convs\.(\d+)\.conv\.", r"input_proj.\1.0."),
+    (r"^neck\.convs\.(\d+)\.gn\.", r"input_proj.\1.1."),
+    (r"^level_embed$", "transformer.level_embed"),
+    (r"^reference_points_fc\.", "transformer.reference_points."),
+    (r"^memory_trans_fc\.", "transformer.enc_output."),
+    (r"^memory_trans_norm\.", "transformer.enc_output_norm."),
+    (r"^pos_trans_fc\.", "transformer.pos_trans."),
+    (r"^pos_trans_norm\.", "transformer.pos_trans_norm."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.(?!attn\.)", r"transformer.encoder.layers.\1.self_attn."),
+    (r"^decoder\.layers\.(\d+)\.self_attn\.attn\.", r"transformer.decoder.layers.\1.self_attn."),
+    (r"^decoder\.layers\.(\d+)\.cross_attn\.", r"transformer.decoder.layers.\1.cross_attn."),
+    (r"^decoder\.layers\.(\d+)\.norms\.(\d)\.", lambda m: f"transformer.decoder.layers.{m[1]}.norm{(2, 1, 3)[int(m[2])]}."),
+    (r"^bbox_head\.cls_branches\.(\d+)\.", r"class_embed.\1."),
+    (r"^bbox_head\.reg_branches\.(\d+)\.(\d)\.", lambda m: f"bbox_embed.{m[1]}.layers.{int(m[2]) // 2}."),
+] + _COMMON_RENAMES
+
+
+def _complete_deformable_detr(state_dict, converted):
+    """
+    What the official layout has and MMDetection's leaves implicit: zero biases of the input
+    projections (a GroupNorm follows them there), and the heads listed under the decoder too,
+    where box refinement gives each layer its own and two-stage uses the class heads there.
+    """
+    for key in [k for k in converted if k.startswith("input_proj.") and k.endswith(".0.weight")]:
+        converted.setdefault(key[: -len("weight")] + "bias", converted[key].new_zeros(converted[key].shape[0]))
+    # without refinement every layer shares one head; with it, trained heads differ
+    refine = not torch.equal(state_dict["bbox_head.reg_branches.0.0.weight"], state_dict["bbox_head.reg_branches.1.0.weight"])
+    two_stage = "memory_trans_fc.weight" in state_dict
+    for key in list(converted):
+        if (refine and key.startswith("bbox_embed.")) or (two_stage and key.startswith("class_embed.")):
+            converted["transformer.decoder." + key] = converted[key]
+    return converted
+
 
 def _rename(key, renames):
     if key.startswith("backbone."):
@@ -60,22 +99,30 @@ class MMDetectionFormat:
 
     repository = "open-mmlab/mmdetection"
 
-    def __init__(self, name, architecture, marker, renames):
+    def __init__(self, name, architecture, marker, renames, complete=None):
         self.name, self.architecture, self._marker, self._renames = name, architecture, marker, renames
+        self._complete = complete
 
     def __repr__(self):
         return f"MMDetectionFormat({self.name!r})"
 
     def recognizes(self, state_dict):
-        return "bbox_head.fc_cls.weight" in state_dict and self._marker in state_dict
+        return self._marker in state_dict
 
     def convert(self, state_dict, num_classes=80):
+        head = "bbox_head.fc_cls.weight" if "bbox_head.fc_cls.weight" in state_dict else "bbox_head.cls_branches.0.weight"
         # DETR's softmax head ends with "no object"
-        classes = state_dict["bbox_head.fc_cls.weight"].shape[0] - (1 if self.architecture == "DETR" else 0)
+        classes = state_dict[head].shape[0] - (1 if self.architecture == "DETR" else 0)
         if num_classes is not None and num_classes != classes:
-            raise ValueError(
+            raise ClassMappingError(
                 f"cannot map MMDetection's {classes} classes to {num_classes}: its heads keep their classes"
             )
+        # the neck's extra (stride-2) convolutions follow its lateral ones, as input projections do
+        laterals = len({k.split(".")[2] for k in state_dict if k.startswith("neck.convs.")})
+        state_dict = {
+            re.sub(r"^neck\.extra_convs\.(\d+)\.", lambda m: f"neck.convs.{laterals + int(m[1])}.", k): v
+            for k, v in state_dict.items()
+        }
         converted = {}
         for key, value in state_dict.items():
             if key.endswith("num_batches_tracked"):
@@ -89,7 +136,7 @@ class MMDetectionFormat:
                     f"{self.architecture} does not have; it cannot load this checkpoint"
                 )
             converted[renamed] = value.float() if value.is_floating_point() else value
-        return converted
+        return self._complete(state_dict, converted) if self._complete else converted
 
     @staticmethod
     def class_names(num_classes):
@@ -103,4 +150,8 @@ CONDITIONAL_DETR = MMDetectionFormat(
 )
 DETR = MMDetectionFormat(
     "mmdet_detr", "DETR", "decoder.layers.0.cross_attn.attn.in_proj_weight", _DETR_RENAMES
+)
+DEFORMABLE_DETR = MMDetectionFormat(
+    "mmdet_deformable_detr", "DeformableDETR", "bbox_head.cls_branches.0.weight", _DEFORMABLE_DETR_RENAMES,
+    _complete_deformable_detr,
 )

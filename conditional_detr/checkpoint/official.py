@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .class_heads import COCO_CLASS_NAMES, class_head_keys, coco_contiguous_to_category_id, proposal_head_keys
+from .class_heads import COCO_CLASS_NAMES, ClassMappingError, class_head_keys, coco_contiguous_to_category_id, proposal_head_keys
 
 OFFICIAL_BACKBONE_PREFIX = "backbone.0.body."
 
@@ -107,7 +107,7 @@ def convert_state_dict(state_dict, num_classes=80):
     if num_classes is not None and num_classes != source_classes:
         category_ids = coco_contiguous_to_category_id()
         if num_classes != len(category_ids) or source_classes <= max(category_ids):
-            raise ValueError(
+            raise ClassMappingError(
                 f"cannot map {source_classes} class logits to {num_classes} classes: only the "
                 f"COCO mapping (91 COCO-id logits -> 80 contiguous classes) is known"
             )

@@ -56,6 +56,7 @@ def build_mmdet_model(config, depth=18, seed=0):
     cfg.model.neck.in_channels = channels[-len(cfg.model.neck.in_channels):]
     torch.manual_seed(seed)
     model = MODELS.build(cfg.model)
+    model.init_weights()  # building leaves some parameters uninitialized (level_embed: torch.Tensor(...))
     generator = torch.Generator().manual_seed(seed)
     for name, tensor in model.state_dict().items():
         # random statistics and class biases, so that a wrong mapping shows, and scores far
@@ -64,6 +65,9 @@ def build_mmdet_model(config, depth=18, seed=0):
             tensor.copy_(torch.rand(tensor.shape, generator=generator) + (0.5 if name.endswith("running_var") else -0.5))
         elif "fc_cls.bias" in name or ("cls_branches" in name and name.endswith(".bias")):
             tensor.copy_(torch.randn(tensor.shape, generator=generator) * 2)
+        elif "reg_branches" in name:
+            # per-layer heads start as copies of one; training makes them differ (shared ones stay one)
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.01)
     return model.eval()
 
 
