@@ -155,3 +155,51 @@ def test_a_checkpoint_of_another_variant_is_refused(tmp_path):
     path = mmdet_checkpoint(mmdet_model, tmp_path / "refine.pth")
     with pytest.raises(ValueError, match=r"refine\.pth: this open-mmlab/mmdetection checkpoint does not fit .*DeformableDETR.*WITH_BOX_REFINE"):
         our_model("deformable_detr_R_50_50ep.yaml", path)
+
+
+@pytest.fixture
+def local_server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving the files of a folder, and the folder."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", folder
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_model_zoo_name_downloads_checks_and_converts(conditional_detr, local_server, tmp_path, monkeypatch):
+    import hashlib
+
+    from detectron2.utils.file_io import PathManager
+
+    from conditional_detr.checkpoint.catalog import OFFICIAL_CHECKPOINTS, SCHEME, OfficialCheckpoint
+
+    mmdet_model, path = conditional_detr
+    source_format = mmdetection.CONDITIONAL_DETR
+    name = "mmdet/conditional-detr_r50_8xb2-50e_coco"
+    released = OFFICIAL_CHECKPOINTS[name]
+    assert released.url.endswith("-c83a1dc0.pth") and released.sha256_prefix == "c83a1dc0"
+    # the same entry, served from here: a file named as the release, its own hash prefix
+    url, folder = local_server
+    served = folder / "conditional-detr_r50_8xb2-50e_coco_20221121_180202-local.pth"
+    served.write_bytes(path.read_bytes())
+    digest = hashlib.sha256(served.read_bytes()).hexdigest()[:8]
+    monkeypatch.setenv("CONDITIONAL_DETR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(OFFICIAL_CHECKPOINTS, name, OfficialCheckpoint(released.config, f"{url}/{served.name}", sha256_prefix=digest))
+    cached = PathManager.get_local_path(SCHEME + name)
+    converted = torch.load(cached)["model"]
+    assert converted.keys() == source_format.convert(mmdet_model.state_dict()).keys()
+    # a file whose hash is not the published one caches nothing
+    monkeypatch.setitem(OFFICIAL_CHECKPOINTS, name, OfficialCheckpoint(released.config, f"{url}/{served.name}", sha256_prefix="00000000"))
+    monkeypatch.setenv("CONDITIONAL_DETR_CACHE", str(tmp_path / "other-cache"))
+    with pytest.raises(RuntimeError, match="failed.*nothing was cached"):
+        PathManager.get_local_path(SCHEME + name)

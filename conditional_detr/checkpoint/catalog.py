@@ -1,6 +1,7 @@
 """
 The published checkpoints of the official Conditional DETR, DETR and Deformable DETR
-implementations, by the names that `conditional-detr://NAME` accepts in MODEL.WEIGHTS.
+implementations, and MMDetection's, by the names that `conditional-detr://NAME` accepts in
+MODEL.WEIGHTS.
 """
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ class OfficialCheckpoint:
     url: Optional[str]  # a direct download, or None when only a share page is published
     page: Optional[str] = None  # the link the official README gives, when it is not `url`
     sha256_prefix: Optional[str] = None  # checked after download when the publisher gives it
-    # "detector": an official Conditional DETR, DETR or Deformable DETR checkpoint; "torchvision-resnet": the
+    # "detector": a checkpoint of a format of formats.py (official or MMDetection); "torchvision-resnet": the
     # ImageNet ResNet of torchvision the official models start from (backbone weights only)
     kind: str = "detector"
 
@@ -97,6 +98,15 @@ for _name, _config, _file_id in (
 
 
 # The ImageNet initialization of the official models: torchvision's ResNets (V1 weights).
+# MMDetection 3.x's release of Conditional DETR R50 (41.1 box AP); the 8 hex digits ending its
+# name are the start of its SHA-256
+OFFICIAL_CHECKPOINTS["mmdet/conditional-detr_r50_8xb2-50e_coco"] = OfficialCheckpoint(
+    "COCO-Detection/conditional_detr_R_50_50ep.yaml",
+    "https://download.openmmlab.com/mmdetection/v3.0/conditional_detr/conditional-detr_r50_8xb2-50e_coco/"
+    "conditional-detr_r50_8xb2-50e_coco_20221121_180202-c83a1dc0.pth",
+    sha256_prefix="c83a1dc0",
+)
+
 # detectron2 publishes R-50 converted (detectron2://ImageNetPretrained/torchvision/R-50.pkl)
 # but not R-101, which the R101 configs take from here.
 _TORCHVISION = "https://download.pytorch.org/models/"

@@ -13,8 +13,9 @@ from urllib.parse import urlparse
 import torch
 from iopath.common.file_io import PathHandler, file_lock, get_cache_dir
 
+from . import formats
 from .catalog import SCHEME, official_checkpoint
-from .official import convert_state_dict, convert_torchvision_resnet, load_official_checkpoint
+from .official import convert_torchvision_resnet
 
 # detectron2's contiguous COCO classes, those of every COCO config of this project
 CONVERTED_NUM_CLASSES = 80
@@ -37,7 +38,7 @@ class OfficialCheckpointHandler(PathHandler):
     """
     Resolves `conditional-detr://NAME` to a local checkpoint of this project. The official
     file is downloaded (by `download(url, destination, sha256_prefix)`), converted to
-    80 classes by `official.convert_state_dict` and written atomically to the
+    80 classes by its format (`formats.py`) and written atomically to the
     cache; the download itself is not kept. A file the user saved as
     `<cache>/official/NAME.pth` is used instead of downloading: the way to use the
     checkpoints published only as share pages.
@@ -81,17 +82,17 @@ class OfficialCheckpointHandler(PathHandler):
                 downloaded = self._download(name, folder, saved_by_user)
                 state_dict = self._read(name, downloaded)
         try:
-            converted = self._convert(name, state_dict)
+            converted = self._convert(name, *state_dict)
         except (KeyError, ValueError) as e:
             raise ValueError(f"{SCHEME}{name}: cannot convert the official checkpoint: {e}") from e
         _save_atomically({"model": converted, "matching_heuristics": False}, converted_path)
         logger.info(f"Cached {SCHEME}{name} at {converted_path}")
 
     @staticmethod
-    def _convert(name, state_dict):
-        if official_checkpoint(name).kind == "torchvision-resnet":
+    def _convert(name, source_format, state_dict):
+        if source_format is None:  # a torchvision ResNet
             return convert_torchvision_resnet(state_dict)
-        return convert_state_dict(state_dict, CONVERTED_NUM_CLASSES)
+        return source_format.convert(state_dict, CONVERTED_NUM_CLASSES)
 
     def _download(self, name, folder, saved_by_user):
         checkpoint = official_checkpoint(name)
@@ -113,10 +114,11 @@ class OfficialCheckpointHandler(PathHandler):
 
     @staticmethod
     def _read(name, path):
+        """The file's format of `formats.py` (None for a torchvision ResNet) and its state dict."""
         try:
             if official_checkpoint(name).kind == "torchvision-resnet":
-                return torch.load(path, map_location="cpu", weights_only=True)
-            return load_official_checkpoint(path)
+                return None, torch.load(path, map_location="cpu", weights_only=True)
+            return formats.load(path)
         except Exception as e:
             raise RuntimeError(
                 f"{SCHEME}{name}: {path} is not a readable official checkpoint (a broken or "
