@@ -203,3 +203,20 @@ def test_the_model_zoo_name_downloads_checks_and_converts(conditional_detr, loca
     monkeypatch.setenv("CONDITIONAL_DETR_CACHE", str(tmp_path / "other-cache"))
     with pytest.raises(RuntimeError, match="failed.*nothing was cached"):
         PathManager.get_local_path(SCHEME + name)
+
+
+@pytest.mark.parametrize(
+    "change, difference",
+    [
+        (("style='pytorch'", "style='caffe'"), "a Caffe-style ResNet"),
+        (("bgr_to_rgb=True", "bgr_to_rgb=False"), r"BGR input images"),
+        (("123.675", "103.53"), r"the image normalization mean=\[103.53"),
+        (("normalize=True", "normalize=True, offset=-0.5"), r"sine positions with offset=-0.5"),
+    ],
+)
+def test_a_model_the_project_cannot_represent_is_refused_by_name(conditional_detr, tmp_path, change, difference):
+    mmdet_model, _ = conditional_detr
+    assert change[0] in mmdet_model.config_text
+    path = mmdet_checkpoint(mmdet_model, tmp_path / "other.pth", mmdet_model.config_text.replace(*change, 1))
+    with pytest.raises(ValueError, match=rf"other\.pth: MMDetection's ConditionalDETR here computes something this project's does not: {difference}"):
+        our_model("conditional_detr_R_50_50ep.yaml", path)

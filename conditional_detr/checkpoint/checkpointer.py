@@ -66,6 +66,7 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         source_format = formats.recognize(state_dict)
         if source_format is not None:
             self._check_architecture(source_format, filename)
+            source_format.check_meta(checkpoint.get("meta", {}), filename)
             state_dict, format_names = self._convert(source_format, state_dict, filename)
             self._check_layout(source_format, state_dict, filename)
             checkpoint_names = checkpoint_names or format_names  # the names the file stores come first
@@ -84,9 +85,9 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
                 f"{type(e).__name__}: {e}"
             ) from e
         contents = checkpoint.get("model") if isinstance(checkpoint, dict) else None
-        state_dict, class_names = formats.unwrap(contents)
+        state_dict, class_names, meta = formats.unwrap(contents)
         if state_dict is not contents:  # a container of another implementation
-            checkpoint = {"model": state_dict, "class_names": class_names}
+            checkpoint = {"model": state_dict, "class_names": class_names, "meta": meta}
         if not isinstance(state_dict, dict) or not all(
             isinstance(v, torch.Tensor) or hasattr(v, "shape") for v in state_dict.values()
         ):

@@ -29,17 +29,18 @@ def recognize(state_dict):
 
 def unwrap(contents):
     """
-    The state dict and the class names (or None) of a checkpoint file's contents: this
-    project's and the official ones hold the state dict under "model", MMDetection's under
-    "state_dict", with its classes in "meta"; a bare state dict is its own.
+    The state dict, the class names (or None) and the metadata ({} when none) of a checkpoint
+    file's contents: this project's and the official ones hold the state dict under "model",
+    MMDetection's under "state_dict", with its classes and config in "meta"; a bare state dict
+    is its own.
     """
     if isinstance(contents, dict) and isinstance(contents.get("state_dict"), dict) and "meta" in contents:
         meta = contents["meta"] if isinstance(contents["meta"], dict) else {}
         classes = (meta.get("dataset_meta") or {}).get("classes")
-        return contents["state_dict"], list(classes) if classes else None
+        return contents["state_dict"], list(classes) if classes else None, meta
     if isinstance(contents, dict) and isinstance(contents.get("model"), dict):
-        return contents["model"], contents.get("class_names")
-    return contents, None
+        return contents["model"], contents.get("class_names"), {}
+    return contents, None, {}
 
 
 def describe():
@@ -52,8 +53,9 @@ def load(path):
     # official checkpoints pickle their argparse.Namespace next to the weights
     with torch.serialization.safe_globals([argparse.Namespace]):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict, _ = unwrap(checkpoint)
+    state_dict, _, meta = unwrap(checkpoint)
     source_format = recognize(state_dict) if isinstance(state_dict, dict) else None
     if source_format is None:
         raise ValueError(f"{path}: not a checkpoint of a known format; known formats: {describe()}")
+    source_format.check_meta(meta, path)
     return source_format, state_dict

@@ -18,6 +18,10 @@ from .official import OFFICIAL_BACKBONE_PREFIX, convert_backbone_key
 
 __all__ = ["CONDITIONAL_DETR", "DEFORMABLE_DETR", "DETR", "MMDetectionFormat"]
 
+# the data preprocessor of MMDetection's configs: ImageNet's statistics in 0-255, as MODEL.PIXEL_MEAN / STD here
+_PIXEL_MEAN = [123.675, 116.28, 103.53]
+_PIXEL_STD = [58.395, 57.12, 57.375]
+
 # (pattern, replacement) in order; the first that matches renames the key. What the detectors share:
 _COMMON_RENAMES = [
     (r"^neck\.convs\.0\.conv\.", "input_proj."),
@@ -108,6 +112,36 @@ class MMDetectionFormat:
 
     def recognizes(self, state_dict):
         return self._marker in state_dict
+
+    def check_meta(self, meta, filename):
+        """
+        Refuse, by name, a model whose saved config (`meta["cfg"]`, where MMDetection's runner
+        keeps it) computes something this project's does not: a Caffe-style ResNet, BGR input,
+        another image normalization, or another offset of the sine positions.
+        """
+        config = meta.get("cfg") if isinstance(meta, dict) else None
+        if not isinstance(config, str):
+            return  # released files may hold no config: the weights alone then
+        expected_offset = -0.5 if self.architecture == "DeformableDETR" else 0.0
+        differences = []
+        if re.search(r"style\s*=\s*['\"]caffe['\"]", config):
+            differences.append("a Caffe-style ResNet (style='caffe', the stride in the 1x1 convolutions)")
+        if re.search(r"bgr_to_rgb\s*=\s*False", config):
+            differences.append("BGR input images (bgr_to_rgb=False)")
+        for name, expected in (("mean", _PIXEL_MEAN), ("std", _PIXEL_STD)):
+            match = re.search(rf"\b{name}\s*=\s*\[([^\]]*)\]", config)
+            values = [v.strip() for v in match[1].split(",") if v.strip()] if match else []
+            if values and [round(float(v), 3) for v in values] != expected:
+                differences.append(f"the image normalization {name}=[{', '.join(values)}]")
+        match = re.search(r"positional_encoding\s*=\s*dict\(([^)]*)\)", config)
+        offset = re.search(r"offset\s*=\s*(-?[\d.]+)", match[1]) if match else None
+        if match and (float(offset[1]) if offset else 0.0) != expected_offset:
+            differences.append(f"sine positions with offset={offset[1] if offset else 0.0} (this {self.architecture}'s: {expected_offset})")
+        if differences:
+            raise ValueError(
+                f"{filename}: MMDetection's {self.architecture} here computes something this project's does "
+                f"not: {'; '.join(differences)}"
+            )
 
     def convert(self, state_dict, num_classes=80):
         head = "bbox_head.fc_cls.weight" if "bbox_head.fc_cls.weight" in state_dict else "bbox_head.cls_branches.0.weight"

@@ -55,7 +55,8 @@ class OfficialFormat:
     """
     The state dicts of one official repository: the interface of every format of the
     registry (`formats.py`): `name`, `architecture` (the meta-architecture it loads into),
-    `recognizes(state_dict)`, `convert(state_dict, num_classes)` and `class_names(num_classes)`.
+    `recognizes(state_dict)`, `check_meta(meta, filename)` (refuse a model the project cannot
+    represent), `convert(state_dict, num_classes)` and `class_names(num_classes)`.
     """
 
     name: str
@@ -64,6 +65,10 @@ class OfficialFormat:
 
     def recognizes(self, state_dict):
         return is_official_state_dict(state_dict) and official_format(state_dict) == self.name
+
+    @staticmethod
+    def check_meta(meta, filename):
+        """The official files hold no description of their model beyond the weights."""
 
     def convert(self, state_dict, num_classes=80):
         return convert_state_dict(state_dict, num_classes)

@@ -57,6 +57,7 @@ def build_mmdet_model(config, depth=18, seed=0):
     torch.manual_seed(seed)
     model = MODELS.build(cfg.model)
     model.init_weights()  # building leaves some parameters uninitialized (level_embed: torch.Tensor(...))
+    model.config_text = cfg.pretty_text  # what MMDetection's runner saves as meta["cfg"]
     generator = torch.Generator().manual_seed(seed)
     for name, tensor in model.state_dict().items():
         # random statistics and class biases, so that a wrong mapping shows, and scores far
@@ -71,11 +72,15 @@ def build_mmdet_model(config, depth=18, seed=0):
     return model.eval()
 
 
-def mmdet_checkpoint(model, path):
-    """A checkpoint file as MMDetection writes one: meta with the dataset's classes, and the state dict."""
+def mmdet_checkpoint(model, path, config_text=None):
+    """A checkpoint file as MMDetection writes one: meta with the config and the dataset's classes, and the state dict."""
     from mmdet.datasets import CocoDataset
 
-    meta = {"dataset_meta": {"classes": tuple(CocoDataset.METAINFO["classes"])}, "mmdet_version": "3.3.0"}
+    meta = {
+        "cfg": config_text or model.config_text,
+        "dataset_meta": {"classes": tuple(CocoDataset.METAINFO["classes"])},
+        "mmdet_version": "3.3.0",
+    }
     torch.save({"meta": meta, "state_dict": model.state_dict()}, path)
     return path
 
