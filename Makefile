@@ -32,7 +32,7 @@ $(STAMPS)/torch: $(STAMPS)/venv
 # detectron2: an importable one is left alone; otherwise upstream from GitHub, and
 # where GitHub is out of reach the pure-Python PyPI republish (see docs/installation.md).
 $(STAMPS)/detectron2: $(STAMPS)/torch scripts/repack_detectron2.py
-	$(PIP) install "numpy<2" "setuptools<81" fvcore iopath pycocotools scipy ninja "Pillow>=9" \
+	$(PIP) install "numpy<2" "setuptools<81" fvcore iopath pycocotools scipy ninja "Pillow>=9" safetensors \
 		"opencv-python-headless<4.12" tensorboard
 	$(PY) -c "import detectron2" 2>/dev/null || bash scripts/install_detectron2.sh $(PY) "$(DETECTRON2_REPUBLISH)"
 	touch $@
@@ -51,6 +51,15 @@ $(STAMPS)/mmdetection: $(STAMPS)/venv
 		mmcv-lite==2.1.0 addict yapf terminaltables shapely termcolor rich markdown-it-py mdurl pygments six
 	touch $@
 
+# transformers 5 and timm for the tests that compare with its models, in their own folder as
+# MMDetection (the numpy transformers brings is removed: the project's stays in force)
+TRANSFORMERS_DIR := $(VENV)/transformers
+$(STAMPS)/transformers: $(STAMPS)/venv
+	$(PIP) install --target $(TRANSFORMERS_DIR) --upgrade transformers==5.23.0
+	$(PIP) install --target $(TRANSFORMERS_DIR) --no-deps --upgrade timm==1.0.31
+	rm -rf $(TRANSFORMERS_DIR)/numpy $(TRANSFORMERS_DIR)/numpy.libs $(TRANSFORMERS_DIR)/numpy-*.dist-info
+	touch $@
+
 $(STAMPS)/project: $(STAMPS)/detectron2 $(STAMPS)/test-deps setup.py $(wildcard csrc/*.* csrc/*/*.*)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation -e .
 	touch $@
@@ -58,11 +67,11 @@ $(STAMPS)/project: $(STAMPS)/detectron2 $(STAMPS)/test-deps setup.py $(wildcard 
 demo: setup
 	$(PY) -m conditional_detr.tools.shapes_demo --output-dir output/demo
 
-test: setup $(STAMPS)/mmdetection
+test: setup $(STAMPS)/mmdetection $(STAMPS)/transformers
 	$(PY) -m pytest -q tests
 
 # the quick loop while working: everything but the tests marked slow (see tests/README.md)
-test-fast: setup $(STAMPS)/mmdetection
+test-fast: setup $(STAMPS)/mmdetection $(STAMPS)/transformers
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean-build:

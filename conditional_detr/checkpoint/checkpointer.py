@@ -1,11 +1,12 @@
 """The checkpointer of the package's detectors: foreign formats converted, class heads fitted."""
 import logging
+import os
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
 from ..data.datasets import model_class_names
-from . import formats
+from . import formats, huggingface
 from .catalog import SCHEME, official_checkpoint
 from .class_heads import (
     COCO_CLASS_NAMES,
@@ -53,6 +54,11 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         super().save(name, **kwargs)
 
     def load(self, path, *args, **kwargs):
+        if isinstance(path, str) and os.path.isdir(path):  # a transformers save_pretrained folder
+            found = [os.path.join(path, n) for n in huggingface.WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
+            if not found:
+                raise ValueError(f"{path}: a folder without {' or '.join(huggingface.WEIGHT_FILES)}")
+            path = found[0]
         self._loading = path  # the name as given: a conditional-detr:// one tells COCO's classes
         try:
             return super().load(path, *args, **kwargs)
@@ -77,6 +83,9 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         return checkpoint
 
     def _read(self, filename):
+        if os.path.basename(filename) in huggingface.WEIGHT_FILES or filename.endswith(".safetensors"):
+            state_dict, config = huggingface.read_pretrained(filename)
+            return {"model": state_dict, "class_names": huggingface.class_names_of(config), "meta": {"config": config}}
         try:
             checkpoint = super()._load_file(filename)
         except Exception as e:

@@ -6,16 +6,18 @@ names the classes of its converted head (see `official.OfficialFormat`). Adding 
 one module beside this one and one line here.
 """
 import argparse
+import os
 
 import torch
 
-from . import mmdetection, official
+from . import huggingface, mmdetection, official
 
 __all__ = ["FORMATS", "describe", "load", "recognize", "unwrap"]
 
 FORMATS = (
     official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR,
     mmdetection.CONDITIONAL_DETR, mmdetection.DETR, mmdetection.DEFORMABLE_DETR,
+    huggingface.CONDITIONAL_DETR,
 )
 
 
@@ -39,7 +41,7 @@ def unwrap(contents):
         classes = (meta.get("dataset_meta") or {}).get("classes")
         return contents["state_dict"], list(classes) if classes else None, meta
     if isinstance(contents, dict) and isinstance(contents.get("model"), dict):
-        return contents["model"], contents.get("class_names"), {}
+        return contents["model"], contents.get("class_names"), contents.get("meta") or {}
     return contents, None, {}
 
 
@@ -50,9 +52,13 @@ def describe():
 
 def load(path):
     """The format and state dict of a checkpoint file of one of FORMATS; a ValueError names the file."""
-    # official checkpoints pickle their argparse.Namespace next to the weights
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if os.path.isdir(path) or str(path).endswith(".safetensors") or os.path.basename(path) in huggingface.WEIGHT_FILES:
+        state_dict, config = huggingface.read_pretrained(str(path))
+        checkpoint = {"model": state_dict, "meta": {"config": config}}
+    else:
+        # official checkpoints pickle their argparse.Namespace next to the weights
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state_dict, _, meta = unwrap(checkpoint)
     source_format = recognize(state_dict) if isinstance(state_dict, dict) else None
     if source_format is None:

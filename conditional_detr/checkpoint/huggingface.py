@@ -1,0 +1,130 @@
+"""
+Hugging Face transformers checkpoints of `ConditionalDetrForObjectDetection`, as state dicts
+of this project's `ConditionalDETR`: a `save_pretrained` folder (`config.json` and
+`model.safetensors` or `pytorch_model.bin`) or its weights file alone, in the layout
+transformers writes to disk (that of the files on the hub). Recognized by their keys.
+
+transformers' model is the official one: its timm ResNet is torchvision's network under the
+same names, its encoder's attention projects queries, keys and values separately (packed
+here), and its released heads hold the official 91 COCO-id logits (`id2label`), mapped to
+detectron2's 80 classes as the official ones are.
+"""
+import json
+import os
+import re
+
+import torch
+
+from .class_heads import COCO_CLASS_NAMES
+from .official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
+
+__all__ = ["CONDITIONAL_DETR", "HuggingFaceFormat", "class_names_of", "read_pretrained"]
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+# (pattern, replacement): transformers' on-disk names -> the official ones, which this project keeps
+_CONDITIONAL_DETR_RENAMES = [
+    (r"^model\.backbone\.conv_encoder\.model\.", OFFICIAL_BACKBONE_PREFIX),
+    (r"^model\.input_projection\.", "input_proj."),
+    (r"^model\.query_position_embeddings\.", "query_embed."),
+    (r"^model\.(en|de)coder\.layers\.(\d+)\.self_attn\.out_proj\.", r"transformer.\1coder.layers.\2.self_attn.out_proj."),
+    (r"^model\.(en|de)coder\.layers\.(\d+)\.fc([12])\.", r"transformer.\1coder.layers.\2.linear\3."),
+    (r"^model\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"transformer.encoder.layers.\1.norm1."),
+    (r"^model\.encoder\.layers\.(\d+)\.final_layer_norm\.", r"transformer.encoder.layers.\1.norm2."),
+    (r"^model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm1."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
+    (r"^model\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"transformer.decoder.layers.\1.norm3."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.out_proj\.", r"transformer.decoder.layers.\1.cross_attn.out_proj."),
+    (r"^model\.decoder\.layers\.(\d+)\.((sa|ca)_\w+_proj)\.", r"transformer.decoder.layers.\1.\2."),
+    (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
+    (r"^model\.decoder\.(query_scale|ref_point_head)\.", r"transformer.decoder.\1."),
+    (r"^class_labels_classifier\.", "class_embed."),
+    (r"^bbox_predictor\.", "bbox_embed."),
+]
+_QKV = re.compile(r"^model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+
+
+def read_pretrained(path):
+    """The state dict and `config.json` (or None) of a `save_pretrained` folder or of its weights file."""
+    folder, weights = (path, None) if os.path.isdir(path) else (os.path.dirname(path), path)
+    if weights is None:
+        found = [os.path.join(folder, name) for name in WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))]
+        if not found:
+            raise ValueError(f"{path}: a folder without {' or '.join(WEIGHT_FILES)}")
+        weights = found[0]
+    if weights.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state_dict = load_file(weights)
+    else:
+        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+    config_file = os.path.join(folder, "config.json")
+    config = json.load(open(config_file)) if os.path.isfile(config_file) else None
+    return state_dict, config
+
+
+def class_names_of(config):
+    """The names of `config.json`'s `id2label`, or None where it has none or is COCO's 91 ids (with "N/A" gaps)."""
+    labels = (config or {}).get("id2label")
+    if not labels:
+        return None
+    names = [labels[str(i)] if str(i) in labels else labels[i] for i in range(len(labels))]
+    return None if "N/A" in names else names
+
+
+class HuggingFaceFormat:
+    """One transformers detector's state dicts: the interface of the formats of `formats.py`."""
+
+    repository = "huggingface/transformers"
+
+    def __init__(self, name, architecture, marker, renames):
+        self.name, self.architecture, self._marker, self._renames = name, architecture, marker, renames
+
+    def __repr__(self):
+        return f"HuggingFaceFormat({self.name!r})"
+
+    def recognizes(self, state_dict):
+        return self._marker in state_dict and "class_labels_classifier.weight" in state_dict
+
+    @staticmethod
+    def check_meta(meta, filename):
+        """`config.json` settings the project's model lacks: checked where the file comes with one."""
+        config = meta.get("config") if isinstance(meta, dict) else None
+        if not config:
+            return
+        differences = []
+        if config.get("position_embedding_type", "sine") != "sine":
+            differences.append(f"position_embedding_type={config['position_embedding_type']!r}")
+        backbone = config.get("backbone") or (config.get("backbone_config") or {}).get("backbone")
+        if backbone not in (None, "resnet50", "resnet101"):
+            differences.append(f"backbone={backbone!r}")
+        if differences:
+            raise ValueError(f"{filename}: a transformers model this project cannot represent: {', '.join(differences)}")
+
+    def convert(self, state_dict, num_classes=80):
+        renamed = {}
+        for key, value in state_dict.items():
+            if _QKV.match(key):
+                continue
+            for pattern, replacement in self._renames:
+                if re.match(pattern, key):
+                    renamed[re.sub(pattern, replacement, key)] = value
+                    break
+            else:
+                raise ValueError(f"transformers' {self.architecture} here has {key!r}, a part this project's does not have")
+        # the encoder's separate query, key and value projections: one packed projection here
+        layers = sorted({int(m[1]) for m in map(_QKV.match, state_dict) if m})
+        for layer in layers:
+            for kind in ("weight", "bias"):
+                parts = [state_dict[f"model.encoder.layers.{layer}.self_attn.{x}_proj.{kind}"] for x in "qkv"]
+                renamed[f"transformer.encoder.layers.{layer}.self_attn.in_proj_{kind}"] = torch.cat(parts)
+        return convert_state_dict(renamed, num_classes)
+
+    @staticmethod
+    def class_names(num_classes):
+        return COCO_CLASS_NAMES if num_classes == len(COCO_CLASS_NAMES) else None
+
+
+CONDITIONAL_DETR = HuggingFaceFormat(
+    "hf_conditional_detr", "ConditionalDETR", "model.decoder.layers.0.ca_qpos_sine_proj.weight", _CONDITIONAL_DETR_RENAMES
+)

@@ -1,0 +1,83 @@
+"""
+Hugging Face transformers checkpoints: a save_pretrained folder of transformers' Conditional
+DETR, built on the fly with random weights, loaded by MODEL.WEIGHTS and the converter, gives
+transformers' own outputs.
+"""
+import pytest
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import ImageList
+
+from conditional_detr.checkpoint import ConditionalDETRCheckpointer, formats, huggingface
+from conditional_detr.engine import get_config
+
+from helpers.huggingface import build_hf_conditional_detr, hf_outputs
+from helpers.paths import CONFIGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def conditional_detr(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf") / "conditional-detr"
+    return build_hf_conditional_detr(folder), folder
+
+
+def our_model(weights, num_classes=91, ops_impl="pytorch"):
+    cfg = get_config(f"{CONFIGS}/COCO-Detection/conditional_detr_R_50_50ep.yaml", [
+        "MODEL.DEVICE", "cpu", "MODEL.DETR.NUM_CLASSES", num_classes, "MODEL.DETR.OPS_IMPL", ops_impl,
+        "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+    ])
+    model = build_model(cfg).eval()
+    ConditionalDETRCheckpointer.from_config(cfg, model).load(str(weights))
+    return model
+
+
+def test_the_format_is_recognized_by_its_keys(conditional_detr):
+    hf_model, folder = conditional_detr
+    state_dict, config = huggingface.read_pretrained(str(folder))
+    assert formats.recognize(state_dict) is huggingface.CONDITIONAL_DETR
+    assert config["model_type"] == "conditional_detr"
+
+
+@pytest.mark.parametrize("ops_impl", ["pytorch", "auto"])
+def test_gives_transformers_outputs(conditional_detr, ops_impl):
+    hf_model, folder = conditional_detr
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 96, 128), generator=generator, dtype=torch.uint8) for _ in range(2)]
+    expected = hf_outputs(hf_model, images)
+    model = our_model(folder, ops_impl=ops_impl)  # the 91 COCO-id logits as they are
+    with torch.no_grad():
+        batch = model.preprocess_image([{"image": image.float()} for image in images])
+        outputs = model.forward_outputs(ImageList(batch.tensor, batch.image_sizes))
+    ours = [*outputs["aux_outputs"], outputs]
+    assert len(ours) == len(expected) == 6
+    for layer, (logits, boxes) in enumerate(expected):
+        torch.testing.assert_close(ours[layer]["pred_logits"], logits, atol=1e-4, rtol=0, msg=f"layer {layer}")
+        torch.testing.assert_close(ours[layer]["pred_boxes"], boxes, atol=1e-4, rtol=0, msg=f"layer {layer}")
+
+
+def test_80_classes_take_the_coco_id_rows_and_the_converter_reads_folders(conditional_detr, tmp_path):
+    from conditional_detr.tools import convert_official
+
+    hf_model, folder = conditional_detr
+    model = our_model(folder / "model.safetensors", num_classes=80)  # the weights file alone
+    source = hf_model.state_dict()["class_labels_classifier.weight"]
+    torch.testing.assert_close(model.class_embed.weight[0], source[1])  # person: COCO id 1
+    torch.testing.assert_close(model.class_embed.weight[79], source[90])  # toothbrush: COCO id 90
+    convert_official.main([str(folder), str(tmp_path / "converted.pth")])
+    assert torch.load(tmp_path / "converted.pth")["model"]["class_embed.weight"].shape == (80, 256)
+
+
+def test_a_setting_the_project_lacks_is_refused_by_name(conditional_detr, tmp_path):
+    import json
+    import shutil
+
+    _, folder = conditional_detr
+    other = tmp_path / "learned-positions"
+    shutil.copytree(folder, other)
+    config = json.loads((other / "config.json").read_text())
+    config["position_embedding_type"] = "learned"
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"a transformers model this project cannot represent: position_embedding_type='learned'"):
+        our_model(other)
