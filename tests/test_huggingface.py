@@ -1,7 +1,7 @@
 """
-Hugging Face transformers checkpoints: a save_pretrained folder of transformers' Conditional
-DETR, built on the fly with random weights, loaded by MODEL.WEIGHTS and the converter, gives
-transformers' own outputs.
+Hugging Face transformers checkpoints: save_pretrained folders of transformers' Conditional
+DETR and DETR, built on the fly with random weights, loaded by MODEL.WEIGHTS and the
+converter, give transformers' own outputs.
 """
 import pytest
 import torch
@@ -11,20 +11,34 @@ from detectron2.structures import ImageList
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer, formats, huggingface
 from conditional_detr.engine import get_config
 
-from helpers.huggingface import build_hf_conditional_detr, hf_outputs
+from helpers.huggingface import build_hf_model, hf_outputs
 from helpers.paths import CONFIGS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+# transformers' model -> this project's config and the format
+MODELS = {
+    "ConditionalDetr": ("conditional_detr_R_50_50ep.yaml", huggingface.CONDITIONAL_DETR),
+    "Detr": ("detr_R_50_500ep.yaml", huggingface.DETR),
+}
+
+
 @pytest.fixture(scope="module")
 def conditional_detr(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf") / "conditional-detr"
-    return build_hf_conditional_detr(folder), folder
+    return build_hf_model("ConditionalDetr", folder), folder
 
 
-def our_model(weights, num_classes=91, ops_impl="pytorch"):
-    cfg = get_config(f"{CONFIGS}/COCO-Detection/conditional_detr_R_50_50ep.yaml", [
+@pytest.fixture(scope="module", params=list(MODELS))
+def built(request, tmp_path_factory):
+    """transformers' model, its save_pretrained folder, this project's config and the format."""
+    folder = tmp_path_factory.mktemp("hf") / request.param
+    return (build_hf_model(request.param, folder), folder, *MODELS[request.param])
+
+
+def our_model(weights, num_classes=91, ops_impl="pytorch", config="conditional_detr_R_50_50ep.yaml"):
+    cfg = get_config(f"{CONFIGS}/COCO-Detection/{config}", [
         "MODEL.DEVICE", "cpu", "MODEL.DETR.NUM_CLASSES", num_classes, "MODEL.DETR.OPS_IMPL", ops_impl,
         "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
     ])
@@ -33,20 +47,20 @@ def our_model(weights, num_classes=91, ops_impl="pytorch"):
     return model
 
 
-def test_the_format_is_recognized_by_its_keys(conditional_detr):
-    hf_model, folder = conditional_detr
+def test_each_format_recognizes_its_models(built):
+    _, folder, _, expected = built
     state_dict, config = huggingface.read_pretrained(str(folder))
-    assert formats.recognize(state_dict) is huggingface.CONDITIONAL_DETR
-    assert config["model_type"] == "conditional_detr"
+    assert formats.recognize(state_dict) is expected
+    assert config["architectures"] == [f"{expected.architecture.replace('DETR', 'Detr')}ForObjectDetection"]
 
 
 @pytest.mark.parametrize("ops_impl", ["pytorch", "auto"])
-def test_gives_transformers_outputs(conditional_detr, ops_impl):
-    hf_model, folder = conditional_detr
+def test_gives_transformers_outputs(built, ops_impl):
+    hf_model, folder, config, _ = built
     generator = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, (3, 96, 128), generator=generator, dtype=torch.uint8) for _ in range(2)]
     expected = hf_outputs(hf_model, images)
-    model = our_model(folder, ops_impl=ops_impl)  # the 91 COCO-id logits as they are
+    model = our_model(folder, ops_impl=ops_impl, config=config)  # the 91 COCO-id logits as they are
     with torch.no_grad():
         batch = model.preprocess_image([{"image": image.float()} for image in images])
         outputs = model.forward_outputs(ImageList(batch.tensor, batch.image_sizes))

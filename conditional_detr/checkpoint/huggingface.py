@@ -1,13 +1,13 @@
 """
-Hugging Face transformers checkpoints of `ConditionalDetrForObjectDetection`, as state dicts
-of this project's `ConditionalDETR`: a `save_pretrained` folder (`config.json` and
+Hugging Face transformers checkpoints of `ConditionalDetrForObjectDetection` and
+`DetrForObjectDetection`, as state dicts of this project's `ConditionalDETR` and `DETR`: a `save_pretrained` folder (`config.json` and
 `model.safetensors` or `pytorch_model.bin`) or its weights file alone, in the layout
 transformers writes to disk (that of the files on the hub). Recognized by their keys.
 
 transformers' model is the official one: its timm ResNet is torchvision's network under the
 same names, its encoder's attention projects queries, keys and values separately (packed
-here), and its released heads hold the official 91 COCO-id logits (`id2label`), mapped to
-detectron2's 80 classes as the official ones are.
+here), and its released heads hold the official 91 COCO-id logits (`id2label`; DETR's with
+"no object" last), mapped to detectron2's 80 classes as the official ones are.
 """
 import json
 import os
@@ -18,12 +18,12 @@ import torch
 from .class_heads import COCO_CLASS_NAMES
 from .official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
 
-__all__ = ["CONDITIONAL_DETR", "HuggingFaceFormat", "class_names_of", "read_pretrained"]
+__all__ = ["CONDITIONAL_DETR", "DETR", "HuggingFaceFormat", "class_names_of", "read_pretrained"]
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 # (pattern, replacement): transformers' on-disk names -> the official ones, which this project keeps
-_CONDITIONAL_DETR_RENAMES = [
+_COMMON_RENAMES = [
     (r"^model\.backbone\.conv_encoder\.model\.", OFFICIAL_BACKBONE_PREFIX),
     (r"^model\.input_projection\.", "input_proj."),
     (r"^model\.query_position_embeddings\.", "query_embed."),
@@ -34,14 +34,23 @@ _CONDITIONAL_DETR_RENAMES = [
     (r"^model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm1."),
     (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
     (r"^model\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"transformer.decoder.layers.\1.norm3."),
-    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.out_proj\.", r"transformer.decoder.layers.\1.cross_attn.out_proj."),
-    (r"^model\.decoder\.layers\.(\d+)\.((sa|ca)_\w+_proj)\.", r"transformer.decoder.layers.\1.\2."),
     (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
-    (r"^model\.decoder\.(query_scale|ref_point_head)\.", r"transformer.decoder.\1."),
     (r"^class_labels_classifier\.", "class_embed."),
     (r"^bbox_predictor\.", "bbox_embed."),
 ]
-_QKV = re.compile(r"^model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+# Conditional DETR's decoder: its attention's projections one by one
+_CONDITIONAL_DETR_RENAMES = [
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.out_proj\.", r"transformer.decoder.layers.\1.cross_attn.out_proj."),
+    (r"^model\.decoder\.layers\.(\d+)\.((sa|ca)_\w+_proj)\.", r"transformer.decoder.layers.\1.\2."),
+    (r"^model\.decoder\.(query_scale|ref_point_head)\.", r"transformer.decoder.\1."),
+] + _COMMON_RENAMES
+# DETR's decoder: torch's multi-head attention for the cross-attention too
+_DETR_RENAMES = [
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.out_proj\.", r"transformer.decoder.layers.\1.multihead_attn.out_proj."),
+] + _COMMON_RENAMES
+# separate query, key and value projections, packed into one here (torch's in_proj)
+_QKV = re.compile(r"^model\.(en|de)coder\.layers\.(\d+)\.(self_attn|encoder_attn)\.([qkv])_proj\.(weight|bias)$")
+_PACKED = {"self_attn": "self_attn", "encoder_attn": "multihead_attn"}
 
 
 def read_pretrained(path):
@@ -112,12 +121,10 @@ class HuggingFaceFormat:
                     break
             else:
                 raise ValueError(f"transformers' {self.architecture} here has {key!r}, a part this project's does not have")
-        # the encoder's separate query, key and value projections: one packed projection here
-        layers = sorted({int(m[1]) for m in map(_QKV.match, state_dict) if m})
-        for layer in layers:
-            for kind in ("weight", "bias"):
-                parts = [state_dict[f"model.encoder.layers.{layer}.self_attn.{x}_proj.{kind}"] for x in "qkv"]
-                renamed[f"transformer.encoder.layers.{layer}.self_attn.in_proj_{kind}"] = torch.cat(parts)
+        for side, layer, attention, kind in {(m[1], m[2], m[3], m[5]) for m in map(_QKV.match, state_dict) if m}:
+            prefix = f"model.{side}coder.layers.{layer}.{attention}"
+            parts = [state_dict[f"{prefix}.{x}_proj.{kind}"] for x in "qkv"]
+            renamed[f"transformer.{side}coder.layers.{layer}.{_PACKED[attention]}.in_proj_{kind}"] = torch.cat(parts)
         return convert_state_dict(renamed, num_classes)
 
     @staticmethod
@@ -128,3 +135,4 @@ class HuggingFaceFormat:
 CONDITIONAL_DETR = HuggingFaceFormat(
     "hf_conditional_detr", "ConditionalDETR", "model.decoder.layers.0.ca_qpos_sine_proj.weight", _CONDITIONAL_DETR_RENAMES
 )
+DETR = HuggingFaceFormat("hf_detr", "DETR", "model.decoder.layers.0.encoder_attn.q_proj.weight", _DETR_RENAMES)

@@ -28,12 +28,12 @@ def import_transformers():
     return transformers
 
 
-def build_hf_conditional_detr(folder, seed=0):
-    """transformers' Conditional DETR with random weights (a timm ResNet-50), saved with save_pretrained."""
+def build_hf_model(kind, folder, seed=0):
+    """transformers' `kind` ("ConditionalDetr", "Detr") with random weights (a timm ResNet-50), saved with save_pretrained."""
     transformers = import_transformers()
-    config = transformers.ConditionalDetrConfig(use_pretrained_backbone=False, num_labels=91, auxiliary_loss=True)
+    config = getattr(transformers, f"{kind}Config")(use_pretrained_backbone=False, num_labels=91, auxiliary_loss=True)
     torch.manual_seed(seed)
-    model = transformers.ConditionalDetrForObjectDetection(config).eval()
+    model = getattr(transformers, f"{kind}ForObjectDetection")(config).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
