@@ -14,7 +14,8 @@ from conditional_detr.engine import get_config
 from helpers.huggingface import build_hf_model, hf_outputs
 from helpers.paths import CONFIGS
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# building the other library's models takes seconds each: make test runs these, make test-fast does not
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 # transformers' model -> this project's config and the format

@@ -14,7 +14,8 @@ from conditional_detr.engine import get_config
 from helpers.mmdetection import build_mmdet_model, mmdet_checkpoint, mmdet_outputs
 from helpers.paths import CONFIGS
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# building the other library's models takes seconds each: make test runs these, make test-fast does not
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 CONDITIONAL_DETR = "conditional_detr/conditional-detr_r50_8xb2-50e_coco.py"
 # MMDetection's config -> this project's config and MMDetection's format
