@@ -79,3 +79,15 @@ def assert_compiles_without_graph_break(module, inputs):
     for g, p in zip(grads, module.parameters()):
         torch.testing.assert_close(g, p.grad)
     assert torch._dynamo.explain(module)(*inputs).graph_break_count == 0
+
+
+def assert_flash_attention_rule(dtype, exact, exact_grads, plain, plain_grads, out, grads, floor=1e-6):
+    """
+    FlashAttention's rule: against an exact reference, a kernel's error may be at most 2x
+    (forward) and 3x (gradients) the error of the plain PyTorch computation at its dtype.
+    """
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert max_error(out, exact) <= 2 * max_error(plain, exact) + floor
+    for g, p, e in zip(grads, plain_grads, exact_grads):
+        assert max_error(g, e) <= 3 * max_error(p, e) + floor
+
