@@ -55,10 +55,7 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
 
     def load(self, path, *args, **kwargs):
         if isinstance(path, str) and os.path.isdir(path):  # a transformers save_pretrained folder
-            found = [os.path.join(path, n) for n in huggingface.WEIGHT_FILES if os.path.isfile(os.path.join(path, n))]
-            if not found:
-                raise ValueError(f"{path}: a folder without {' or '.join(huggingface.WEIGHT_FILES)}")
-            path = found[0]
+            path = huggingface.weights_file(path)
         self._loading = path  # the name as given: a conditional-detr:// one tells COCO's classes
         try:
             return super().load(path, *args, **kwargs)
@@ -83,7 +80,7 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         return checkpoint
 
     def _read(self, filename):
-        if os.path.basename(filename) in huggingface.WEIGHT_FILES or filename.endswith(".safetensors"):
+        if huggingface.is_pretrained(filename):
             state_dict, config = huggingface.read_pretrained(filename)
             return {"model": state_dict, "class_names": huggingface.class_names_of(config), "meta": {"config": config}}
         try:

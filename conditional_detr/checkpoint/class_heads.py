@@ -22,6 +22,7 @@ __all__ = [
     "COCO_CLASS_NAMES",
     "check_behaviour",
     "class_head_keys",
+    "coco_class_names",
     "coco_contiguous_to_category_id",
     "fine_tune_class_heads",
     "proposal_head_keys",
@@ -40,6 +41,11 @@ _CLASS_HEAD_KEY = re.compile(r"(^|\.)class_embed(\.\d+)?\.(weight|bias)$")
 
 class ClassMappingError(ValueError):
     """A format's class head cannot become the model's classes by conversion alone."""
+
+
+def coco_class_names(num_classes):
+    """The names of a converted head's classes where it has detectron2's 80 COCO ones, else None."""
+    return COCO_CLASS_NAMES if num_classes == len(COCO_CLASS_NAMES) else None
 
 
 def coco_contiguous_to_category_id():

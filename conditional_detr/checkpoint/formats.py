@@ -5,11 +5,6 @@ project's names. Each format recognizes its state dicts by their keys, converts 
 names the classes of its converted head (see `official.OfficialFormat`). Adding a format is
 one module beside this one and one line here.
 """
-import argparse
-import os
-
-import torch
-
 from . import huggingface, mmdetection, official
 
 __all__ = ["FORMATS", "describe", "load", "recognize", "unwrap"]
@@ -52,13 +47,11 @@ def describe():
 
 def load(path):
     """The format and state dict of a checkpoint file of one of FORMATS; a ValueError names the file."""
-    if os.path.isdir(path) or str(path).endswith(".safetensors") or os.path.basename(path) in huggingface.WEIGHT_FILES:
-        state_dict, config = huggingface.read_pretrained(str(path))
+    if huggingface.is_pretrained(path):
+        state_dict, config = huggingface.read_pretrained(path)
         checkpoint = {"model": state_dict, "meta": {"config": config}}
     else:
-        # official checkpoints pickle their argparse.Namespace next to the weights
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = official.read_file(path)
     state_dict, _, meta = unwrap(checkpoint)
     source_format = recognize(state_dict) if isinstance(state_dict, dict) else None
     if source_format is None:

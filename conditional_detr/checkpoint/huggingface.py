@@ -15,10 +15,12 @@ import re
 
 import torch
 
-from .class_heads import COCO_CLASS_NAMES
+from .foreign import ForeignFormat
 from .official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
 
-__all__ = ["CONDITIONAL_DETR", "DETR", "HuggingFaceFormat", "class_names_of", "read_pretrained"]
+__all__ = [
+    "CONDITIONAL_DETR", "DETR", "HuggingFaceFormat", "class_names_of", "is_pretrained", "read_pretrained", "weights_file",
+]
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -53,14 +55,26 @@ _QKV = re.compile(r"^model\.(en|de)coder\.layers\.(\d+)\.(self_attn|encoder_attn
 _PACKED = {"self_attn": "self_attn", "encoder_attn": "multihead_attn"}
 
 
+def is_pretrained(path):
+    """Whether `path` is a `save_pretrained` folder or one of its weight files."""
+    path = str(path)
+    return os.path.isdir(path) or path.endswith(".safetensors") or os.path.basename(path) in WEIGHT_FILES
+
+
+def weights_file(path):
+    """The weights file of a `save_pretrained` folder, or `path` itself when it is a file."""
+    if not os.path.isdir(path):
+        return path
+    found = [os.path.join(path, name) for name in WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
+    if not found:
+        raise ValueError(f"{path}: a folder without {' or '.join(WEIGHT_FILES)}")
+    return found[0]
+
+
 def read_pretrained(path):
     """The state dict and `config.json` (or None) of a `save_pretrained` folder or of its weights file."""
-    folder, weights = (path, None) if os.path.isdir(path) else (os.path.dirname(path), path)
-    if weights is None:
-        found = [os.path.join(folder, name) for name in WEIGHT_FILES if os.path.isfile(os.path.join(folder, name))]
-        if not found:
-            raise ValueError(f"{path}: a folder without {' or '.join(WEIGHT_FILES)}")
-        weights = found[0]
+    weights = weights_file(str(path))
+    folder = os.path.dirname(weights)
     if weights.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -81,19 +95,14 @@ def class_names_of(config):
     return None if "N/A" in names else names
 
 
-class HuggingFaceFormat:
-    """One transformers detector's state dicts: the interface of the formats of `formats.py`."""
+class HuggingFaceFormat(ForeignFormat):
+    """One transformers detector's state dicts."""
 
     repository = "huggingface/transformers"
+    source = "transformers"
 
     def __init__(self, name, architecture, marker, renames):
-        self.name, self.architecture, self._marker, self._renames = name, architecture, marker, renames
-
-    def __repr__(self):
-        return f"HuggingFaceFormat({self.name!r})"
-
-    def recognizes(self, state_dict):
-        return self._marker in state_dict and "class_labels_classifier.weight" in state_dict
+        super().__init__(name, architecture, (marker, "class_labels_classifier.weight"), renames)
 
     @staticmethod
     def check_meta(meta, filename):
@@ -111,25 +120,12 @@ class HuggingFaceFormat:
             raise ValueError(f"{filename}: a transformers model this project cannot represent: {', '.join(differences)}")
 
     def convert(self, state_dict, num_classes=80):
-        renamed = {}
-        for key, value in state_dict.items():
-            if _QKV.match(key):
-                continue
-            for pattern, replacement in self._renames:
-                if re.match(pattern, key):
-                    renamed[re.sub(pattern, replacement, key)] = value
-                    break
-            else:
-                raise ValueError(f"transformers' {self.architecture} here has {key!r}, a part this project's does not have")
+        renamed = self.rename({k: v for k, v in state_dict.items() if not _QKV.match(k)})
         for side, layer, attention, kind in {(m[1], m[2], m[3], m[5]) for m in map(_QKV.match, state_dict) if m}:
             prefix = f"model.{side}coder.layers.{layer}.{attention}"
             parts = [state_dict[f"{prefix}.{x}_proj.{kind}"] for x in "qkv"]
             renamed[f"transformer.{side}coder.layers.{layer}.{_PACKED[attention]}.in_proj_{kind}"] = torch.cat(parts)
         return convert_state_dict(renamed, num_classes)
-
-    @staticmethod
-    def class_names(num_classes):
-        return COCO_CLASS_NAMES if num_classes == len(COCO_CLASS_NAMES) else None
 
 
 CONDITIONAL_DETR = HuggingFaceFormat(

@@ -13,8 +13,9 @@ import re
 
 import torch
 
-from .class_heads import COCO_CLASS_NAMES, ClassMappingError
-from .official import OFFICIAL_BACKBONE_PREFIX, convert_backbone_key
+from .class_heads import ClassMappingError
+from .foreign import ForeignFormat
+from .official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
 
 __all__ = ["CONDITIONAL_DETR", "DEFORMABLE_DETR", "DETR", "MMDetectionFormat"]
 
@@ -24,6 +25,7 @@ _PIXEL_STD = [58.395, 57.12, 57.375]
 
 # (pattern, replacement) in order; the first that matches renames the key. What the detectors share:
 _COMMON_RENAMES = [
+    (r"^backbone\.", OFFICIAL_BACKBONE_PREFIX),
     (r"^neck\.convs\.0\.conv\.", "input_proj."),
     (r"^query_embedding\.", "query_embed."),
     (r"^encoder\.layers\.(\d+)\.self_attn\.attn\.", r"transformer.encoder.layers.\1.self_attn."),
@@ -88,30 +90,15 @@ def _complete_deformable_detr(state_dict, converted):
     return converted
 
 
-def _rename(key, renames):
-    if key.startswith("backbone."):
-        return convert_backbone_key(OFFICIAL_BACKBONE_PREFIX + key[len("backbone."):])
-    for pattern, replacement in renames:
-        renamed, count = re.subn(pattern, replacement, key)
-        if count:
-            return renamed
-    return None
-
-
-class MMDetectionFormat:
-    """One MMDetection detector's state dicts: the interface of the formats of `formats.py`."""
+class MMDetectionFormat(ForeignFormat):
+    """One MMDetection detector's state dicts."""
 
     repository = "open-mmlab/mmdetection"
+    source = "MMDetection"
 
     def __init__(self, name, architecture, marker, renames, complete=None):
-        self.name, self.architecture, self._marker, self._renames = name, architecture, marker, renames
+        super().__init__(name, architecture, (marker,), renames)
         self._complete = complete
-
-    def __repr__(self):
-        return f"MMDetectionFormat({self.name!r})"
-
-    def recognizes(self, state_dict):
-        return self._marker in state_dict
 
     def check_meta(self, meta, filename):
         """
@@ -157,25 +144,11 @@ class MMDetectionFormat:
             re.sub(r"^neck\.extra_convs\.(\d+)\.", lambda m: f"neck.convs.{laterals + int(m[1])}.", k): v
             for k, v in state_dict.items()
         }
-        converted = {}
-        for key, value in state_dict.items():
-            if key.endswith("num_batches_tracked"):
-                continue  # frozen batch norm has no counter
-            renamed = _rename(key, self._renames)
-            if renamed is None:
-                # a module the project's model lacks (a normalized neck, deformable convolutions,
-                # another head): loading the rest would give a model that computes something else
-                raise ValueError(
-                    f"MMDetection's {self.architecture} here has {key!r}, a part this project's "
-                    f"{self.architecture} does not have; it cannot load this checkpoint"
-                )
-            converted[renamed] = value.float() if value.is_floating_point() else value
-        return self._complete(state_dict, converted) if self._complete else converted
-
-    @staticmethod
-    def class_names(num_classes):
-        """MMDetection's COCO classes, in detectron2's order, where the checkpoint names none."""
-        return COCO_CLASS_NAMES if num_classes == len(COCO_CLASS_NAMES) else None
+        renamed = self.rename(state_dict)
+        if self._complete:
+            renamed = self._complete(state_dict, renamed)
+        # its classes are detectron2's 80 in order: the official conversion keeps the rows
+        return convert_state_dict(renamed, num_classes)
 
 
 CONDITIONAL_DETR = MMDetectionFormat(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .class_heads import COCO_CLASS_NAMES, ClassMappingError, class_head_keys, coco_contiguous_to_category_id, proposal_head_keys
+from .class_heads import ClassMappingError, class_head_keys, coco_class_names, coco_contiguous_to_category_id, proposal_head_keys
 
 OFFICIAL_BACKBONE_PREFIX = "backbone.0.body."
 
@@ -73,10 +73,7 @@ class OfficialFormat:
     def convert(self, state_dict, num_classes=80):
         return convert_state_dict(state_dict, num_classes)
 
-    @staticmethod
-    def class_names(num_classes):
-        """The names of the converted head's classes: COCO's 80, or None for the COCO-id logits."""
-        return COCO_CLASS_NAMES if num_classes == len(COCO_CLASS_NAMES) else None
+    class_names = staticmethod(coco_class_names)
 
 
 CONDITIONAL_DETR = OfficialFormat("conditional_detr", "ConditionalDETR", "Atten4Vis/ConditionalDETR")
@@ -141,10 +138,15 @@ def convert_torchvision_resnet(state_dict):
     return converted
 
 
-def load_official_checkpoint(path):
+def read_file(path):
+    """A checkpoint file's contents, read without running code from it."""
     # official checkpoints pickle their argparse.Namespace next to the weights
     with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_official_checkpoint(path):
+    checkpoint = read_file(path)
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not is_official_state_dict(state_dict):
         raise ValueError(

@@ -25,6 +25,6 @@ def image_sizes_tensor(image_sizes, device=None):
     """
     if torch.is_tensor(image_sizes):
         return image_sizes
-    if not len(image_sizes):
-        return torch.zeros(0, 2, dtype=torch.long, device=device)
+    if not any(torch.is_tensor(v) for size in image_sizes for v in size):
+        return torch.tensor([tuple(size) for size in image_sizes], dtype=torch.long, device=device).view(-1, 2)
     return torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in image_sizes]).to(device)
