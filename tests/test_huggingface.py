@@ -1,7 +1,7 @@
 """
 Hugging Face transformers checkpoints: save_pretrained folders of transformers' Conditional
-DETR and DETR, built on the fly with random weights, loaded by MODEL.WEIGHTS and the
-converter, give transformers' own outputs.
+DETR, DETR and Deformable DETR (plain, box refinement, two-stage), built on the fly with
+random weights, loaded by MODEL.WEIGHTS and the converter, give transformers' own outputs.
 """
 import pytest
 import torch
@@ -18,10 +18,15 @@ from helpers.paths import CONFIGS
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
-# transformers' model -> this project's config and the format
+# transformers' model and its settings -> this project's config and the format
 MODELS = {
-    "ConditionalDetr": ("conditional_detr_R_50_50ep.yaml", huggingface.CONDITIONAL_DETR),
-    "Detr": ("detr_R_50_500ep.yaml", huggingface.DETR),
+    "ConditionalDetr": ({}, "conditional_detr_R_50_50ep.yaml", huggingface.CONDITIONAL_DETR),
+    "Detr": ({}, "detr_R_50_500ep.yaml", huggingface.DETR),
+    "DeformableDetr": ({}, "deformable_detr_R_50_50ep.yaml", huggingface.DEFORMABLE_DETR),
+    "DeformableDetr-refine": ({"with_box_refine": True}, "deformable_detr_R_50_refine_50ep.yaml", huggingface.DEFORMABLE_DETR),
+    "DeformableDetr-two-stage": (
+        {"with_box_refine": True, "two_stage": True}, "deformable_detr_R_50_two_stage_50ep.yaml", huggingface.DEFORMABLE_DETR
+    ),
 }
 
 
@@ -34,8 +39,9 @@ def conditional_detr(tmp_path_factory):
 @pytest.fixture(scope="module", params=list(MODELS))
 def built(request, tmp_path_factory):
     """transformers' model, its save_pretrained folder, this project's config and the format."""
+    settings, config, source_format = MODELS[request.param]
     folder = tmp_path_factory.mktemp("hf") / request.param
-    return (build_hf_model(request.param, folder), folder, *MODELS[request.param])
+    return build_hf_model(request.param.split("-")[0], folder, **settings), folder, config, source_format
 
 
 def our_model(weights, num_classes=91, ops_impl="pytorch", config="conditional_detr_R_50_50ep.yaml"):
@@ -53,13 +59,14 @@ def test_each_format_recognizes_its_models(built):
     state_dict, config = huggingface.read_pretrained(str(folder))
     assert formats.recognize(state_dict) is expected
     assert config["architectures"] == [f"{expected.architecture.replace('DETR', 'Detr')}ForObjectDetection"]
+    assert formats.recognize(expected.convert(state_dict, None)) is None  # converted: this project's own
 
 
 @pytest.mark.parametrize("ops_impl", ["pytorch", "auto"])
 def test_gives_transformers_outputs(built, ops_impl):
     hf_model, folder, config, _ = built
     generator = torch.Generator().manual_seed(1)
-    images = [torch.randint(0, 256, (3, 96, 128), generator=generator, dtype=torch.uint8) for _ in range(2)]
+    images = [torch.randint(0, 256, (3, 128, 160), generator=generator, dtype=torch.uint8) for _ in range(2)]
     expected = hf_outputs(hf_model, images)
     model = our_model(folder, ops_impl=ops_impl, config=config)  # the 91 COCO-id logits as they are
     with torch.no_grad():
@@ -96,3 +103,14 @@ def test_a_setting_the_project_lacks_is_refused_by_name(conditional_detr, tmp_pa
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"a transformers model this project cannot represent: position_embedding_type='learned'"):
         our_model(other)
+
+
+def test_a_model_of_another_layout_or_size_is_refused(tmp_path):
+    refine = tmp_path / "refine"
+    build_hf_model("DeformableDetr", refine, with_box_refine=True)
+    with pytest.raises(ValueError, match=r"does not fit MODEL.META_ARCHITECTURE DeformableDETR as configured: 0 of .* (?s:.*)WITH_BOX_REFINE"):
+        our_model(refine, config="deformable_detr_R_50_50ep.yaml")
+    fewer_points = tmp_path / "fewer-points"
+    build_hf_model("DeformableDetr", fewer_points, encoder_n_points=2, decoder_n_points=2)
+    with pytest.raises(ValueError, match=r"tensors differ in shape, such as transformer.encoder.layers.0.self_attn.sampling_offsets"):
+        our_model(fewer_points, config="deformable_detr_R_50_50ep.yaml")

@@ -122,17 +122,29 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         the rest would give a model that computes something else.
         """
         # BatchNorm counters and extra query groups are the model's own, never in such files
-        model_keys = {
-            k for k in self.model.state_dict()
+        model_state = {
+            k: v for k, v in self.model.state_dict().items()
             if not k.endswith("num_batches_tracked") and not k.startswith("group_query_embed.")
         }
-        missing, unexpected = sorted(model_keys - set(state_dict)), sorted(set(state_dict) - model_keys)
+        missing, unexpected = sorted(model_state.keys() - state_dict.keys()), sorted(state_dict.keys() - model_state.keys())
+        hint = "check the layers, queries, widths and MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE / TWO_STAGE"
         if missing or unexpected:
             raise ValueError(
                 f"{filename}: this {source_format.repository} checkpoint does not fit MODEL.META_ARCHITECTURE "
                 f"{type(self.model).__name__} as configured: {len(missing)} of the model's keys are missing "
-                f"(such as {missing[:2]}) and {len(unexpected)} are not the model's (such as {unexpected[:2]}); "
-                "check the layers, queries and MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE / TWO_STAGE"
+                f"(such as {missing[:2]}) and {len(unexpected)} are not the model's (such as {unexpected[:2]}); {hint}"
+            )
+        # detectron2 would skip such tensors with a warning; class heads are fitted later
+        class_keys = set(class_head_keys(state_dict))
+        resized = [
+            f"{k} {tuple(state_dict[k].shape)} (the model's: {tuple(v.shape)})" for k, v in model_state.items()
+            if k not in class_keys and tuple(state_dict[k].shape) != tuple(v.shape)
+        ]
+        if resized:
+            raise ValueError(
+                f"{filename}: this {source_format.repository} checkpoint does not fit MODEL.META_ARCHITECTURE "
+                f"{type(self.model).__name__} as configured: {len(resized)} tensors differ in shape, such as "
+                f"{'; '.join(resized[:2])}; {hint}"
             )
 
     def _convert(self, source_format, state_dict, filename):

@@ -12,7 +12,7 @@ __all__ = ["FORMATS", "describe", "load", "recognize", "unwrap"]
 FORMATS = (
     official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR,
     mmdetection.CONDITIONAL_DETR, mmdetection.DETR, mmdetection.DEFORMABLE_DETR,
-    huggingface.CONDITIONAL_DETR, huggingface.DETR,
+    huggingface.CONDITIONAL_DETR, huggingface.DETR, huggingface.DEFORMABLE_DETR,
 )
 
 

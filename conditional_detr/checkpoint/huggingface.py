@@ -1,13 +1,15 @@
 """
-Hugging Face transformers checkpoints of `ConditionalDetrForObjectDetection` and
-`DetrForObjectDetection`, as state dicts of this project's `ConditionalDETR` and `DETR`: a `save_pretrained` folder (`config.json` and
-`model.safetensors` or `pytorch_model.bin`) or its weights file alone, in the layout
-transformers writes to disk (that of the files on the hub). Recognized by their keys.
+Hugging Face transformers checkpoints of `ConditionalDetrForObjectDetection`,
+`DetrForObjectDetection` and `DeformableDetrForObjectDetection` (plain, `with_box_refine`,
+`two_stage`), as state dicts of this project's `ConditionalDETR`, `DETR` and
+`DeformableDETR`: a `save_pretrained` folder (`config.json` and `model.safetensors` or
+`pytorch_model.bin`) or its weights file alone, in the layout transformers writes to disk
+(that of the files on the hub). Recognized by their keys.
 
 transformers' model is the official one: its timm ResNet is torchvision's network under the
-same names, its encoder's attention projects queries, keys and values separately (packed
-here), and its released heads hold the official 91 COCO-id logits (`id2label`; DETR's with
-"no object" last), mapped to detectron2's 80 classes as the official ones are.
+same names, its attention projects queries, keys and values separately (packed here), and
+its released heads hold the official 91 COCO-id logits (`id2label`; DETR's with "no object"
+last), mapped to detectron2's 80 classes as the official ones are.
 """
 import json
 import os
@@ -19,7 +21,7 @@ from .foreign import ForeignFormat
 from .official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
 
 __all__ = [
-    "CONDITIONAL_DETR", "DETR", "HuggingFaceFormat", "class_names_of", "is_pretrained", "read_pretrained", "weights_file",
+    "CONDITIONAL_DETR", "DEFORMABLE_DETR", "DETR", "HuggingFaceFormat", "class_names_of", "is_pretrained", "read_pretrained", "weights_file",
 ]
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -49,6 +51,18 @@ _CONDITIONAL_DETR_RENAMES = [
 # DETR's decoder: torch's multi-head attention for the cross-attention too
 _DETR_RENAMES = [
     (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.out_proj\.", r"transformer.decoder.layers.\1.multihead_attn.out_proj."),
+] + _COMMON_RENAMES
+# Deformable DETR: deformable attention in the encoder and as the decoder's cross-attention,
+# whose norms are in the official order (cross-attention norm1, self-attention norm2)
+_DEFORMABLE_DETR_RENAMES = [
+    (r"^model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm1."),
+    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.", r"transformer.decoder.layers.\1.cross_attn."),
+    (r"^model\.encoder\.layers\.(\d+)\.self_attn\.", r"transformer.encoder.layers.\1.self_attn."),
+    (r"^model\.decoder\.(class_embed|bbox_embed)\.", r"transformer.decoder.\1."),
+    (r"^model\.input_proj\.", "input_proj."),
+    (r"^model\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)(\.|$)", r"transformer.\1\2"),
+    (r"^(class_embed|bbox_embed)\.", r"\1."),
 ] + _COMMON_RENAMES
 # separate query, key and value projections, packed into one here (torch's in_proj)
 _QKV = re.compile(r"^model\.(en|de)coder\.layers\.(\d+)\.(self_attn|encoder_attn)\.([qkv])_proj\.(weight|bias)$")
@@ -95,14 +109,41 @@ def class_names_of(config):
     return None if "N/A" in names else names
 
 
+def _complete_deformable_detr(converted):
+    """
+    The heads of every decoder layer (and the two-stage proposals) as the official layout
+    lists them: transformers writes a head its model ties to another only once (every
+    layer's class head is the first layer's but in two-stage; box refinement's heads and
+    two-stage's class heads live in the decoder, and the model's own are those).
+    """
+    layers = len({k.split(".")[3] for k in converted if k.startswith("transformer.decoder.layers.")})
+    two_stage = "transformer.enc_output.weight" in converted
+    in_decoder = {
+        head: any(k.startswith(f"transformer.decoder.{head}.") for k in converted) for head in ("class_embed", "bbox_embed")
+    }
+    for head, decoder_holds in in_decoder.items():
+        first = f"transformer.decoder.{head}.0." if decoder_holds else f"{head}.0."
+        suffixes = [k[len(first):] for k in converted if k.startswith(first)]
+        for index in range(layers + two_stage):
+            for suffix in suffixes:
+                own = f"{head}.{index}.{suffix}"
+                decoder_key = f"transformer.decoder.{own}"
+                value = converted.get(decoder_key) if decoder_holds else converted.get(own, converted[first + suffix])
+                converted[own] = value
+                if decoder_holds:
+                    converted[decoder_key] = value
+    return converted
+
+
 class HuggingFaceFormat(ForeignFormat):
     """One transformers detector's state dicts."""
 
     repository = "huggingface/transformers"
     source = "transformers"
 
-    def __init__(self, name, architecture, marker, renames):
-        super().__init__(name, architecture, (marker, "class_labels_classifier.weight"), renames)
+    def __init__(self, name, architecture, markers, renames, complete=None):
+        super().__init__(name, architecture, markers, renames)
+        self._complete = complete
 
     @staticmethod
     def check_meta(meta, filename):
@@ -125,10 +166,20 @@ class HuggingFaceFormat(ForeignFormat):
             prefix = f"model.{side}coder.layers.{layer}.{attention}"
             parts = [state_dict[f"{prefix}.{x}_proj.{kind}"] for x in "qkv"]
             renamed[f"transformer.{side}coder.layers.{layer}.{_PACKED[attention]}.in_proj_{kind}"] = torch.cat(parts)
+        if self._complete:
+            renamed = self._complete(renamed)
         return convert_state_dict(renamed, num_classes)
 
 
 CONDITIONAL_DETR = HuggingFaceFormat(
-    "hf_conditional_detr", "ConditionalDETR", "model.decoder.layers.0.ca_qpos_sine_proj.weight", _CONDITIONAL_DETR_RENAMES
+    "hf_conditional_detr", "ConditionalDETR",
+    ("model.decoder.layers.0.ca_qpos_sine_proj.weight", "class_labels_classifier.weight"), _CONDITIONAL_DETR_RENAMES,
 )
-DETR = HuggingFaceFormat("hf_detr", "DETR", "model.decoder.layers.0.encoder_attn.q_proj.weight", _DETR_RENAMES)
+DETR = HuggingFaceFormat(
+    "hf_detr", "DETR", ("model.decoder.layers.0.encoder_attn.q_proj.weight", "class_labels_classifier.weight"), _DETR_RENAMES
+)
+DEFORMABLE_DETR = HuggingFaceFormat(
+    "hf_deformable_detr", "DeformableDETR",
+    ("model.decoder.layers.0.encoder_attn.sampling_offsets.weight", "model.level_embed"), _DEFORMABLE_DETR_RENAMES,
+    _complete_deformable_detr,
+)

@@ -28,10 +28,15 @@ def import_transformers():
     return transformers
 
 
-def build_hf_model(kind, folder, seed=0):
-    """transformers' `kind` ("ConditionalDetr", "Detr") with random weights (a timm ResNet-50), saved with save_pretrained."""
+def build_hf_model(kind, folder, seed=0, **settings):
+    """
+    transformers' `kind` ("ConditionalDetr", "Detr", "DeformableDetr") with random weights (a
+    timm ResNet-50) and its config's `settings`, saved with save_pretrained.
+    """
     transformers = import_transformers()
-    config = getattr(transformers, f"{kind}Config")(use_pretrained_backbone=False, num_labels=91, auxiliary_loss=True)
+    config = getattr(transformers, f"{kind}Config")(
+        use_pretrained_backbone=False, num_labels=91, auxiliary_loss=True, **settings
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, f"{kind}ForObjectDetection")(config).eval()
     generator = torch.Generator().manual_seed(seed)
