@@ -91,26 +91,59 @@ def test_80_classes_take_the_coco_id_rows_and_the_converter_reads_folders(condit
     assert torch.load(tmp_path / "converted.pth")["model"]["class_embed.weight"].shape == (80, 256)
 
 
-def test_a_setting_the_project_lacks_is_refused_by_name(conditional_detr, tmp_path):
+def edited_copy(folder, destination, **settings):
+    """A copy of the save_pretrained `folder` whose config.json has `settings` changed."""
     import json
     import shutil
 
-    _, folder = conditional_detr
-    other = tmp_path / "learned-positions"
-    shutil.copytree(folder, other)
-    config = json.loads((other / "config.json").read_text())
-    config["position_embedding_type"] = "learned"
-    (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"a transformers model this project cannot represent: position_embedding_type='learned'"):
+    shutil.copytree(folder, destination)
+    config = json.loads((destination / "config.json").read_text())
+    config.update(settings)
+    (destination / "config.json").write_text(json.dumps(config))
+    return destination
+
+
+@pytest.mark.parametrize("settings, refused", [
+    ({"position_embedding_type": "learned"}, "position_embedding_type='learned'"),
+    ({"activation_function": "gelu"}, "activation_function='gelu'"),
+    ({"backbone_config": {"model_type": "timm_backbone", "backbone": "resnet18"}}, "backbone='resnet18'"),
+    ({"encoder_attention_heads": 4}, "encoder_attention_heads=4 and decoder_attention_heads=8 differ, one MODEL.DETR.NHEADS here"),
+])
+def test_a_setting_the_project_lacks_is_refused_by_name(conditional_detr, tmp_path, settings, refused):
+    other = edited_copy(conditional_detr[1], tmp_path / "other", **settings)
+    with pytest.raises(ValueError, match=rf"a transformers model this project cannot represent: {refused}"):
+        our_model(other)
+
+
+def test_settings_that_leave_the_weights_as_they_are_are_checked_against_the_config(conditional_detr, tmp_path):
+    # a dilated res5 (DC5) and fewer heads give tensors of the same shapes: only config.json tells
+    other = edited_copy(
+        conditional_detr[1], tmp_path / "dc5", dilation=True, encoder_attention_heads=4, decoder_attention_heads=4
+    )
+    with pytest.raises(ValueError, match=r"describes another model than the one configured; set "
+                       r"MODEL.DETR.NHEADS 4 \(the model's: 8\); MODEL.RESNETS.RES5_DILATION 2 \(the model's: 1\)"):
         our_model(other)
 
 
 def test_a_model_of_another_layout_or_size_is_refused(tmp_path):
+    import shutil
+
+    def weights_alone(folder):
+        """Its weights without config.json: only their keys and shapes tell."""
+        alone = tmp_path / f"{folder.name}-weights" / "model.safetensors"
+        alone.parent.mkdir()
+        shutil.copy(folder / "model.safetensors", alone)
+        return alone
+
     refine = tmp_path / "refine"
     build_hf_model("DeformableDetr", refine, with_box_refine=True)
-    with pytest.raises(ValueError, match=r"does not fit MODEL.META_ARCHITECTURE DeformableDETR as configured: 0 of .* (?s:.*)WITH_BOX_REFINE"):
+    with pytest.raises(ValueError, match=r"describes another model .* set MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE True"):
         our_model(refine, config="deformable_detr_R_50_50ep.yaml")
+    with pytest.raises(ValueError, match=r"does not fit MODEL.META_ARCHITECTURE DeformableDETR as configured: 0 of .*(?s:.*)WITH_BOX_REFINE"):
+        our_model(weights_alone(refine), config="deformable_detr_R_50_50ep.yaml")
     fewer_points = tmp_path / "fewer-points"
     build_hf_model("DeformableDetr", fewer_points, encoder_n_points=2, decoder_n_points=2)
-    with pytest.raises(ValueError, match=r"tensors differ in shape, such as transformer.encoder.layers.0.self_attn.sampling_offsets"):
+    with pytest.raises(ValueError, match=r"set MODEL.DEFORMABLE_DETR.ENC_N_POINTS 2 \(the model's: 4\); MODEL.DEFORMABLE_DETR.DEC_N_POINTS 2"):
         our_model(fewer_points, config="deformable_detr_R_50_50ep.yaml")
+    with pytest.raises(ValueError, match=r"tensors differ in shape, such as transformer.encoder.layers.0.self_attn.sampling_offsets"):
+        our_model(weights_alone(fewer_points), config="deformable_detr_R_50_50ep.yaml")

@@ -31,8 +31,9 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
     classes by name; official and model-zoo checkpoints have COCO's names.
     """
 
-    def __init__(self, model, save_dir="", *, class_names=None, class_head="keep", **kwargs):
+    def __init__(self, model, save_dir="", *, class_names=None, class_head="keep", cfg=None, **kwargs):
         super().__init__(model, save_dir, **kwargs)
+        self.cfg = cfg  # the model's config, checked against the settings a checkpoint describes
         self.class_names = list(class_names) if class_names is not None else None
         self.class_head = check_behaviour(class_head)
         self._loading = None
@@ -45,6 +46,7 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
             save_dir,
             class_names=model_class_names(cfg),
             class_head=cfg.MODEL.WEIGHTS_CLASS_HEAD,
+            cfg=cfg,
             **kwargs,
         )
 
@@ -69,7 +71,7 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         source_format = formats.recognize(state_dict)
         if source_format is not None:
             self._check_architecture(source_format, filename)
-            source_format.check_meta(checkpoint.get("meta", {}), filename)
+            source_format.check_meta(checkpoint.get("meta", {}), filename, self.cfg)
             state_dict, format_names = self._convert(source_format, state_dict, filename)
             self._check_layout(source_format, state_dict, filename)
             checkpoint_names = checkpoint_names or format_names  # the names the file stores come first

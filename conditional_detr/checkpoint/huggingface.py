@@ -18,6 +18,7 @@ import re
 import torch
 
 from .foreign import ForeignFormat
+from .huggingface_config import check_settings
 from .official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
 
 __all__ = [
@@ -145,20 +146,14 @@ class HuggingFaceFormat(ForeignFormat):
         super().__init__(name, architecture, markers, renames)
         self._complete = complete
 
-    @staticmethod
-    def check_meta(meta, filename):
-        """`config.json` settings the project's model lacks: checked where the file comes with one."""
+    def check_meta(self, meta, filename, cfg=None):
+        """
+        Refuse, by name, the `config.json` settings (where the file comes with one) that the
+        project's model lacks, or that differ from those of `cfg` where given.
+        """
         config = meta.get("config") if isinstance(meta, dict) else None
-        if not config:
-            return
-        differences = []
-        if config.get("position_embedding_type", "sine") != "sine":
-            differences.append(f"position_embedding_type={config['position_embedding_type']!r}")
-        backbone = config.get("backbone") or (config.get("backbone_config") or {}).get("backbone")
-        if backbone not in (None, "resnet50", "resnet101"):
-            differences.append(f"backbone={backbone!r}")
-        if differences:
-            raise ValueError(f"{filename}: a transformers model this project cannot represent: {', '.join(differences)}")
+        if config:
+            check_settings(config, self.architecture, cfg, filename)
 
     def convert(self, state_dict, num_classes=80):
         renamed = self.rename({k: v for k, v in state_dict.items() if not _QKV.match(k)})

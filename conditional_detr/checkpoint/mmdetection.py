@@ -100,7 +100,7 @@ class MMDetectionFormat(ForeignFormat):
         super().__init__(name, architecture, (marker,), renames)
         self._complete = complete
 
-    def check_meta(self, meta, filename):
+    def check_meta(self, meta, filename, cfg=None):
         """
         Refuse, by name, a model whose saved config (`meta["cfg"]`, where MMDetection's runner
         keeps it) computes something this project's does not: a Caffe-style ResNet, BGR input,

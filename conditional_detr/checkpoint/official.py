@@ -55,8 +55,8 @@ class OfficialFormat:
     """
     The state dicts of one official repository: the interface of every format of the
     registry (`formats.py`): `name`, `architecture` (the meta-architecture it loads into),
-    `recognizes(state_dict)`, `check_meta(meta, filename)` (refuse a model the project cannot
-    represent), `convert(state_dict, num_classes)` and `class_names(num_classes)`.
+    `recognizes(state_dict)`, `check_meta(meta, filename, cfg=None)` (refuse a model the project
+    cannot represent, or, given the model's config, one of another configuration), `convert(state_dict, num_classes)` and `class_names(num_classes)`.
     """
 
     name: str
@@ -67,7 +67,7 @@ class OfficialFormat:
         return is_official_state_dict(state_dict) and official_format(state_dict) == self.name
 
     @staticmethod
-    def check_meta(meta, filename):
+    def check_meta(meta, filename, cfg=None):
         """The official files hold no description of their model beyond the weights."""
 
     def convert(self, state_dict, num_classes=80):
