@@ -147,3 +147,74 @@ def test_a_model_of_another_layout_or_size_is_refused(tmp_path):
         our_model(fewer_points, config="deformable_detr_R_50_50ep.yaml")
     with pytest.raises(ValueError, match=r"tensors differ in shape, such as transformer.encoder.layers.0.self_attn.sampling_offsets"):
         our_model(weights_alone(fewer_points), config="deformable_detr_R_50_50ep.yaml")
+
+
+def hub_files(hf_folder, destination):
+    """The files of a hub repository as transformers 4 wrote them: pytorch_model.bin and config.json."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    destination.mkdir(parents=True)
+    torch.save(load_file(hf_folder / "model.safetensors"), destination / "pytorch_model.bin")
+    shutil.copy(hf_folder / "config.json", destination / "config.json")
+    return destination
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_detectron2_default_predictor_loads_the_weights_file(conditional_detr, tmp_path, weights_file):
+    from detectron2.engine import DefaultPredictor
+
+    hf_model, folder = conditional_detr
+    if weights_file == "pytorch_model.bin":
+        folder = hub_files(folder, tmp_path / "hub")
+    cfg = get_config(f"{CONFIGS}/COCO-Detection/conditional_detr_R_50_50ep.yaml", [
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(folder / weights_file), "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+    ])
+    model = DefaultPredictor(cfg).model  # 80 classes: the COCO-id rows, as the checkpointer takes them
+    expected = our_model(folder, num_classes=80)
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_detectron2_default_predictor_refuses_a_model_of_another_layout(tmp_path):
+    from detectron2.engine import DefaultPredictor
+
+    build_hf_model("DeformableDetr", tmp_path / "refine", with_box_refine=True)
+    cfg = get_config(f"{CONFIGS}/COCO-Detection/deformable_detr_R_50_50ep.yaml", [
+        "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(tmp_path / "refine" / "model.safetensors"),
+        "MODEL.DETR.NUM_CLASSES", 91, "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+    ])  # with 80 classes detectron2 would drop its class heads (named as this project's), an error too
+    with pytest.raises(ValueError, match=r"this huggingface/transformers state dict does not fit .*DeformableDETR.*WITH_BOX_REFINE"):
+        DefaultPredictor(cfg)
+
+
+def test_the_model_zoo_name_downloads_the_weights_and_config(conditional_detr, local_server, tmp_path, monkeypatch):
+    import json
+
+    from detectron2.utils.file_io import PathManager
+
+    from conditional_detr.checkpoint.catalog import OFFICIAL_CHECKPOINTS, SCHEME, OfficialCheckpoint
+
+    hf_model, folder = conditional_detr
+    name = "hf/microsoft/conditional-detr-resnet-50"
+    released = OFFICIAL_CHECKPOINTS[name]
+    assert released.url == "https://huggingface.co/microsoft/conditional-detr-resnet-50/resolve/main/pytorch_model.bin"
+    assert released.companions == ("config.json",)
+    # the same entry, served from here under the hub's paths
+    url, served = local_server
+    repository = hub_files(folder, served / "microsoft/conditional-detr-resnet-50/resolve/main")
+    local = OfficialCheckpoint(released.config, f"{url}/microsoft/conditional-detr-resnet-50/resolve/main/pytorch_model.bin",
+                               companions=released.companions)
+    monkeypatch.setitem(OFFICIAL_CHECKPOINTS, name, local)
+    monkeypatch.setenv("CONDITIONAL_DETR_CACHE", str(tmp_path / "cache"))
+    model = our_model(SCHEME + name, num_classes=80)
+    expected = our_model(folder, num_classes=80)
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    # the config.json beside the weights is read: a setting the project lacks caches nothing
+    config = json.loads((repository / "config.json").read_text())
+    (repository / "config.json").write_text(json.dumps({**config, "position_embedding_type": "learned"}))
+    monkeypatch.setenv("CONDITIONAL_DETR_CACHE", str(tmp_path / "other-cache"))
+    with pytest.raises(ValueError, match=r"hf/microsoft/conditional-detr-resnet-50: .*position_embedding_type='learned'.*nothing was cached"):
+        PathManager.get_local_path(SCHEME + name)

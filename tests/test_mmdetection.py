@@ -158,25 +158,6 @@ def test_a_checkpoint_of_another_variant_is_refused(tmp_path):
         our_model("deformable_detr_R_50_50ep.yaml", path)
 
 
-@pytest.fixture
-def local_server(tmp_path):
-    """An HTTP server on 127.0.0.1 serving the files of a folder, and the folder."""
-    import functools
-    import http.server
-    import threading
-
-    folder = tmp_path / "served"
-    folder.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", folder
-    server.shutdown()
-    server.server_close()
-
-
 def test_the_model_zoo_name_downloads_checks_and_converts(conditional_detr, local_server, tmp_path, monkeypatch):
     import hashlib
 

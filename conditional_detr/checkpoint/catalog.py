@@ -1,7 +1,7 @@
 """
 The published checkpoints of the official Conditional DETR, DETR and Deformable DETR
-implementations, and MMDetection's, by the names that `conditional-detr://NAME` accepts in
-MODEL.WEIGHTS.
+implementations, MMDetection's and those on the Hugging Face hub, by the names that
+`conditional-detr://NAME` accepts in MODEL.WEIGHTS.
 """
 
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ class OfficialCheckpoint:
     # "detector": a checkpoint of a format of formats.py (official or MMDetection); "torchvision-resnet": the
     # ImageNet ResNet of torchvision the official models start from (backbone weights only)
     kind: str = "detector"
+    # files of the same folder that the checkpoint needs beside it (transformers' config.json)
+    companions: tuple = ()
 
 
 # The official README links Conditional DETR's weights to SharePoint share pages, which
@@ -106,6 +108,26 @@ OFFICIAL_CHECKPOINTS["mmdet/conditional-detr_r50_8xb2-50e_coco"] = OfficialCheck
     "conditional-detr_r50_8xb2-50e_coco_20221121_180202-c83a1dc0.pth",
     sha256_prefix="c83a1dc0",
 )
+
+# The official weights as transformers hosts them (its conversions of the files above): each
+# repository's weights and the config.json beside them, which the loader checks
+_HUB = "https://huggingface.co/"
+for _repository, _config in (
+    ("microsoft/conditional-detr-resnet-50", "conditional_detr_R_50_50ep.yaml"),
+    ("facebook/detr-resnet-50", "detr_R_50_500ep.yaml"),
+    ("facebook/detr-resnet-50-dc5", "detr_R_50_DC5_500ep.yaml"),
+    ("facebook/detr-resnet-101", "detr_R_101_500ep.yaml"),
+    ("facebook/detr-resnet-101-dc5", "detr_R_101_DC5_500ep.yaml"),
+    ("SenseTime/deformable-detr", "deformable_detr_R_50_50ep.yaml"),
+    ("SenseTime/deformable-detr-with-box-refine", "deformable_detr_R_50_refine_50ep.yaml"),
+    ("SenseTime/deformable-detr-with-box-refine-two-stage", "deformable_detr_R_50_two_stage_50ep.yaml"),
+):
+    # pytorch_model.bin, which every one of them has had since its upload, and which
+    # detectron2's own checkpointer can read too
+    OFFICIAL_CHECKPOINTS["hf/" + _repository] = OfficialCheckpoint(
+        "COCO-Detection/" + _config, f"{_HUB}{_repository}/resolve/main/pytorch_model.bin",
+        f"{_HUB}{_repository}", companions=("config.json",),
+    )
 
 # detectron2 publishes R-50 converted (detectron2://ImageNetPretrained/torchvision/R-50.pkl)
 # but not R-101, which the R101 configs take from here.

@@ -73,7 +73,7 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
             self._check_architecture(source_format, filename)
             source_format.check_meta(checkpoint.get("meta", {}), filename, self.cfg)
             state_dict, format_names = self._convert(source_format, state_dict, filename)
-            self._check_layout(source_format, state_dict, filename)
+            formats.check_fits(self.model, state_dict, f"{filename}: this {source_format.repository} checkpoint")
             checkpoint_names = checkpoint_names or format_names  # the names the file stores come first
             checkpoint = {"model": state_dict, "matching_heuristics": False}
         elif checkpoint_names is None and self._loading_model_zoo_detector():
@@ -115,38 +115,6 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
             raise ValueError(
                 f"{filename}: an official {source_format.name} checkpoint cannot load into "
                 f"MODEL.META_ARCHITECTURE {architecture}"
-            )
-
-    def _check_layout(self, source_format, state_dict, filename):
-        """
-        A converted checkpoint of another implementation has exactly the model's keys: where it
-        does not, its architecture differs (layers, box refinement, two-stage...), and loading
-        the rest would give a model that computes something else.
-        """
-        # BatchNorm counters and extra query groups are the model's own, never in such files
-        model_state = {
-            k: v for k, v in self.model.state_dict().items()
-            if not k.endswith("num_batches_tracked") and not k.startswith("group_query_embed.")
-        }
-        missing, unexpected = sorted(model_state.keys() - state_dict.keys()), sorted(state_dict.keys() - model_state.keys())
-        hint = "check the layers, queries, widths and MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE / TWO_STAGE"
-        if missing or unexpected:
-            raise ValueError(
-                f"{filename}: this {source_format.repository} checkpoint does not fit MODEL.META_ARCHITECTURE "
-                f"{type(self.model).__name__} as configured: {len(missing)} of the model's keys are missing "
-                f"(such as {missing[:2]}) and {len(unexpected)} are not the model's (such as {unexpected[:2]}); {hint}"
-            )
-        # detectron2 would skip such tensors with a warning; class heads are fitted later
-        class_keys = set(class_head_keys(state_dict))
-        resized = [
-            f"{k} {tuple(state_dict[k].shape)} (the model's: {tuple(v.shape)})" for k, v in model_state.items()
-            if k not in class_keys and tuple(state_dict[k].shape) != tuple(v.shape)
-        ]
-        if resized:
-            raise ValueError(
-                f"{filename}: this {source_format.repository} checkpoint does not fit MODEL.META_ARCHITECTURE "
-                f"{type(self.model).__name__} as configured: {len(resized)} tensors differ in shape, such as "
-                f"{'; '.join(resized[:2])}; {hint}"
             )
 
     def _convert(self, source_format, state_dict, filename):

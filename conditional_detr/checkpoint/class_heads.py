@@ -19,6 +19,7 @@ __all__ = [
     "BEHAVIOURS",
     "CONFIG_KEY",
     "ClassMappingError",
+    "MissingClassHeadError",
     "COCO_CLASS_NAMES",
     "check_behaviour",
     "class_head_keys",
@@ -41,6 +42,10 @@ _CLASS_HEAD_KEY = re.compile(r"(^|\.)class_embed(\.\d+)?\.(weight|bias)$")
 
 class ClassMappingError(ValueError):
     """A format's class head cannot become the model's classes by conversion alone."""
+
+
+class MissingClassHeadError(ValueError):
+    """A state dict to convert has no class head (detectron2 drops one whose class count is not the model's)."""
 
 
 def coco_class_names(num_classes):

@@ -6,8 +6,9 @@ names the classes of its converted head (see `official.OfficialFormat`). Adding 
 one module beside this one and one line here.
 """
 from . import huggingface, mmdetection, official
+from .class_heads import class_head_keys
 
-__all__ = ["FORMATS", "describe", "load", "recognize", "unwrap"]
+__all__ = ["FORMATS", "check_fits", "describe", "load", "recognize", "unwrap"]
 
 FORMATS = (
     official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR,
@@ -58,3 +59,33 @@ def load(path):
         raise ValueError(f"{path}: not a checkpoint of a known format; known formats: {describe()}")
     source_format.check_meta(meta, path)
     return source_format, state_dict
+
+
+def check_fits(model, state_dict, source, hint="check the layers, queries, widths and "
+               "MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE / TWO_STAGE"):
+    """
+    A converted checkpoint of another implementation (`source` names it in errors) has
+    exactly the model's keys and shapes: where it does not, its architecture differs
+    (layers, box refinement, two-stage, sampling points...), and loading the rest, which
+    detectron2 does with a warning, would give a model that computes something else. Class
+    heads may differ in rows: fitting them to the model's classes is the checkpointer's.
+    """
+    # BatchNorm counters and extra query groups are the model's own, never in such files
+    model_state = {
+        k: v for k, v in model.state_dict().items()
+        if not k.endswith("num_batches_tracked") and not k.startswith("group_query_embed.")
+    }
+    does_not_fit = f"{source} does not fit MODEL.META_ARCHITECTURE {type(model).__name__} as configured"
+    missing, unexpected = sorted(model_state.keys() - state_dict.keys()), sorted(state_dict.keys() - model_state.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{does_not_fit}: {len(missing)} of the model's keys are missing (such as {missing[:2]}) and "
+            f"{len(unexpected)} are not the model's (such as {unexpected[:2]}); {hint}"
+        )
+    class_keys = set(class_head_keys(state_dict))
+    resized = [
+        f"{k} {tuple(state_dict[k].shape)} (the model's: {tuple(v.shape)})" for k, v in model_state.items()
+        if k not in class_keys and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if resized:
+        raise ValueError(f"{does_not_fit}: {len(resized)} tensors differ in shape, such as {'; '.join(resized[:2])}; {hint}")

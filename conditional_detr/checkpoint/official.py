@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .class_heads import ClassMappingError, class_head_keys, coco_class_names, coco_contiguous_to_category_id, proposal_head_keys
+from .class_heads import ClassMappingError, MissingClassHeadError, class_head_keys, coco_class_names, coco_contiguous_to_category_id, proposal_head_keys
 
 OFFICIAL_BACKBONE_PREFIX = "backbone.0.body."
 
@@ -104,7 +104,7 @@ def convert_state_dict(state_dict, num_classes=80):
     no_object = 1 if official_format(state_dict) == "detr" else 0
     class_keys = class_head_keys(converted)
     if not class_keys:
-        raise ValueError("no class head ('class_embed' weight and bias) in the state dict")
+        raise MissingClassHeadError("no class head ('class_embed' weight and bias) in the state dict")
     source_classes = converted[class_keys[0]].shape[0] - no_object
     if num_classes is not None and num_classes != source_classes:
         category_ids = coco_contiguous_to_category_id()

@@ -37,7 +37,8 @@ def download_url(url, destination, sha256_prefix=None):
 class OfficialCheckpointHandler(PathHandler):
     """
     Resolves `conditional-detr://NAME` to a local checkpoint of this project. The official
-    file is downloaded (by `download(url, destination, sha256_prefix)`), converted to
+    file (and its companions, such as transformers' config.json) is downloaded (by
+    `download(url, destination, sha256_prefix)`), converted to
     80 classes by its format (`formats.py`) and written atomically to the
     cache; the download itself is not kept. A file the user saved as
     `<cache>/official/NAME.pth` is used instead of downloading: the way to use the
@@ -103,13 +104,16 @@ class OfficialCheckpointHandler(PathHandler):
                 "converted and cached on first use"
             )
         destination = os.path.join(folder, os.path.basename(urlparse(checkpoint.url).path))
-        logger.info(f"Downloading {SCHEME}{name} from {checkpoint.url} ...")
-        try:
-            self.download(checkpoint.url, destination, checkpoint.sha256_prefix)
-        except Exception as e:
-            raise RuntimeError(
-                f"{SCHEME}{name}: downloading {checkpoint.url} failed ({e}); nothing was cached"
-            ) from e
+        base_url = checkpoint.url.rsplit("/", 1)[0]
+        downloads = [(checkpoint.url, destination, checkpoint.sha256_prefix)] + [
+            (f"{base_url}/{companion}", os.path.join(folder, companion), None) for companion in checkpoint.companions
+        ]
+        for url, path, sha256_prefix in downloads:
+            logger.info(f"Downloading {SCHEME}{name} from {url} ...")
+            try:
+                self.download(url, path, sha256_prefix)
+            except Exception as e:
+                raise RuntimeError(f"{SCHEME}{name}: downloading {url} failed ({e}); nothing was cached") from e
         return destination
 
     @staticmethod
@@ -119,6 +123,8 @@ class OfficialCheckpointHandler(PathHandler):
             if official_checkpoint(name).kind == "torchvision-resnet":
                 return None, torch.load(path, map_location="cpu", weights_only=True)
             return formats.load(path)
+        except ValueError as e:  # a model the project cannot represent
+            raise ValueError(f"{SCHEME}{name}: {e}; nothing was cached") from e
         except Exception as e:
             raise RuntimeError(
                 f"{SCHEME}{name}: {path} is not a readable official checkpoint (a broken or "

@@ -12,8 +12,8 @@ from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
-from ..checkpoint.class_heads import class_head_keys
-from ..checkpoint.formats import recognize as recognize_format
+from ..checkpoint.class_heads import MissingClassHeadError
+from ..checkpoint.formats import check_fits, recognize as recognize_format
 from ..config_checks import check_detector_keys, check_shared_keys
 from .backbone import build_resnet_like_torchvision, feature_padding_mask
 from .box_ops import box_xyxy_to_cxcywh
@@ -111,21 +111,25 @@ class SetPredictionDetector(nn.Module):
         """
         A state dict of another implementation (checkpoint/formats.py) is converted first, so
         that detectron2's own DetectionCheckpointer and DefaultPredictor load official
-        checkpoints correctly too. Where its class heads did not reach here (detectron2 drops
-        the tensors whose shape is not the model's, such as 91 COCO-id logits against 80
-        classes), loading stops instead of leaving them at their initialization.
+        checkpoints correctly too, and refused where it does not fit the model (detectron2
+        would load the rest with a warning). Where its class heads did not reach here
+        (detectron2 drops the tensors whose shape is not the model's, such as 91 COCO-id
+        logits against 80 classes), loading stops instead of leaving them at their
+        initialization.
         """
         source_format = recognize_format(state_dict)
         if source_format is not None:
-            if not class_head_keys(state_dict):
+            try:
+                state_dict = source_format.convert(state_dict, self.num_classes)
+            except MissingClassHeadError as e:
                 raise ValueError(
                     f"a {source_format.repository} state dict without its class heads, which detectron2's "
                     f"DetectionCheckpointer (and DefaultPredictor) leave out when their class count is not "
                     f"the model's {self.num_classes}: load it with "
                     "conditional_detr.checkpoint.ConditionalDETRCheckpointer, as train_net.py and the tools "
                     "do, or convert it once with python -m conditional_detr.tools.convert_official"
-                )
-            state_dict = source_format.convert(state_dict, self.num_classes)
+                ) from e
+            check_fits(self, state_dict, f"this {source_format.repository} state dict")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def init_class_head(self, class_embed):
