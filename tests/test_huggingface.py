@@ -3,6 +3,8 @@ Hugging Face transformers checkpoints: save_pretrained folders of transformers' 
 DETR, DETR and Deformable DETR (plain, box refinement, two-stage), built on the fly with
 random weights, loaded by MODEL.WEIGHTS and the converter, give transformers' own outputs.
 """
+import inspect
+
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -218,3 +220,119 @@ def test_the_model_zoo_name_downloads_the_weights_and_config(conditional_detr, l
     monkeypatch.setenv("CONDITIONAL_DETR_CACHE", str(tmp_path / "other-cache"))
     with pytest.raises(ValueError, match=r"hf/microsoft/conditional-detr-resnet-50: .*position_embedding_type='learned'.*nothing was cached"):
         PathManager.get_local_path(SCHEME + name)
+
+
+# the project's configs written out: (config, transformers' model class)
+EXPORTS = {
+    "ConditionalDETR": ("conditional_detr_R_50_50ep.yaml", "ConditionalDetrForObjectDetection"),
+    "DETR": ("detr_R_50_500ep.yaml", "DetrForObjectDetection"),
+    "DeformableDETR-refine": ("deformable_detr_R_50_refine_50ep.yaml", "DeformableDetrForObjectDetection"),
+    "DeformableDETR-two-stage": ("deformable_detr_R_50_two_stage_50ep.yaml", "DeformableDetrForObjectDetection"),
+}
+CLASS_NAMES = ["apple", "pear", "plum"]
+
+
+def trained_here(config, path, seed=0):
+    """A checkpoint of this project's model of `config` for 3 classes, every tensor random (as after training)."""
+    cfg = get_config(f"{CONFIGS}/COCO-Detection/{config}", [
+        "MODEL.DEVICE", "cpu", "MODEL.DETR.NUM_CLASSES", 3, "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
+    ])
+    model = build_model(cfg).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                noise = torch.randn(tensor.shape, generator=generator) * 0.05
+                tensor.copy_(noise.abs() + 0.5 if name.endswith("running_var") else tensor + noise)
+    ConditionalDETRCheckpointer(model, str(path.parent), class_names=CLASS_NAMES).save(path.stem)
+    return cfg, model
+
+
+def assert_same_detections(instances, theirs):
+    """
+    Each detection of ours is one of theirs: the same class, its score within 1e-4, its box
+    within 0.02 pixels once clipped to the image (as detectron2's post-processing clips).
+    """
+    assert len(instances) == len(theirs["scores"]) > 0
+    height, width = instances.image_size
+    boxes = theirs["boxes"].clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    unmatched = list(range(len(theirs["scores"])))
+    for score, label, box in zip(instances.scores, instances.pred_classes, instances.pred_boxes.tensor):
+        match = next(
+            (j for j in unmatched if theirs["labels"][j] == label and abs(theirs["scores"][j] - score) <= 1e-4
+             and (boxes[j] - box).abs().max() <= 0.02),
+            None,
+        )
+        if match is None:
+            close = (theirs["scores"] - score).abs().argmin()
+            raise AssertionError(
+                f"no detection of transformers' is ours: class {label}, score {score}, box {box}; theirs closest in "
+                f"score: class {theirs['labels'][close]}, score {theirs['scores'][close]}, box {boxes[close]}"
+            )
+        unmatched.remove(match)
+
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_a_model_of_this_project_written_out_gives_its_detections_in_transformers(name, tmp_path):
+    from conditional_detr.tools import convert_checkpoint
+
+    from helpers.huggingface import import_transformers
+
+    transformers = import_transformers()
+    config, model_class = EXPORTS[name]
+    cfg, model = trained_here(config, tmp_path / "trained.pth")
+    folder = tmp_path / "hf"
+    convert_checkpoint.main([
+        str(tmp_path / "trained.pth"), "--to", "hf", str(folder), "--config-file", f"{CONFIGS}/COCO-Detection/{config}",
+        "MODEL.DETR.NUM_CLASSES", "3",
+    ])
+    hf_model = getattr(transformers, model_class).from_pretrained(folder).eval()
+    assert hf_model.config.id2label == dict(enumerate(CLASS_NAMES))
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 128, 160), generator=generator, dtype=torch.uint8) for _ in range(2)]
+    expected = hf_outputs(hf_model, images)
+    with torch.no_grad():
+        batch = model.preprocess_image([{"image": image.float()} for image in images])
+        outputs = model.forward_outputs(ImageList(batch.tensor, batch.image_sizes))
+    (logits, boxes), = expected  # the last layer's: written without auxiliary_loss (see transformers_config)
+    torch.testing.assert_close(outputs["pred_logits"], logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(outputs["pred_boxes"], boxes, atol=1e-4, rtol=0)
+    # the detections: this project's inference and transformers' image processor's post-processing
+    processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    assert processor.image_mean == pytest.approx([0.485, 0.456, 0.406])
+    hf_output = type("Output", (), {"logits": logits, "pred_boxes": boxes})
+    height, width = images[0].shape[1:]
+    # every (query, class) pair kept on both sides: a random model's scores tie at any cut
+    model.num_topk = logits.shape[1] * logits.shape[2]
+    top_k = {"top_k": model.num_topk} if "top_k" in inspect.signature(processor.post_process_object_detection).parameters else {}
+    theirs = processor.post_process_object_detection(hf_output, threshold=0.0, target_sizes=[(height, width)] * 2, **top_k)
+    with torch.no_grad():
+        ours = model([{"image": image.float(), "height": height, "width": width} for image in images])
+    for our_image, their_image in zip(ours, theirs):
+        assert_same_detections(our_image["instances"], their_image)
+    # and back: the same tensors, the same class names
+    back = build_model(cfg).eval()
+    checkpointer = ConditionalDETRCheckpointer(back, class_names=CLASS_NAMES)
+    checkpointer.load(str(folder))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("config, change, refused", [
+    ("conditional_detr_R_50_50ep.yaml", ["MODEL.CONDITIONAL_DETR.SPATIAL_QUERY", "CSQ-T"],
+     r"MODEL.CONDITIONAL_DETR.SPATIAL_QUERY 'CSQ-T' \(transformers': 'CSQ'\)"),
+    ("conditional_detr_R_50_50ep.yaml", ["MODEL.DETR.CLASS_LOSS", "softmax"], r"MODEL.DETR.CLASS_LOSS 'softmax'"),
+    ("detr_R_50_500ep.yaml", ["INPUT.FORMAT", "BGR"], r"INPUT.FORMAT 'BGR'"),
+])
+def test_a_model_without_a_transformers_equivalent_is_refused_by_name(tmp_path, config, change, refused):
+    from conditional_detr.tools import convert_checkpoint
+
+    trained_here(config, tmp_path / "trained.pth")
+    with pytest.raises(ValueError, match=rf"has no transformers equivalent: {refused}"):
+        convert_checkpoint.main([
+            str(tmp_path / "trained.pth"), "--to", "hf", str(tmp_path / "hf"),
+            "--config-file", f"{CONFIGS}/COCO-Detection/{config}", "MODEL.DETR.NUM_CLASSES", "3", *change,
+        ])
+    assert not (tmp_path / "hf").exists()

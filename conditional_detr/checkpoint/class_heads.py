@@ -19,6 +19,7 @@ __all__ = [
     "BEHAVIOURS",
     "CONFIG_KEY",
     "ClassMappingError",
+    "coco_category_id_names",
     "MissingClassHeadError",
     "COCO_CLASS_NAMES",
     "check_behaviour",
@@ -51,6 +52,12 @@ class MissingClassHeadError(ValueError):
 def coco_class_names(num_classes):
     """The names of a converted head's classes where it has detectron2's 80 COCO ones, else None."""
     return COCO_CLASS_NAMES if num_classes == len(COCO_CLASS_NAMES) else None
+
+
+def coco_category_id_names():
+    """The 91 names of heads indexed by COCO category id (the official ones), "N/A" where no category is."""
+    names = {c["id"]: c["name"] for c in COCO_CATEGORIES if c["isthing"]}
+    return tuple(names.get(i, "N/A") for i in range(max(names) + 1))
 
 
 def coco_contiguous_to_category_id():

@@ -10,11 +10,12 @@ from .class_heads import coco_class_names
 __all__ = ["ForeignFormat", "rename_keys"]
 
 
-def rename_keys(state_dict, renames, source, architecture):
+def rename_keys(state_dict, renames, source, architecture, lacking="this project's"):
     """
     `state_dict` with each key renamed by the first (pattern, replacement) of `renames` that
-    matches. A key none matches is a module the project's model lacks (a normalized neck,
-    another head...), so a ValueError names it: loading the rest would compute something else.
+    matches. A key none matches is a module the destination's model (`lacking`) lacks (a
+    normalized neck, another head...), so a ValueError names it: loading the rest would
+    compute something else.
     """
     renamed = {}
     for key, value in state_dict.items():
@@ -25,7 +26,7 @@ def rename_keys(state_dict, renames, source, architecture):
                 break
         else:
             raise ValueError(
-                f"{source}'s {architecture} here has {key!r}, a part this project's {architecture} does not "
+                f"{source}'s {architecture} here has {key!r}, a part {lacking} {architecture} does not "
                 "have; it cannot load this checkpoint"
             )
     return renamed

@@ -17,12 +17,13 @@ import re
 
 import torch
 
-from .foreign import ForeignFormat
+from .foreign import ForeignFormat, rename_keys
 from .huggingface_config import check_settings
-from .official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
+from .official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict, to_official_backbone_key
 
 __all__ = [
-    "CONDITIONAL_DETR", "DEFORMABLE_DETR", "DETR", "HuggingFaceFormat", "class_names_of", "is_pretrained", "read_pretrained", "weights_file",
+    "CONDITIONAL_DETR", "DEFORMABLE_DETR", "DETR", "FORMATS", "HuggingFaceFormat", "class_names_of", "format_of",
+    "is_pretrained", "read_pretrained", "weights_file", "write_pretrained",
 ]
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -65,6 +66,47 @@ _DEFORMABLE_DETR_RENAMES = [
     (r"^model\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)(\.|$)", r"transformer.\1\2"),
     (r"^(class_embed|bbox_embed)\.", r"\1."),
 ] + _COMMON_RENAMES
+# and back: the official names -> transformers' on-disk ones (the project's backbone names are
+# made official first)
+_TO_TRANSFORMERS_COMMON = [
+    (r"^backbone\.0\.body\.", "model.backbone.conv_encoder.model."),
+    (r"^query_embed\.", "model.query_position_embeddings."),
+    (r"^transformer\.(en|de)coder\.layers\.(\d+)\.self_attn\.out_proj\.", r"model.\1coder.layers.\2.self_attn.out_proj."),
+    (r"^transformer\.(en|de)coder\.layers\.(\d+)\.linear([12])\.", r"model.\1coder.layers.\2.fc\3."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.norm1\.", r"model.encoder.layers.\1.self_attn_layer_norm."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.norm2\.", r"model.encoder.layers.\1.final_layer_norm."),
+]
+_TO_TRANSFORMERS_SINGLE_LEVEL = [
+    (r"^input_proj\.", "model.input_projection."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norm1\.", r"model.decoder.layers.\1.self_attn_layer_norm."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norm2\.", r"model.decoder.layers.\1.encoder_attn_layer_norm."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norm3\.", r"model.decoder.layers.\1.final_layer_norm."),
+    (r"^transformer\.decoder\.norm\.", "model.decoder.layernorm."),
+    (r"^class_embed\.", "class_labels_classifier."),
+    (r"^bbox_embed\.", "bbox_predictor."),
+] + _TO_TRANSFORMERS_COMMON
+_TO_CONDITIONAL_DETR = [
+    (r"^transformer\.decoder\.layers\.(\d+)\.cross_attn\.out_proj\.", r"model.decoder.layers.\1.encoder_attn.out_proj."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.((sa|ca)_\w+_proj)\.", r"model.decoder.layers.\1.\2."),
+    (r"^transformer\.decoder\.(query_scale|ref_point_head)\.", r"model.decoder.\1."),
+] + _TO_TRANSFORMERS_SINGLE_LEVEL
+_TO_DETR = [
+    (r"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.out_proj\.", r"model.decoder.layers.\1.encoder_attn.out_proj."),
+] + _TO_TRANSFORMERS_SINGLE_LEVEL
+_TO_DEFORMABLE_DETR = [
+    (r"^transformer\.decoder\.layers\.(\d+)\.norm2\.", r"model.decoder.layers.\1.self_attn_layer_norm."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norm1\.", r"model.decoder.layers.\1.encoder_attn_layer_norm."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norm3\.", r"model.decoder.layers.\1.final_layer_norm."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.cross_attn\.", r"model.decoder.layers.\1.encoder_attn."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"model.encoder.layers.\1.self_attn."),
+    (r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"model.decoder.\1."),
+    (r"^input_proj\.", "model.input_proj."),
+    (r"^transformer\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)(\.|$)", r"model.\1\2"),
+    (r"^(class_embed|bbox_embed)\.", r"\1."),
+] + _TO_TRANSFORMERS_COMMON
+_IN_PROJ = re.compile(r"^transformer\.(en|de)coder\.layers\.(\d+)\.(self_attn|multihead_attn)\.in_proj_(weight|bias)$")
+_UNPACKED = {"self_attn": "self_attn", "multihead_attn": "encoder_attn"}
+
 # separate query, key and value projections, packed into one here (torch's in_proj)
 _QKV = re.compile(r"^model\.(en|de)coder\.layers\.(\d+)\.(self_attn|encoder_attn)\.([qkv])_proj\.(weight|bias)$")
 _PACKED = {"self_attn": "self_attn", "encoder_attn": "multihead_attn"}
@@ -99,6 +141,17 @@ def read_pretrained(path):
     config_file = os.path.join(folder, "config.json")
     config = json.load(open(config_file)) if os.path.isfile(config_file) else None
     return state_dict, config
+
+
+def write_pretrained(folder, state_dict, config, image_processor):
+    """A save_pretrained folder: model.safetensors, config.json and preprocessor_config.json."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    save_file(state_dict, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    for name, contents in (("config.json", config), ("preprocessor_config.json", image_processor)):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(contents, f, indent=2, sort_keys=True)
 
 
 def class_names_of(config):
@@ -137,14 +190,16 @@ def _complete_deformable_detr(converted):
 
 
 class HuggingFaceFormat(ForeignFormat):
-    """One transformers detector's state dicts."""
+    """One transformers detector's state dicts, read and written."""
 
     repository = "huggingface/transformers"
     source = "transformers"
 
-    def __init__(self, name, architecture, markers, renames, complete=None):
+    def __init__(self, name, architecture, markers, renames, to_transformers, model_type, complete=None):
         super().__init__(name, architecture, markers, renames)
-        self._complete = complete
+        self._to_transformers, self._complete = to_transformers, complete
+        self.model_type = model_type  # config.json's, and its model class's name
+        self.model_class = architecture.replace("DETR", "Detr") + "ForObjectDetection"
 
     def check_meta(self, meta, filename, cfg=None):
         """
@@ -165,16 +220,56 @@ class HuggingFaceFormat(ForeignFormat):
             renamed = self._complete(renamed)
         return convert_state_dict(renamed, num_classes)
 
+    def to_transformers(self, state_dict):
+        """
+        This project's state dict of the model -> transformers' on-disk one, with every
+        class row as it is; converting it back gives `state_dict` exactly, or a ValueError.
+        """
+        official = {
+            to_official_backbone_key(k) if k.startswith("backbone.") else k: v
+            for k, v in state_dict.items() if not k.startswith("group_query_embed.")  # training-only queries
+        }
+        packed = {k: v for k, v in official.items() if _IN_PROJ.match(k)}
+        written = rename_keys(
+            {k: v for k, v in official.items() if k not in packed}, self._to_transformers, "this project",
+            self.architecture, lacking="transformers'",
+        )
+        for key, value in packed.items():
+            side, layer, attention, kind = _IN_PROJ.match(key).groups()
+            for name, part in zip("qkv", value.chunk(3)):
+                written[f"model.{side}coder.layers.{layer}.{_UNPACKED[attention]}.{name}_proj.{kind}"] = part
+        # heads the official layout lists twice are one tensor: safetensors stores each key's own
+        written = {k: v.contiguous().clone() for k, v in written.items()}
+        back = self.convert(written, num_classes=None)
+        expected = {k: v for k, v in state_dict.items() if not k.startswith("group_query_embed.")}
+        if back.keys() != expected.keys() or any(not torch.equal(back[k], v.float()) for k, v in expected.items()):
+            raise ValueError(f"the {self.architecture} written for transformers does not convert back to itself")
+        return written
+
 
 CONDITIONAL_DETR = HuggingFaceFormat(
     "hf_conditional_detr", "ConditionalDETR",
     ("model.decoder.layers.0.ca_qpos_sine_proj.weight", "class_labels_classifier.weight"), _CONDITIONAL_DETR_RENAMES,
+    _TO_CONDITIONAL_DETR, "conditional_detr",
 )
 DETR = HuggingFaceFormat(
-    "hf_detr", "DETR", ("model.decoder.layers.0.encoder_attn.q_proj.weight", "class_labels_classifier.weight"), _DETR_RENAMES
+    "hf_detr", "DETR", ("model.decoder.layers.0.encoder_attn.q_proj.weight", "class_labels_classifier.weight"), _DETR_RENAMES,
+    _TO_DETR, "detr",
 )
 DEFORMABLE_DETR = HuggingFaceFormat(
     "hf_deformable_detr", "DeformableDETR",
     ("model.decoder.layers.0.encoder_attn.sampling_offsets.weight", "model.level_embed"), _DEFORMABLE_DETR_RENAMES,
-    _complete_deformable_detr,
+    _TO_DEFORMABLE_DETR, "deformable_detr", _complete_deformable_detr,
 )
+FORMATS = (CONDITIONAL_DETR, DETR, DEFORMABLE_DETR)
+
+
+def format_of(architecture):
+    """The format of this project's MODEL.META_ARCHITECTURE `architecture`; a ValueError names the others."""
+    for fmt in FORMATS:
+        if fmt.architecture == architecture:
+            return fmt
+    raise ValueError(
+        f"MODEL.META_ARCHITECTURE {architecture!r} has no transformers equivalent; those with one: "
+        f"{', '.join(fmt.architecture for fmt in FORMATS)}"
+    )

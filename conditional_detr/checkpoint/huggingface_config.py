@@ -7,7 +7,10 @@ head count); writing a checkpoint out derives them from the config.
 """
 from dataclasses import dataclass, field
 
-__all__ = ["SETTINGS", "Setting", "check_settings", "project_settings", "unrepresentable"]
+__all__ = [
+    "SETTINGS", "Setting", "check_exportable", "check_settings", "image_processor_config", "project_settings", "transformers_config",
+    "unrepresentable",
+]
 
 
 @dataclass(frozen=True)
@@ -139,3 +142,90 @@ def check_settings(config, architecture, cfg, filename):
             f"{filename}: its config.json describes another model than the one configured; set "
             f"{'; '.join(differences)}"
         )
+
+
+# what the model of a config must be for transformers' model to compute the same:
+# (config key, the values transformers' models have, the architectures it applies to)
+_EXPORTABLE = (
+    ("MODEL.CONDITIONAL_DETR.REFERENCE_POINTS", ("predicted",), ("ConditionalDETR",)),
+    ("MODEL.CONDITIONAL_DETR.SPATIAL_QUERY", ("CSQ",), ("ConditionalDETR",)),
+    ("MODEL.CONDITIONAL_DETR.TRANSFORMATION", ("diagonal",), ("ConditionalDETR",)),
+    ("MODEL.CONDITIONAL_DETR.BOX_OFFSET", (True,), ("ConditionalDETR",)),
+    # their class heads: sigmoid focal, and DETR's softmax with "no object"
+    ("MODEL.DETR.CLASS_LOSS", ("focal",), ("ConditionalDETR", "DeformableDETR")),
+    ("MODEL.DETR.CLASS_LOSS", ("softmax",), ("DETR",)),
+    ("MODEL.RESNETS.DEPTH", (50, 101), None),
+    ("MODEL.RESNETS.RES5_DILATION", (1, 2), None),
+    ("MODEL.RESNETS.NORM", ("FrozenBN",), None),
+    ("MODEL.RESNETS.STRIDE_IN_1X1", (False,), None),
+    ("MODEL.RESNETS.NUM_GROUPS", (1,), None),
+    ("MODEL.RESNETS.WIDTH_PER_GROUP", (64,), None),
+    ("MODEL.RESNETS.DEFORM_ON_PER_STAGE", ([False] * 4,), None),
+    # transformers' image processors give RGB images
+    ("INPUT.FORMAT", ("RGB",), None),
+)
+
+
+def check_exportable(cfg):
+    """Refuse, naming each config key, a model of `cfg` that transformers' model would not compute."""
+    architecture = cfg.MODEL.META_ARCHITECTURE
+    differences = [
+        f"{key} {_cfg_value(cfg, key)!r} (transformers': {' or '.join(map(repr, values))})"
+        for key, values, architectures in _EXPORTABLE
+        if (architectures is None or architecture in architectures) and _cfg_value(cfg, key) not in values
+    ]
+    if differences:
+        raise ValueError(
+            f"this {architecture} has no transformers equivalent: {'; '.join(differences)}"
+        )
+
+
+def transformers_config(cfg, model_type, model_class, class_names, tie_heads):
+    """
+    The config.json of the model of `cfg` (`check_exportable` first) with `class_names` as
+    `id2label`; `tie_heads`: whether its decoder layers share their heads, as transformers
+    ties them by default.
+    """
+    check_exportable(cfg)
+    architecture = cfg.MODEL.META_ARCHITECTURE
+    config = {
+        "architectures": [model_class],
+        "model_type": model_type,
+        # transformers' spelling of the released models: timm's ResNet, torchvision's network
+        "use_timm_backbone": True,
+        "use_pretrained_backbone": False,
+        "backbone_config": None,
+        "num_channels": 3,
+        "position_embedding_type": "sine",
+        "activation_function": "relu",
+        "dropout": cfg.MODEL.DETR.DROPOUT,
+        # transformers' DETR and Conditional DETR with auxiliary_loss feed each decoder layer the
+        # previous one's output through the final LayerNorm, which the official models do not
+        "auxiliary_loss": False,
+        "tie_word_embeddings": tie_heads,
+        "id2label": {str(i): name for i, name in enumerate(class_names)},
+        "label2id": {name: i for i, name in enumerate(class_names) if name != "N/A"},
+    }
+    if cfg.MODEL.DETR.CLASS_LOSS == "focal":
+        config["focal_alpha"] = cfg.MODEL.DETR.FOCAL_ALPHA
+    for setting in SETTINGS:
+        if architecture in setting.architectures:
+            config[setting.name] = setting.to_transformers(_cfg_value(cfg, setting.key))
+    return config
+
+
+def image_processor_config(cfg, model_class):
+    """The preprocessor_config.json of `cfg`'s test-time resizing and normalization (RGB, 0-1)."""
+    return {
+        "image_processor_type": model_class.replace("ForObjectDetection", "ImageProcessor"),
+        "format": "coco_detection",
+        "do_resize": True,
+        "size": {"shortest_edge": cfg.INPUT.MIN_SIZE_TEST, "longest_edge": cfg.INPUT.MAX_SIZE_TEST},
+        "resample": 2,  # bilinear, as detectron2's ResizeShortestEdge
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [value / 255 for value in cfg.MODEL.PIXEL_MEAN],
+        "image_std": [value / 255 for value in cfg.MODEL.PIXEL_STD],
+        "do_pad": True,
+    }

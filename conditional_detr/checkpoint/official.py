@@ -35,6 +35,21 @@ def convert_backbone_key(key):
     return f"backbone.res{int(stage) + 1}.{block}.{rest}"
 
 
+def to_official_backbone_key(key):
+    """detectron2 ResNet names -> torchvision ResNet names: `convert_backbone_key` undone."""
+    key = key[len("backbone."):]
+    if key.startswith("stem.conv1."):
+        rest = key[len("stem.conv1."):]
+        return OFFICIAL_BACKBONE_PREFIX + ("bn1." + rest[len("norm."):] if rest.startswith("norm.") else "conv1." + rest)
+    match = re.match(r"res(\d)\.(\d+)\.(.*)", key)
+    if match is None:
+        raise KeyError(f"unexpected backbone key {'backbone.' + key!r}")
+    stage, block, rest = match.groups()
+    rest = rest.replace("shortcut.norm.", "downsample.1.").replace("shortcut.", "downsample.0.")
+    rest = re.sub(r"^conv(\d)\.norm\.", r"bn\1.", rest)
+    return f"{OFFICIAL_BACKBONE_PREFIX}layer{int(stage) - 1}.{block}.{rest}"
+
+
 def is_official_state_dict(state_dict):
     return any(k.startswith(OFFICIAL_BACKBONE_PREFIX) for k in state_dict)
 

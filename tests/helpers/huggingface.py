@@ -52,11 +52,18 @@ def build_hf_model(kind, folder, seed=0, **settings):
 
 
 def hf_outputs(model, images_rgb):
-    """Every decoder layer's logits and boxes for uint8 RGB CHW images of one size, as transformers computes them."""
+    """
+    The logits and boxes of every decoder layer (of the last alone where the model's config
+    has no auxiliary_loss) for uint8 RGB CHW images of one size, as transformers computes them.
+    """
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     pixels = torch.stack([(image.float() / 255 - mean) / std for image in images_rgb])
     mask = torch.ones(pixels.shape[0], *pixels.shape[-2:], dtype=torch.long)
+    if not model.config.auxiliary_loss:
+        with torch.no_grad():
+            out = model(pixel_values=pixels, pixel_mask=mask)
+        return [(out.logits, out.pred_boxes)]
     # transformers returns every layer's outputs only with a loss: any targets will do
     labels = [{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]])} for _ in images_rgb]
     with torch.no_grad():
