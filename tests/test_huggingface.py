@@ -13,7 +13,7 @@ from detectron2.structures import ImageList
 from conditional_detr.checkpoint import ConditionalDETRCheckpointer, formats, huggingface
 from conditional_detr.engine import get_config
 
-from helpers.huggingface import build_hf_model, hf_outputs
+from helpers.huggingface import build_hf_model, hf_outputs, import_transformers
 from helpers.paths import CONFIGS
 
 # building the other library's models takes seconds each: make test runs these, make test-fast does not
@@ -79,6 +79,8 @@ def test_gives_transformers_outputs(built, ops_impl):
     for layer, (logits, boxes) in enumerate(expected):
         torch.testing.assert_close(ours[layer]["pred_logits"], logits, atol=1e-4, rtol=0, msg=f"layer {layer}")
         torch.testing.assert_close(ours[layer]["pred_boxes"], boxes, atol=1e-4, rtol=0, msg=f"layer {layer}")
+    processor = getattr(import_transformers(), type(hf_model).__name__.replace("ForObjectDetection", "ImageProcessor"))()
+    assert_same_detections(model, images[0].shape[1:], processor, *expected[-1])
 
 
 def test_80_classes_take_the_coco_id_rows_and_the_converter_reads_folders(conditional_detr, tmp_path):
@@ -248,37 +250,36 @@ def trained_here(config, path, seed=0):
     return cfg, model
 
 
-def assert_same_detections(instances, theirs):
+def assert_same_detections(model, image_size, processor, logits, boxes):
     """
-    Each detection of ours is one of theirs: the same class, its score within 1e-4, its box
-    within 0.02 pixels once clipped to the image (as detectron2's post-processing clips).
+    This project's post-processing (`model.inference` and detectron2's `detector_postprocess`)
+    gives what transformers' image `processor` gives from the same last-layer `logits` and
+    `boxes` (checked within 1e-4 of this project's beside): the same detections in order,
+    boxes once clipped to the image as detectron2 clips them. Fed the same tensors, the two
+    break ties among a random model's near-equal scores alike.
     """
-    assert len(instances) == len(theirs["scores"]) > 0
-    height, width = instances.image_size
-    boxes = theirs["boxes"].clone()
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    unmatched = list(range(len(theirs["scores"])))
-    for score, label, box in zip(instances.scores, instances.pred_classes, instances.pred_boxes.tensor):
-        match = next(
-            (j for j in unmatched if theirs["labels"][j] == label and abs(theirs["scores"][j] - score) <= 1e-4
-             and (boxes[j] - box).abs().max() <= 0.02),
-            None,
-        )
-        if match is None:
-            close = (theirs["scores"] - score).abs().argmin()
-            raise AssertionError(
-                f"no detection of transformers' is ours: class {label}, score {score}, box {box}; theirs closest in "
-                f"score: class {theirs['labels'][close]}, score {theirs['scores'][close]}, box {boxes[close]}"
-            )
-        unmatched.remove(match)
+    from detectron2.modeling import detector_postprocess
+
+    height, width = image_size
+    theirs = processor.post_process_object_detection(
+        type("Output", (), {"logits": logits, "pred_boxes": boxes}), threshold=0.0, target_sizes=[image_size] * len(logits)
+    )
+    ours = model.inference(logits, boxes, [image_size] * len(logits))
+    for our_image, their_image in zip(ours, theirs):
+        instances = detector_postprocess(our_image, height, width)
+        # both in the same order: the top-k's (focal), or the queries' (DETR)
+        their_boxes = their_image["boxes"].clone()
+        their_boxes[:, 0::2] = their_boxes[:, 0::2].clamp(0, width)
+        their_boxes[:, 1::2] = their_boxes[:, 1::2].clamp(0, height)
+        assert len(instances) == len(their_boxes) > 0
+        torch.testing.assert_close(instances.scores, their_image["scores"], atol=1e-6, rtol=0)
+        assert torch.equal(instances.pred_classes, their_image["labels"])
+        torch.testing.assert_close(instances.pred_boxes.tensor, their_boxes, atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(EXPORTS))
 def test_a_model_of_this_project_written_out_gives_its_detections_in_transformers(name, tmp_path):
     from conditional_detr.tools import convert_checkpoint
-
-    from helpers.huggingface import import_transformers
 
     transformers = import_transformers()
     config, model_class = EXPORTS[name]
@@ -302,16 +303,7 @@ def test_a_model_of_this_project_written_out_gives_its_detections_in_transformer
     # the detections: this project's inference and transformers' image processor's post-processing
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
     assert processor.image_mean == pytest.approx([0.485, 0.456, 0.406])
-    hf_output = type("Output", (), {"logits": logits, "pred_boxes": boxes})
-    height, width = images[0].shape[1:]
-    # every (query, class) pair kept on both sides: a random model's scores tie at any cut
-    model.num_topk = logits.shape[1] * logits.shape[2]
-    top_k = {"top_k": model.num_topk} if "top_k" in inspect.signature(processor.post_process_object_detection).parameters else {}
-    theirs = processor.post_process_object_detection(hf_output, threshold=0.0, target_sizes=[(height, width)] * 2, **top_k)
-    with torch.no_grad():
-        ours = model([{"image": image.float(), "height": height, "width": width} for image in images])
-    for our_image, their_image in zip(ours, theirs):
-        assert_same_detections(our_image["instances"], their_image)
+    assert_same_detections(model, images[0].shape[1:], processor, logits, boxes)
     # and back: the same tensors, the same class names
     back = build_model(cfg).eval()
     checkpointer = ConditionalDETRCheckpointer(back, class_names=CLASS_NAMES)
