@@ -34,7 +34,8 @@ def decoder_run(model, seed=0):
         features = model.backbone(images.tensor)[model.feature_name]
         mask = feature_padding_mask(images.image_sizes, images.tensor.shape[-2:], features.shape[-2:], "cpu")
         pos = model.position_embedding(mask)
-        return model.transformer(model.input_proj(features), mask, model.query_embed.weight, pos)
+        out = model.transformer(model.input_proj(features), mask, model.query_embed.weight, pos)
+        return out["hs"], out["reference"]
 
 
 ABLATIONS = {

@@ -84,3 +84,14 @@ def test_loss_gradients_reach_predictions():
     sum(losses.values()).backward()
     assert outputs["pred_logits"].grad.abs().sum() > 0
     assert outputs["pred_boxes"].grad.abs().sum() > 0
+
+
+def test_the_criterion_computes_the_losses_it_is_given():
+    outputs, targets = random_outputs(2), random_targets([3, 5])
+    weights = {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}
+    both = SetCriterion(NUM_CLASSES, HungarianMatcher(), weights)(outputs, targets)
+    labels_only = SetCriterion(NUM_CLASSES, HungarianMatcher(), weights, losses=("labels",))(outputs, targets)
+    assert set(labels_only) == {"loss_ce", "loss_ce_0"}
+    assert all(torch.equal(labels_only[k], both[k]) for k in labels_only)
+    with pytest.raises(ValueError, match="unknown set loss 'segments': SetCriterion has no loss_segments"):
+        SetCriterion(NUM_CLASSES, HungarianMatcher(), weights, losses=("labels", "segments"))

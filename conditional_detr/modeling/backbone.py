@@ -19,23 +19,30 @@ from .box_ops import image_sizes_tensor
 from .norms import trainable_batchnorm_in_float32
 
 
-def build_resnet_like_torchvision(cfg, input_shape=None, num_features=1):
+def build_resnet_like_torchvision(cfg, input_shape=None, num_features=1, extra_features=()):
     """
     Build the backbone of `cfg` (detectron2's own keys) and return it with the names
-    of the `num_features` feature maps the transformer reads, finest first.
+    of the `num_features` feature maps the transformer reads (MODEL.RESNETS.OUT_FEATURES),
+    finest first. The backbone returns `extra_features` too (the mask head's res2-res4):
+    the same network, more of its stages' outputs.
 
     With `RES5_DILATION` 2 (DC5), torchvision keeps dilation 1 in the 3x3 conv of
     the first res5 block and dilates only the later blocks, while detectron2 dilates
     every block; the first block is set back to torchvision's definition so that
     official DC5 weights give official outputs.
     """
-    backbone = build_backbone(cfg, input_shape)
-    out_features = backbone.output_shape()
-    if len(out_features) != num_features:
+    transformer_features = list(cfg.MODEL.RESNETS.OUT_FEATURES)
+    if len(transformer_features) != num_features:
         raise ValueError(
             f"MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE} reads {num_features} feature "
-            f"map(s); MODEL.RESNETS.OUT_FEATURES must name as many stages, got {list(out_features)}"
+            f"map(s); MODEL.RESNETS.OUT_FEATURES must name as many stages, got {transformer_features}"
         )
+    if set(extra_features) - set(transformer_features):
+        cfg = cfg.clone()
+        cfg.defrost()
+        cfg.MODEL.RESNETS.OUT_FEATURES = sorted(set(transformer_features) | set(extra_features))
+    backbone = build_backbone(cfg, input_shape)
+    out_features = backbone.output_shape()
     if cfg.MODEL.BACKBONE.FOLD_FROZEN_BATCHNORM:
         fold_frozen_batchnorm(backbone)
     trainable_batchnorm_in_float32(backbone, keep=norms_read_only_by_convolutions(backbone))
@@ -44,8 +51,20 @@ def build_resnet_like_torchvision(cfg, input_shape=None, num_features=1):
         if isinstance(first_block, BottleneckBlock):
             first_block.conv2.dilation = (1, 1)
             first_block.conv2.padding = (1, 1)
-    feature_names = sorted(out_features, key=lambda name: out_features[name].stride)
+    feature_names = sorted(transformer_features, key=lambda name: out_features[name].stride)
     return backbone, feature_names
+
+
+def features_with_padding_masks(backbone, images):
+    """
+    Every feature map `backbone` returns for the batch `images` (an ImageList), with the
+    official padding mask at its size: {name: (features [batch, C, h, w], mask [batch, h, w])}.
+    """
+    padded_size = images.tensor.shape[-2:]
+    return {
+        name: (feature, feature_padding_mask(images.image_sizes, padded_size, feature.shape[-2:], feature.device))
+        for name, feature in backbone(images.tensor).items()
+    }
 
 
 # BatchNorms that accumulate their statistics in float32 for a bfloat16 input, on one

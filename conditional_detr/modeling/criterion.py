@@ -20,13 +20,24 @@ class SetCriterion(nn.Module):
     outputs (two-stage Deformable DETR), the encoder's proposals are matched and
     supervised as one class-agnostic foreground class. With `num_groups` groups of queries,
     each group is matched on its own and the losses are averaged over the groups.
+
+    `losses` names the terms to compute, as the official `get_loss` map: each is a method
+    `loss_<name>(outputs, targets, indices, num_boxes)` of the matched outputs and targets,
+    returning a dict of terms; those of LAST_LAYER_ONLY are left out of the auxiliary
+    layers and the encoder's proposals.
     """
+
+    LAST_LAYER_ONLY = ()
 
     def __init__(
         self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0,
-        class_loss="focal", eos_coef=0.1, num_groups=1,
+        class_loss="focal", eos_coef=0.1, num_groups=1, losses=("labels", "boxes"),
     ):
         super().__init__()
+        for name in losses:
+            if not callable(getattr(self, f"loss_{name}", None)):
+                raise ValueError(f"unknown set loss {name!r}: {type(self).__name__} has no loss_{name}")
+        self.losses = tuple(losses)
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
@@ -66,11 +77,12 @@ class SetCriterion(nn.Module):
         )
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
 
-    def _losses_of_layer(self, outputs, targets, num_boxes, suffix="", num_groups=1):
+    def _losses_of_layer(self, outputs, targets, num_boxes, suffix="", num_groups=1, last_layer=False):
         indices = self.matcher(outputs, targets, num_groups)
         losses = {}
-        losses.update(self.loss_labels(outputs, targets, indices, num_boxes))
-        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        for name in self.losses:
+            if last_layer or name not in self.LAST_LAYER_ONLY:
+                losses.update(getattr(self, f"loss_{name}")(outputs, targets, indices, num_boxes))
         return {k + suffix: v for k, v in losses.items()}
 
     def forward(self, outputs, targets):
@@ -87,7 +99,7 @@ class SetCriterion(nn.Module):
 
         # every group holds a match of every target
         grouped = num_boxes * self.num_groups
-        losses = self._losses_of_layer(outputs, targets, grouped, num_groups=self.num_groups)
+        losses = self._losses_of_layer(outputs, targets, grouped, num_groups=self.num_groups, last_layer=True)
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             losses.update(self._losses_of_layer(aux_outputs, targets, grouped, f"_{i}", self.num_groups))
         if "enc_outputs" in outputs:

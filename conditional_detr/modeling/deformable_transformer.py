@@ -251,9 +251,10 @@ class DeformableTransformer(nn.Module):
             query_embed: [num_queries, 2 * d_model] learned queries (None for two-stage).
         Returns a dict: "hs" [num_layers, batch, num_queries, d_model], "init_reference"
         [batch, num_queries, 2 or 4], "inter_references" [num_layers, batch, num_queries,
-        2 or 4], the flattening's "spatial_shapes", "level_start_index" and "valid_ratios",
-        and for two-stage "enc_outputs_class" and "enc_outputs_coord_unact" of every
-        encoder position.
+        2 or 4], the encoder's output "memory" [batch, sum of HW, d_model] with its
+        "memory_padding_mask" [batch, sum of HW], the flattening's "spatial_shapes",
+        "level_start_index" and "valid_ratios", and for two-stage "enc_outputs_class" and
+        "enc_outputs_coord_unact" of every encoder position.
         """
         # from the tensors' shapes, which a traced export keeps symbolic
         spatial_shapes = torch.stack([torch._shape_as_tensor(src)[-2:] for src in srcs]).to(srcs[0].device)
@@ -268,7 +269,10 @@ class DeformableTransformer(nn.Module):
         memory = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten)
 
         batch, _, channels = memory.shape
-        outputs = {"spatial_shapes": spatial_shapes, "level_start_index": level_start_index, "valid_ratios": valid_ratios}
+        outputs = {
+            "memory": memory, "memory_padding_mask": mask_flatten, "spatial_shapes": spatial_shapes,
+            "level_start_index": level_start_index, "valid_ratios": valid_ratios,
+        }
         if self.two_stage:
             output_memory, proposals = self.encoder_proposals(memory, mask_flatten, spatial_shapes)
             proposal_head = self.decoder.num_layers

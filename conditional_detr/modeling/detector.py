@@ -15,7 +15,7 @@ from torch import nn
 from ..checkpoint.class_heads import MissingClassHeadError
 from ..checkpoint.formats import check_fits, recognize as recognize_format
 from ..config_checks import check_detector_keys, check_shared_keys
-from .backbone import build_resnet_like_torchvision, feature_padding_mask
+from .backbone import build_resnet_like_torchvision, features_with_padding_masks
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion
 from .matcher import CLASS_LOSSES, HungarianMatcher
@@ -256,13 +256,11 @@ class SingleLevelDetector(SetPredictionDetector):
         return self.query_embed.weight, 1
 
     def forward_outputs(self, images: ImageList):
-        features = self.backbone(images.tensor)[self.feature_name]
-        mask = feature_padding_mask(
-            images.image_sizes, images.tensor.shape[-2:], features.shape[-2:], features.device
-        )
+        features, mask = features_with_padding_masks(self.backbone, images)[self.feature_name]
         pos = self.position_embedding(mask).to(features.dtype)
         queries, num_groups = self.object_queries()
-        hs, reference = self.transformer(self.input_proj(features), mask, queries, pos, num_groups)
+        out = self.transformer(self.input_proj(features), mask, queries, pos, num_groups)
+        hs, reference = out["hs"], out["reference"]
 
         with heads_in_float32(hs):
             hs, reference = as_float32((hs, reference))

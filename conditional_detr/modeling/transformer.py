@@ -105,11 +105,14 @@ class Transformer(nn.Module):
             query_embed: [num_queries, d_model] object queries.
             pos_embed: [batch, d_model, H, W]
             num_groups: the queries' groups, which attend only within themselves.
-        Returns:
-            what the decoder returns: every layer's output [num_layers, batch, num_queries,
-            d_model] and the reference points [batch, num_queries, 2] (None for DETR).
+        Returns a dict: "hs", every decoder layer's output [num_layers, batch, num_queries,
+        d_model]; "reference", the reference points [batch, num_queries, 2] (None for DETR);
+        and the encoder's output as the multi-level transformers give theirs: "memory" [batch,
+        HW, d_model], "memory_padding_mask" [batch, HW], "spatial_shapes" [[H, W]] and
+        "level_start_index" [0].
         """
         batch = src.shape[0]
+        spatial_shapes = torch._shape_as_tensor(src)[-2:].unsqueeze(0).to(src.device)
         src = src.flatten(2).permute(2, 0, 1)  # [HW, batch, d_model]
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
         mask = mask.flatten(1)
@@ -118,4 +121,8 @@ class Transformer(nn.Module):
 
         memory = self.encoder(src, mask, pos_embed)
         tgt = query_pos.new_zeros(query_pos.shape[0], batch, query_pos.shape[2])
-        return self.decoder(tgt, memory, mask, pos_embed, query_pos, num_groups)
+        hs, reference = self.decoder(tgt, memory, mask, pos_embed, query_pos, num_groups)
+        return {
+            "hs": hs, "reference": reference, "memory": memory.transpose(0, 1), "memory_padding_mask": mask,
+            "spatial_shapes": spatial_shapes, "level_start_index": spatial_shapes.new_zeros(1),
+        }
