@@ -87,6 +87,9 @@ def add_conditional_detr_config(cfg):
     cfg.MODEL.DETR.L1_WEIGHT = 5.0
     # Weight of the GIoU box loss.
     cfg.MODEL.DETR.GIOU_WEIGHT = 2.0
+    # MODEL.MASK_ON only (DETR's mask head): weights of the masks' sigmoid focal loss and DICE loss.
+    cfg.MODEL.DETR.MASK_WEIGHT = 1.0
+    cfg.MODEL.DETR.DICE_WEIGHT = 1.0
     # The compiled ops (cross-attention, deformable attention, dropout): "auto" (compiled
     # where built for the device), "compiled" (fail where unavailable) or "pytorch" (the
     # reference path).

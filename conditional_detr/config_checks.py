@@ -34,6 +34,8 @@ _LOWER_BOUNDS = {
     "CLASS_WEIGHT": (0.0, True),
     "L1_WEIGHT": (0.0, True),
     "GIOU_WEIGHT": (0.0, True),
+    "MASK_WEIGHT": (0.0, True),
+    "DICE_WEIGHT": (0.0, True),
     "NO_OBJECT_WEIGHT": (0.0, False),
 }
 _UPPER_BOUNDS = {"DROPOUT": (1.0, False), "FOCAL_ALPHA": (1.0, True)}

@@ -47,8 +47,9 @@ OFFICIAL_FORMATS = ["conditional_detr", "detr", "deformable_detr"]
 
 
 def test_the_registry_recognizes_and_converts_a_fixture_of_each_official_format():
-    # the others: tests/test_mmdetection.py and tests/test_huggingface.py, on models those libraries build
-    foreign = ["mmdet_conditional_detr", "mmdet_detr", "mmdet_deformable_detr"]
+    # the others: DETR's panoptic in tests/test_fidelity_detr_panoptic.py, tests/test_mmdetection.py and
+    # tests/test_huggingface.py on models those libraries build
+    foreign = ["detr_panoptic", "mmdet_conditional_detr", "mmdet_detr", "mmdet_deformable_detr"]
     foreign += ["hf_conditional_detr", "hf_detr", "hf_deformable_detr"]
     assert [fmt.name for fmt in formats.FORMATS] == OFFICIAL_FORMATS + foreign
     for fmt in formats.FORMATS[: len(OFFICIAL_FORMATS)]:

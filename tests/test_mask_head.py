@@ -4,11 +4,13 @@ beside the decoder's outputs, and the backbone's finer stages with their padding
 """
 import pytest
 import torch
+from detectron2.structures import PolygonMasks
 
 from conditional_detr.engine import get_config
 from conditional_detr.modeling.backbone import build_resnet_like_torchvision, features_with_padding_masks
+from conditional_detr.modeling.mask_head import AttentionMap
 
-from helpers.tiny import HIDDEN_DIM, tiny_model
+from helpers.tiny import HIDDEN_DIM, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,3 +62,79 @@ def test_the_backbone_returns_the_finer_stages_with_their_padding_masks():
         assert mask.shape == (2, *feature.shape[-2:])
         # the second image is padded to the batch's 64x128: its right columns are padding
         assert mask[1, :, -1].all() and not mask[1, :, 0].any() and not mask[0].any()
+
+
+def masked_detr(**overrides):
+    """The instant config's DETR with the mask head: widths its GroupNorms take."""
+    return tiny_model(**{
+        "MODEL.META_ARCHITECTURE": "DETR", "CLASS_LOSS": "softmax", "MODEL.MASK_ON": True,
+        "MODEL.RESNETS.OUT_FEATURES": "['res5']", "HIDDEN_DIM": 128, "NHEADS": 8, **overrides,
+    })
+
+
+def with_polygon_masks(batch):
+    """Each instance's mask as the polygon of its box, as a COCO dataset's annotations give them."""
+    for x in batch:
+        instances = x["instances"]
+        instances.gt_masks = PolygonMasks([
+            [[x0, y0, x1, y0, x1, y1, x0, y1]] for x0, y0, x1, y1 in instances.gt_boxes.tensor.tolist()
+        ])
+    return batch
+
+
+def test_the_head_trains_with_the_mask_losses_and_reaches_every_parameter():
+    model = masked_detr().train()
+    losses = model(with_polygon_masks(tiny_batch()))  # one image with two instances, one with none
+    assert {"loss_mask", "loss_dice"} < set(losses) and "loss_mask_0" not in losses
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for name, parameter in [*model.bbox_attention.named_parameters(), *model.mask_head.named_parameters()]:
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_images_without_instances_train():
+    model = masked_detr().train()
+    batch = with_polygon_masks(tiny_batch())
+    batch[0]["instances"] = batch[0]["instances"][:0]
+    losses = model(batch)
+    assert losses["loss_mask"] == 0 and losses["loss_dice"] == 0
+    sum(losses.values()).backward()
+    assert model.mask_head.out_lay.weight.grad is not None
+
+
+def test_the_attention_map_normalizes_over_heads_and_positions_jointly():
+    attention = AttentionMap(32, 32, 4)
+    generator = torch.Generator().manual_seed(0)
+    queries, feature_map = torch.randn(2, 5, 32, generator=generator), torch.randn(2, 32, 3, 4, generator=generator)
+    padding = torch.zeros(2, 3, 4, dtype=torch.bool)
+    padding[1, :, 3] = True
+    weights = attention(queries, feature_map, padding)
+    assert weights.shape == (2, 5, 4, 3, 4)
+    torch.testing.assert_close(weights.flatten(2).sum(-1), torch.ones(2, 5))
+    assert (weights[1, :, :, :, 3] == 0).all() and (weights[0] > 0).all()
+    # not per head: a head's weights alone do not sum to 1
+    assert not torch.allclose(weights[0, 0, 0].sum(), torch.tensor(1.0))
+
+
+def test_inference_outputs_stride_4_mask_logits_of_every_query():
+    model = masked_detr().eval()
+    images = two_images(model)
+    with torch.no_grad():
+        outputs = model.forward_outputs(images)
+    assert outputs["pred_masks"].shape == (2, model.num_queries, 64 // 4, 128 // 4)
+
+
+@pytest.mark.parametrize("architecture", ["ConditionalDETR", "DeformableDETR"])
+def test_detectors_without_the_head_say_so(architecture):
+    overrides = {"MODEL.META_ARCHITECTURE": architecture, "MODEL.MASK_ON": True}
+    if architecture == "DeformableDETR":
+        overrides["MODEL.RESNETS.OUT_FEATURES"] = "['res3', 'res4', 'res5']"
+    with pytest.raises(ValueError, match=f"MODEL.MASK_ON: {architecture} has no mask head yet"):
+        tiny_model(**overrides)
+
+
+def test_bad_widths_and_features_are_named():
+    with pytest.raises(ValueError, match="HIDDEN_DIM a multiple of 128"):
+        masked_detr(HIDDEN_DIM=64, NHEADS=4)
+    with pytest.raises(ValueError, match=r"the transformer reads res4; set MODEL.RESNETS.OUT_FEATURES \['res5'\]"):
+        masked_detr(**{"MODEL.RESNETS.OUT_FEATURES": "['res4']"})

@@ -20,6 +20,7 @@ __all__ = [
     "CONFIG_KEY",
     "ClassMappingError",
     "coco_category_id_names",
+    "coco_panoptic_names",
     "MissingClassHeadError",
     "COCO_CLASS_NAMES",
     "check_behaviour",
@@ -58,6 +59,15 @@ def coco_category_id_names():
     """The 91 names of heads indexed by COCO category id (the official ones), "N/A" where no category is."""
     names = {c["id"]: c["name"] for c in COCO_CATEGORIES if c["isthing"]}
     return tuple(names.get(i, "N/A") for i in range(max(names) + 1))
+
+
+def coco_panoptic_names():
+    """
+    The 250 names of the official panoptic heads, indexed by COCO panoptic category id
+    (things 1-90 as COCO's, stuff 92-200), "N/A" where no category is.
+    """
+    names = {c["id"]: c["name"] for c in COCO_CATEGORIES}
+    return tuple(names.get(i, "N/A") for i in range(250))
 
 
 def coco_contiguous_to_category_id():

@@ -11,7 +11,7 @@ from .class_heads import class_head_keys
 __all__ = ["FORMATS", "check_fits", "describe", "load", "recognize", "unwrap"]
 
 FORMATS = (
-    official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR,
+    official.CONDITIONAL_DETR, official.DETR, official.DEFORMABLE_DETR, official.DETR_PANOPTIC,
     mmdetection.CONDITIONAL_DETR, mmdetection.DETR, mmdetection.DEFORMABLE_DETR,
     huggingface.CONDITIONAL_DETR, huggingface.DETR, huggingface.DEFORMABLE_DETR,
 )
@@ -61,7 +61,7 @@ def load(path):
     return source_format, state_dict
 
 
-def check_fits(model, state_dict, source, hint="check the layers, queries, widths and "
+def check_fits(model, state_dict, source, hint="check the layers, queries, widths, MODEL.MASK_ON and "
                "MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE / TWO_STAGE"):
     """
     A converted checkpoint of another implementation (`source` names it in errors) has

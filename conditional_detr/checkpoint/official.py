@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .class_heads import ClassMappingError, MissingClassHeadError, class_head_keys, coco_class_names, coco_contiguous_to_category_id, proposal_head_keys
+from .class_heads import (
+    ClassMappingError, MissingClassHeadError, class_head_keys, coco_class_names, coco_contiguous_to_category_id,
+    coco_panoptic_names, proposal_head_keys,
+)
 
 OFFICIAL_BACKBONE_PREFIX = "backbone.0.body."
 
@@ -94,6 +97,41 @@ class OfficialFormat:
 CONDITIONAL_DETR = OfficialFormat("conditional_detr", "ConditionalDETR", "Atten4Vis/ConditionalDETR")
 DETR = OfficialFormat("detr", "DETR", "facebookresearch/detr")
 DEFORMABLE_DETR = OfficialFormat("deformable_detr", "DeformableDETR", "fundamentalvision/Deformable-DETR")
+
+# DETR's segmentation model (`DETRsegm`): the detector under "detr.", beside its mask head
+PANOPTIC_PREFIX = "detr."
+MASK_HEAD_PREFIXES = ("bbox_attention.", "mask_head.")
+
+
+@dataclass(frozen=True)
+class OfficialPanopticFormat(OfficialFormat):
+    """
+    The released DETR panoptic checkpoints (detr-r50-panoptic and the others): a DETR
+    checkpoint under "detr." and the mask head (`bbox_attention.*`, `mask_head.*`), whose
+    names are this project's. Their 250 class ids (COCO panoptic's, "no object" last) load
+    as they are into a model of 250 classes.
+    """
+
+    def recognizes(self, state_dict):
+        return any(k.startswith(PANOPTIC_PREFIX + OFFICIAL_BACKBONE_PREFIX) for k in state_dict) and any(
+            k.startswith(MASK_HEAD_PREFIXES) for k in state_dict
+        )
+
+    def convert(self, state_dict, num_classes=80):
+        detector = {k[len(PANOPTIC_PREFIX):]: v for k, v in state_dict.items() if k.startswith(PANOPTIC_PREFIX)}
+        converted = convert_state_dict(detector, num_classes)
+        for key, value in state_dict.items():
+            if key.startswith(MASK_HEAD_PREFIXES):
+                converted[key] = value.float() if value.is_floating_point() else value
+            elif not key.startswith(PANOPTIC_PREFIX):
+                raise ValueError(f"{key!r}: a part of neither the detector ('detr.') nor the mask head")
+        return converted
+
+    def class_names(self, num_classes):
+        return coco_panoptic_names() if num_classes == len(coco_panoptic_names()) else coco_class_names(num_classes)
+
+
+DETR_PANOPTIC = OfficialPanopticFormat("detr_panoptic", "DETR", "facebookresearch/detr")
 
 
 def convert_state_dict(state_dict, num_classes=80):

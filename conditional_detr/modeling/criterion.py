@@ -7,6 +7,9 @@ from torchvision.ops import sigmoid_focal_loss
 from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from .matcher import check_class_loss
 
+# the mask losses' focal loss, whatever the class loss's: DETR's
+MASK_FOCAL_ALPHA, MASK_FOCAL_GAMMA = 0.25, 2.0
+
 
 class SetCriterion(nn.Module):
     """
@@ -21,13 +24,19 @@ class SetCriterion(nn.Module):
     supervised as one class-agnostic foreground class. With `num_groups` groups of queries,
     each group is matched on its own and the losses are averaged over the groups.
 
+    With "masks" among `losses`, the matched queries' mask logits ("pred_masks", stride 4)
+    are upsampled bilinearly to the padded size of the targets' masks and trained with a
+    sigmoid focal loss (alpha 0.25, gamma 2, the mean over pixels) and the DICE loss, as
+    DETR's mask head.
+
     `losses` names the terms to compute, as the official `get_loss` map: each is a method
     `loss_<name>(outputs, targets, indices, num_boxes)` of the matched outputs and targets,
     returning a dict of terms; those of LAST_LAYER_ONLY are left out of the auxiliary
     layers and the encoder's proposals.
     """
 
-    LAST_LAYER_ONLY = ()
+    # the masks of every layer would cost the mask head's memory once per layer (the official choice)
+    LAST_LAYER_ONLY = ("masks",)
 
     def __init__(
         self, num_classes, matcher, weight_dict, focal_alpha=0.25, focal_gamma=2.0,
@@ -76,6 +85,26 @@ class SetCriterion(nn.Module):
             generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(target_boxes))
         )
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
+
+    def loss_masks(self, outputs, targets, indices, num_boxes):
+        pred_masks = outputs["pred_masks"]
+        batch_idx, src_idx = _prediction_index(indices, pred_masks.device)
+        # every image's targets padded to the largest, as the official nested tensor does
+        height = max(t["masks"].shape[-2] for t in targets)
+        width = max(t["masks"].shape[-1] for t in targets)
+        target_masks = torch.cat([
+            F.pad(t["masks"][j.to(t["masks"].device)], (0, width - t["masks"].shape[-1], 0, height - t["masks"].shape[-2]))
+            for t, (_, j) in zip(targets, indices)
+        ]).to(pred_masks.device, pred_masks.dtype).flatten(1)
+        src_masks = F.interpolate(
+            pred_masks[batch_idx, src_idx][:, None], size=(height, width), mode="bilinear", align_corners=False
+        )[:, 0].flatten(1)
+        focal = sigmoid_focal_loss(src_masks, target_masks, alpha=MASK_FOCAL_ALPHA, gamma=MASK_FOCAL_GAMMA, reduction="none")
+        probabilities = src_masks.sigmoid()
+        dice = 1 - (2 * (probabilities * target_masks).sum(1) + 1) / (probabilities.sum(1) + target_masks.sum(1) + 1)
+        # no match: zero losses that still reach the head, as every parameter must under DDP
+        unmatched = pred_masks.sum() * 0
+        return {"loss_mask": focal.mean(1).sum() / num_boxes + unmatched, "loss_dice": dice.sum() / num_boxes + unmatched}
 
     def _losses_of_layer(self, outputs, targets, num_boxes, suffix="", num_groups=1, last_layer=False):
         indices = self.matcher(outputs, targets, num_groups)

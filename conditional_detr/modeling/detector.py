@@ -18,6 +18,7 @@ from ..config_checks import check_detector_keys, check_shared_keys
 from .backbone import build_resnet_like_torchvision, features_with_padding_masks
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion
+from .mask_head import MASK_FEATURES, AttentionMap, MaskHeadSmallConv, instance_masks
 from .matcher import CLASS_LOSSES, HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
 from .postprocess import detections
@@ -73,6 +74,8 @@ class SetPredictionDetector(nn.Module):
 
     # the node of DETECTOR_NODES (conditional_detr/config.py) whose keys this detector reads
     own_config_node = None
+    # whether MODEL.MASK_ON attaches DETR's mask head (mask_head.py) to this detector
+    supports_masks = False
 
     def __init__(self, cfg):
         check_shared_keys(cfg)
@@ -85,18 +88,30 @@ class SetPredictionDetector(nn.Module):
         self.num_topk = cfg.TEST.DETECTIONS_PER_IMAGE
         self.deep_supervision = args.DEEP_SUPERVISION
         self.class_loss = config_choice(cfg, "CLASS_LOSS", CLASS_LOSSES)
+        self.mask_on = cfg.MODEL.MASK_ON
+        if self.mask_on and not self.supports_masks:
+            raise ValueError(
+                f"MODEL.MASK_ON: {type(self).__name__} has no mask head yet; DETR (MODEL.META_ARCHITECTURE "
+                "DETR) has DETR's"
+            )
 
         matcher = HungarianMatcher(
             cost_class=args.CLASS_COST, cost_bbox=args.L1_COST, cost_giou=args.GIOU_COST,
             focal_alpha=args.FOCAL_ALPHA, focal_gamma=args.FOCAL_GAMMA, class_loss=self.class_loss,
         )
         weight_dict = {"loss_ce": args.CLASS_WEIGHT, "loss_bbox": args.L1_WEIGHT, "loss_giou": args.GIOU_WEIGHT}
+        losses = ("labels", "boxes")
+        if self.mask_on:
+            weight_dict.update(loss_mask=args.MASK_WEIGHT, loss_dice=args.DICE_WEIGHT)
+            losses += ("masks",)
         if self.deep_supervision:
+            # as the official dict: the mask terms listed for every layer too, computed for the last
+            layer_weights = dict(weight_dict)
             for i in range(args.DEC_LAYERS - 1):
-                weight_dict.update({f"{k}_{i}": v for k, v in list(weight_dict.items())[:3]})
+                weight_dict.update({f"{k}_{i}": v for k, v in layer_weights.items()})
         self.criterion = SetCriterion(
             self.num_classes, matcher, weight_dict, args.FOCAL_ALPHA, args.FOCAL_GAMMA,
-            class_loss=self.class_loss, eos_coef=args.NO_OBJECT_WEIGHT, num_groups=self.query_groups,
+            class_loss=self.class_loss, eos_coef=args.NO_OBJECT_WEIGHT, num_groups=self.query_groups, losses=losses,
         )
 
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
@@ -196,14 +211,48 @@ class SetPredictionDetector(nn.Module):
         return processed
 
     def prepare_targets(self, batched_inputs, image_sizes):
-        """detectron2 instances -> labels and normalized cxcywh boxes."""
+        """detectron2 instances -> labels, normalized cxcywh boxes and, with MODEL.MASK_ON, [n, h, w] bool masks."""
         targets = []
         for x, (h, w) in zip(batched_inputs, image_sizes):
             instances = x["instances"].to(self.device)
             scale = torch.as_tensor([w, h, w, h], dtype=torch.float, device=self.device)
             boxes = box_xyxy_to_cxcywh(instances.gt_boxes.tensor / scale)
-            targets.append({"labels": instances.gt_classes, "boxes": boxes})
+            target = {"labels": instances.gt_classes, "boxes": boxes}
+            if self.mask_on:
+                target["masks"] = instance_masks(instances, h, w)
+            targets.append(target)
         return targets
+
+    def build_mask_head(self, hidden_dim, num_heads, transformer_feature):
+        """
+        DETR's mask head on this detector: an attention map over its stride-32 memory and
+        the convolutional head on the backbone's MASK_FEATURES, under the official names.
+        """
+        if transformer_feature != "res5":
+            raise ValueError(
+                f"MODEL.MASK_ON: the mask head adds res4, res3 and res2 to a stride-32 memory, but the transformer "
+                f"reads {transformer_feature}; set MODEL.RESNETS.OUT_FEATURES ['res5']"
+            )
+        if (hidden_dim + num_heads) % 8 or hidden_dim % 128:
+            raise ValueError(
+                f"MODEL.MASK_ON: the mask head's GroupNorms of 8 groups need MODEL.DETR.HIDDEN_DIM a multiple of 128 "
+                f"and HIDDEN_DIM + NHEADS a multiple of 8, got {hidden_dim} and {num_heads}"
+            )
+        shapes = self.backbone.output_shape()
+        self.bbox_attention = AttentionMap(hidden_dim, hidden_dim, num_heads)
+        self.mask_head = MaskHeadSmallConv(
+            hidden_dim + num_heads, [shapes[name].channels for name in MASK_FEATURES], hidden_dim
+        )
+
+    def predict_masks(self, embeddings, memory, memory_padding_mask, projected, features):
+        """
+        Mask logits [batch, num_queries, H/4, W/4] of the queries' last-layer `embeddings`
+        [batch, num_queries, d]: their attention over the stride-32 `memory` [batch, d, h, w]
+        (`memory_padding_mask` [batch, h, w]), the projected features there [batch, d, h, w],
+        and the backbone's `features` by name (`features_with_padding_masks`).
+        """
+        attention = self.bbox_attention(embeddings, memory, memory_padding_mask)
+        return self.mask_head(projected, attention, [features[name][0] for name in MASK_FEATURES])
 
     def inference(self, pred_logits, pred_boxes, image_sizes):
         """`postprocess.detections` as detectron2 Instances, one per image."""
@@ -229,7 +278,9 @@ class SingleLevelDetector(SetPredictionDetector):
         super().__init__(cfg)
         args = cfg.MODEL.DETR
         hidden_dim = args.HIDDEN_DIM
-        self.backbone, (self.feature_name,) = build_resnet_like_torchvision(cfg)
+        self.backbone, (self.feature_name,) = build_resnet_like_torchvision(
+            cfg, extra_features=MASK_FEATURES if self.mask_on else ()
+        )
         feature_channels = self.backbone.output_shape()[self.feature_name].channels
         self.input_proj = nn.Conv2d(feature_channels, hidden_dim, kernel_size=1)
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2)
@@ -243,6 +294,8 @@ class SingleLevelDetector(SetPredictionDetector):
         self.class_embed = nn.Linear(hidden_dim, self.num_class_logits)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.init_class_head(self.class_embed)
+        if self.mask_on:
+            self.build_mask_head(hidden_dim, args.NHEADS, self.feature_name)
         self.use_memory_format(self.backbone, self.input_proj)
 
     def predict_boxes(self, hs, reference):
@@ -256,17 +309,22 @@ class SingleLevelDetector(SetPredictionDetector):
         return self.query_embed.weight, 1
 
     def forward_outputs(self, images: ImageList):
-        features, mask = features_with_padding_masks(self.backbone, images)[self.feature_name]
+        all_features = features_with_padding_masks(self.backbone, images)
+        features, mask = all_features[self.feature_name]
         pos = self.position_embedding(mask).to(features.dtype)
         queries, num_groups = self.object_queries()
-        out = self.transformer(self.input_proj(features), mask, queries, pos, num_groups)
+        projected = self.input_proj(features)
+        out = self.transformer(projected, mask, queries, pos, num_groups)
         hs, reference = out["hs"], out["reference"]
+        if self.mask_on:
+            memory = out["memory"].transpose(1, 2).reshape(projected.shape)
+            pred_masks = self.predict_masks(hs[-1], memory, mask, projected, all_features)
 
         with heads_in_float32(hs):
             hs, reference = as_float32((hs, reference))
             outputs_class = self.class_embed(hs)  # [num_layers, batch, num_queries, num_class_logits]
             outputs_coord = self.predict_boxes(hs, reference)
-        return {
+        outputs = {
             "pred_logits": outputs_class[-1],
             "pred_boxes": outputs_coord[-1],
             "aux_outputs": [
@@ -274,3 +332,6 @@ class SingleLevelDetector(SetPredictionDetector):
                 for c, b in zip(outputs_class[:-1], outputs_coord[:-1])
             ],
         }
+        if self.mask_on:
+            outputs["pred_masks"] = pred_masks
+        return outputs

@@ -64,8 +64,11 @@ class DETR(SingleLevelDetector):
     DETR: learned object queries added to the decoder's queries, a zero initial
     target, boxes sigmoid(FFN(f)) with no reference point. Its recipe (100 queries,
     softmax cross-entropy with a "no object" logit, costs and weights class 1 / L1 5 /
-    GIoU 2) is set by configs/Base-DETR.yaml through the MODEL.DETR keys.
+    GIoU 2) is set by configs/Base-DETR.yaml through the MODEL.DETR keys. MODEL.MASK_ON
+    adds the paper's mask head (mask_head.py).
     """
+
+    supports_masks = True
 
     def __init__(self, cfg):
         def build_decoder(args):

@@ -4,10 +4,11 @@ Convert checkpoints between this project and the other implementations.
 Into this project (the source's format is told by its keys; see
 `conditional_detr/checkpoint/formats.py`):
 
-    python -m conditional_detr.tools.convert_checkpoint SRC DST.pth [--num-classes 80|91]
+    python -m conditional_detr.tools.convert_checkpoint SRC DST.pth [--num-classes N]
 
 The 91 COCO-id class logits of the official checkpoints become detectron2's 80 contiguous
-COCO classes unless --num-classes 91.
+COCO classes unless --num-classes gives the source's own count (91; 250 for DETR's
+panoptic checkpoints).
 
 Out to Hugging Face transformers, a `save_pretrained` folder (model.safetensors,
 config.json with the class names as id2label, preprocessor_config.json) that transformers'
@@ -43,7 +44,11 @@ def parse_args(argv=None):
     parser.add_argument("source", help="the checkpoint to convert")
     parser.add_argument("destination", help="detectron2 checkpoint to write (.pth), or with --to hf the folder")
     parser.add_argument("--to", choices=TARGETS, default="detectron2", help="what to write (default: %(default)s)")
-    parser.add_argument("--num-classes", type=int, default=80, choices=(80, 91), help="into this project only")
+    parser.add_argument(
+        "--num-classes", type=int, default=80,
+        help="into this project only: 80 (detectron2's COCO classes) or the source's own count (91 COCO ids, "
+        "250 COCO panoptic ids)",
+    )
     parser.add_argument("--config-file", help="--to hf: the config of the checkpoint's model")
     parser.add_argument("opts", nargs="*", help="--to hf: config KEY VALUE pairs")
     args = parser.parse_intermixed_args(argv)

@@ -1,0 +1,105 @@
+"""
+DETR with its mask head (MODEL.MASK_ON) reproduces the official DETRsegm
+(../shared/reference/official_detr_panoptic_r18_tiny*): its checkpoint loads as it is,
+the raw logits, boxes and mask logits agree, and so do the losses, the mask terms
+included; full-size DETR-R50 with the mask head takes every key of the official
+panoptic model.
+"""
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from conditional_detr.checkpoint import ConditionalDETRCheckpointer, formats
+from conditional_detr.checkpoint import official as official_formats
+from conditional_detr.tools import convert_checkpoint
+
+from helpers.official import assert_same_losses, detr_resnet_cfg, layers, reference_file, run, shrink_to_tiny_fixture
+
+PANOPTIC_CLASSES = 250  # COCO panoptic ids, "no object" after them
+OFFICIAL_DETR_R50_PANOPTIC_PARAMETERS = 42_899_288
+
+
+def panoptic_cfg(depth=18):
+    cfg = detr_resnet_cfg(depth, PANOPTIC_CLASSES)
+    cfg.MODEL.MASK_ON = True
+    return shrink_to_tiny_fixture(cfg, num_queries=20) if depth == 18 else cfg
+
+
+@pytest.fixture(scope="module")
+def reference_io():
+    return torch.load(reference_file("official_detr_panoptic_r18_tiny_io.pth"), map_location="cpu")
+
+
+@pytest.fixture(scope="module")
+def official_path():
+    return reference_file("official_detr_panoptic_r18_tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def model(official_path):
+    model = build_model(panoptic_cfg()).eval()
+    ConditionalDETRCheckpointer(model).load(str(official_path))  # as MODEL.WEIGHTS loads it
+    return model
+
+
+@pytest.fixture(scope="module")
+def outputs(model, reference_io):
+    return run(model, reference_io)
+
+
+def test_the_format_is_recognized(official_path):
+    state_dict = official_formats.read_file(official_path)["model"]
+    assert formats.recognize(state_dict) is official_formats.DETR_PANOPTIC
+    assert formats.recognize({k[len("detr."):]: v for k, v in state_dict.items() if k.startswith("detr.")}) is official_formats.DETR
+
+
+def test_logits_boxes_and_masks_match(outputs, reference_io):
+    raw = reference_io["raw"]
+    torch.testing.assert_close(outputs["pred_logits"], raw["pred_logits"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(outputs["pred_boxes"], raw["pred_boxes"], atol=1e-4, rtol=0)
+    assert outputs["pred_masks"].shape == raw["pred_masks"].shape == (2, 20, 84, 122)  # stride 4 of 333x487
+    torch.testing.assert_close(outputs["pred_masks"], raw["pred_masks"], atol=1e-4, rtol=0)
+
+
+def test_losses_match_the_mask_terms_included(model, outputs, reference_io):
+    # the official criterion ran in train mode with dropout 0: the eval outputs are its inputs
+    assert {"loss_mask", "loss_dice"} < set(reference_io["losses"])
+    assert "loss_mask_0" not in reference_io["losses"]  # the last layer's masks only
+    assert_same_losses(model, outputs, reference_io)
+
+
+def test_the_converter_reads_it_and_the_checkpoint_loads_the_same(official_path, tmp_path, model):
+    path = tmp_path / "converted.pth"
+    convert_checkpoint.main([str(official_path), str(path), "--num-classes", "250"])
+    converted = torch.load(path)["model"]
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(converted[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_detection_model_refuses_it_by_name(official_path):
+    cfg = panoptic_cfg()
+    cfg.MODEL.MASK_ON = False
+    with pytest.raises(ValueError, match=r"does not fit MODEL.META_ARCHITECTURE DETR as configured: 0 .* 32 are not the model's .*MODEL.MASK_ON"):
+        ConditionalDETRCheckpointer(build_model(cfg)).load(str(official_path))
+
+
+def official_r50_panoptic_keys():
+    shapes = {}
+    for line in reference_file("official_detr_panoptic_r50_keys.txt").read_text().splitlines():
+        key, shape = line.split("\t")
+        shapes[key] = torch.Size(eval(shape))
+    return shapes
+
+
+def test_r50_takes_every_key_of_the_official_panoptic_model():
+    shapes = official_r50_panoptic_keys()
+    assert len(shapes) == 490
+    fake_official = {k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()}
+    converted = official_formats.DETR_PANOPTIC.convert(fake_official, num_classes=PANOPTIC_CLASSES)
+    model = build_model(panoptic_cfg(depth=50))
+    model_state = model.state_dict()
+    assert set(converted) == set(model_state)
+    for key, value in converted.items():
+        assert value.shape == model_state[key].shape, key
+    # every parameter, the frozen stem and res2 included, as the official count
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_DETR_R50_PANOPTIC_PARAMETERS
