@@ -103,3 +103,16 @@ def test_r50_takes_every_key_of_the_official_panoptic_model():
         assert value.shape == model_state[key].shape, key
     # every parameter, the frozen stem and res2 included, as the official count
     assert sum(p.numel() for p in model.parameters()) == OFFICIAL_DETR_R50_PANOPTIC_PARAMETERS
+
+
+def test_full_image_masks_are_the_official_segm_post_processing(reference_io):
+    from conditional_detr.modeling.postprocess import full_image_masks
+
+    images = reference_io["images_uint8_rgb"]
+    padded = (max(i.shape[1] for i in images), max(i.shape[2] for i in images))
+    for image, logits, official in zip(images, reference_io["crafted"]["pred_masks"], reference_io["segm"]):
+        size = tuple(image.shape[1:])
+        masks = full_image_masks(logits, padded, size, size)
+        assert masks.shape == official["masks"][:, 0].shape
+        # bilinear upsampling and a threshold: equal but for float rounding at a mask's edge
+        assert (masks != official["masks"][:, 0].bool()).float().mean() < 1e-5

@@ -4,13 +4,14 @@ beside the decoder's outputs, and the backbone's finer stages with their padding
 """
 import pytest
 import torch
+from detectron2.modeling import build_model
 from detectron2.structures import PolygonMasks
 
 from conditional_detr.engine import get_config
 from conditional_detr.modeling.backbone import build_resnet_like_torchvision, features_with_padding_masks
 from conditional_detr.modeling.mask_head import AttentionMap
 
-from helpers.tiny import HIDDEN_DIM, tiny_batch, tiny_model
+from helpers.tiny import HIDDEN_DIM, tiny_batch, tiny_deformable_cfg, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,12 +65,27 @@ def test_the_backbone_returns_the_finer_stages_with_their_padding_masks():
         assert mask[1, :, -1].all() and not mask[1, :, 0].any() and not mask[0].any()
 
 
-def masked_detr(**overrides):
-    """The instant config's DETR with the mask head: widths its GroupNorms take."""
+ARCHITECTURES = ("DETR", "ConditionalDETR", "DeformableDETR")
+
+
+def masked_model(architecture="DETR", **overrides):
+    """A tiny model of `architecture` with the mask head, at widths its GroupNorms take."""
+    if architecture == "DeformableDETR":
+        torch.manual_seed(0)
+        cfg = tiny_deformable_cfg("two_stage", **{
+            "MODEL.MASK_ON": True, "MODEL.DETR.HIDDEN_DIM": 128, "MODEL.DETR.NHEADS": 8,
+            **{k if "." in k else f"MODEL.DETR.{k}": v for k, v in overrides.items()},
+        })
+        return build_model(cfg)
+    detr = {"MODEL.META_ARCHITECTURE": "DETR", "CLASS_LOSS": "softmax"} if architecture == "DETR" else {}
     return tiny_model(**{
-        "MODEL.META_ARCHITECTURE": "DETR", "CLASS_LOSS": "softmax", "MODEL.MASK_ON": True,
-        "MODEL.RESNETS.OUT_FEATURES": "['res5']", "HIDDEN_DIM": 128, "NHEADS": 8, **overrides,
+        **detr, "MODEL.MASK_ON": True, "MODEL.RESNETS.OUT_FEATURES": "['res5']", "HIDDEN_DIM": 128, "NHEADS": 8,
+        **overrides,
     })
+
+
+def masked_detr(**overrides):
+    return masked_model("DETR", **overrides)
 
 
 def with_polygon_masks(batch):
@@ -82,8 +98,9 @@ def with_polygon_masks(batch):
     return batch
 
 
-def test_the_head_trains_with_the_mask_losses_and_reaches_every_parameter():
-    model = masked_detr().train()
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_head_trains_with_the_mask_losses_and_reaches_every_parameter(architecture):
+    model = masked_model(architecture).train()
     losses = model(with_polygon_masks(tiny_batch()))  # one image with two instances, one with none
     assert {"loss_mask", "loss_dice"} < set(losses) and "loss_mask_0" not in losses
     assert all(torch.isfinite(v) for v in losses.values())
@@ -92,8 +109,9 @@ def test_the_head_trains_with_the_mask_losses_and_reaches_every_parameter():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-def test_images_without_instances_train():
-    model = masked_detr().train()
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_images_without_instances_train(architecture):
+    model = masked_model(architecture).train()
     batch = with_polygon_masks(tiny_batch())
     batch[0]["instances"] = batch[0]["instances"][:0]
     losses = model(batch)
@@ -124,17 +142,45 @@ def test_inference_outputs_stride_4_mask_logits_of_every_query():
     assert outputs["pred_masks"].shape == (2, model.num_queries, 64 // 4, 128 // 4)
 
 
-@pytest.mark.parametrize("architecture", ["ConditionalDETR", "DeformableDETR"])
-def test_detectors_without_the_head_say_so(architecture):
-    overrides = {"MODEL.META_ARCHITECTURE": architecture, "MODEL.MASK_ON": True}
-    if architecture == "DeformableDETR":
-        overrides["MODEL.RESNETS.OUT_FEATURES"] = "['res3', 'res4', 'res5']"
-    with pytest.raises(ValueError, match=f"MODEL.MASK_ON: {architecture} has no mask head yet"):
-        tiny_model(**overrides)
-
-
 def test_bad_widths_and_features_are_named():
     with pytest.raises(ValueError, match="HIDDEN_DIM a multiple of 128"):
         masked_detr(HIDDEN_DIM=64, NHEADS=4)
     with pytest.raises(ValueError, match=r"the transformer reads res4; set MODEL.RESNETS.OUT_FEATURES \['res5'\]"):
         masked_detr(**{"MODEL.RESNETS.OUT_FEATURES": "['res4']"})
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_matched_queries_alone_give_the_losses_and_gradients_of_every_query(architecture):
+    batch = with_polygon_masks(tiny_batch())
+    lazy, full = masked_model(architecture).train(), masked_model(architecture).train()
+    full.load_state_dict(lazy.state_dict())
+    lazy_losses = lazy(batch)
+    images = full.preprocess_image(batch)
+    outputs = full.forward_outputs(images)  # "pred_masks" of every query, as the official model
+    assert "pred_masks" in outputs and "mask_predictor" not in outputs
+    full_losses = full.criterion(outputs, full.prepare_targets(batch, images.image_sizes))
+    for name in ("loss_mask", "loss_dice"):
+        torch.testing.assert_close(lazy_losses[name], full_losses[name] * full.criterion.weight_dict[name])
+    (lazy_losses["loss_mask"] + lazy_losses["loss_dice"]).backward()
+    (full_losses["loss_mask"] + full_losses["loss_dice"]).backward()
+    for (name, a), b in zip(lazy.mask_head.named_parameters(), full.mask_head.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_inference_gives_full_image_masks_of_each_detection_and_a_batch_changes_none(architecture):
+    model = masked_model(architecture, **{"TEST.DETECTIONS_PER_IMAGE": 5}).eval()
+    generator = torch.Generator().manual_seed(0)
+    first = {"image": torch.rand(3, 64, 96, generator=generator) * 255, "height": 128, "width": 192}
+    # of the same size: no padding, which changes a DETR's features at the image's edge, official or not
+    second = {"image": torch.rand(3, 64, 96, generator=generator) * 255}
+    with torch.no_grad():
+        alone = model([first])[0]["instances"]
+        batched = model([first, second])
+    assert alone.pred_masks.shape == (len(alone), 128, 192) and alone.pred_masks.dtype == torch.bool
+    assert batched[1]["instances"].pred_masks.shape[1:] == (64, 96)
+    # another image in the batch changes neither the detections nor their masks
+    together = batched[0]["instances"]
+    torch.testing.assert_close(together.scores, alone.scores, atol=1e-4, rtol=0)
+    assert (together.pred_masks != alone.pred_masks).float().mean() < 1e-3
+    assert not alone.has("query_index")

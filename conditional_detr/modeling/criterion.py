@@ -24,8 +24,8 @@ class SetCriterion(nn.Module):
     supervised as one class-agnostic foreground class. With `num_groups` groups of queries,
     each group is matched on its own and the losses are averaged over the groups.
 
-    With "masks" among `losses`, the matched queries' mask logits ("pred_masks", stride 4)
-    are upsampled bilinearly to the padded size of the targets' masks and trained with a
+    With "masks" among `losses`, the matched queries' mask logits (of "pred_masks", or from
+    the "mask_predictor" run for them alone; stride 4) are upsampled bilinearly to the padded size of the targets' masks and trained with a
     sigmoid focal loss (alpha 0.25, gamma 2, the mean over pixels) and the DICE loss, as
     DETR's mask head.
 
@@ -87,22 +87,26 @@ class SetCriterion(nn.Module):
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": (1 - giou).sum() / num_boxes}
 
     def loss_masks(self, outputs, targets, indices, num_boxes):
-        pred_masks = outputs["pred_masks"]
-        batch_idx, src_idx = _prediction_index(indices, pred_masks.device)
+        device = outputs["pred_logits"].device
+        batch_idx, src_idx = _prediction_index(indices, device)
+        if "pred_masks" in outputs:
+            pred_masks = outputs["pred_masks"][batch_idx, src_idx]
+        else:  # the mask head run for the matched queries only: the same losses, a fraction of its memory
+            pred_masks = outputs["mask_predictor"](batch_idx, src_idx).float()
         # every image's targets padded to the largest, as the official nested tensor does
         height = max(t["masks"].shape[-2] for t in targets)
         width = max(t["masks"].shape[-1] for t in targets)
         target_masks = torch.cat([
             F.pad(t["masks"][j.to(t["masks"].device)], (0, width - t["masks"].shape[-1], 0, height - t["masks"].shape[-2]))
             for t, (_, j) in zip(targets, indices)
-        ]).to(pred_masks.device, pred_masks.dtype).flatten(1)
+        ]).to(device, pred_masks.dtype).flatten(1)
         src_masks = F.interpolate(
-            pred_masks[batch_idx, src_idx][:, None], size=(height, width), mode="bilinear", align_corners=False
+            pred_masks[:, None], size=(height, width), mode="bilinear", align_corners=False
         )[:, 0].flatten(1)
         focal = sigmoid_focal_loss(src_masks, target_masks, alpha=MASK_FOCAL_ALPHA, gamma=MASK_FOCAL_GAMMA, reduction="none")
         probabilities = src_masks.sigmoid()
         dice = 1 - (2 * (probabilities * target_masks).sum(1) + 1) / (probabilities.sum(1) + target_masks.sum(1) + 1)
-        # no match: zero losses that still reach the head, as every parameter must under DDP
+        # no match: zero losses that still reach the head (its empty run), as every parameter must under DDP
         unmatched = pred_masks.sum() * 0
         return {"loss_mask": focal.mean(1).sum() / num_boxes + unmatched, "loss_dice": dice.sum() / num_boxes + unmatched}
 

@@ -13,6 +13,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from .backbone import build_resnet_like_torchvision, feature_padding_mask
+from .mask_head import MASK_FEATURES
 from .box_ops import inverse_sigmoid
 from .deformable_transformer import DeformableTransformer
 from .detector import SetPredictionDetector, as_float32, heads_in_float32
@@ -82,7 +83,9 @@ class DeformableDETR(SetPredictionDetector):
                 f"MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS is {num_levels} but MODEL.RESNETS.OUT_FEATURES "
                 f"names {num_backbone_levels} stages: it needs at least one level per stage"
             )
-        self.backbone, self.feature_names = build_resnet_like_torchvision(cfg, num_features=num_backbone_levels)
+        self.backbone, self.feature_names = build_resnet_like_torchvision(
+            cfg, num_features=num_backbone_levels, extra_features=MASK_FEATURES if self.mask_on else ()
+        )
         channels = [self.backbone.output_shape()[name].channels for name in self.feature_names]
         projections = [input_projection(c, hidden_dim) for c in channels]
         in_channels = channels[-1]
@@ -92,6 +95,9 @@ class DeformableDETR(SetPredictionDetector):
         self.input_proj = nn.ModuleList(projections)
         self.use_memory_format(self.backbone, self.input_proj)
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, offset=0.5)
+        if self.mask_on:
+            # on the stride-32 level, whose memory and projected features are DETR's
+            self.build_mask_head(hidden_dim, args.NHEADS, self.feature_names[-1])
 
         self.transformer = DeformableTransformer(
             hidden_dim, args.NHEADS, args.ENC_LAYERS, args.DEC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT,
@@ -131,7 +137,7 @@ class DeformableDETR(SetPredictionDetector):
                 nn.init.constant_(head.layers[-1].bias[2:], 0.0)
 
     def multi_scale_features(self, images: ImageList):
-        """The projected levels, their padding masks and positions, finest first."""
+        """The projected levels, their padding masks and positions, finest first, and the backbone's features by name."""
         features = self.backbone(images.tensor)
         padded_size = images.tensor.shape[-2:]
         srcs = [proj(features[name]) for proj, name in zip(self.input_proj, self.feature_names)]
@@ -140,16 +146,23 @@ class DeformableDETR(SetPredictionDetector):
             srcs.append(proj(features[self.feature_names[-1]] if len(srcs) == len(self.feature_names) else srcs[-1]))
         masks = [feature_padding_mask(images.image_sizes, padded_size, src.shape[-2:], src.device) for src in srcs]
         positions = [self.position_embedding(mask).to(src.dtype) for mask, src in zip(masks, srcs)]
-        return srcs, masks, positions
+        return srcs, masks, positions, features
 
-    def forward_outputs(self, images: ImageList):
+    def forward_outputs(self, images: ImageList, lazy_masks=False):
         """
         The official output dict ("pred_logits", "pred_boxes", "aux_outputs"); two-stage
-        adds "enc_outputs", the logits and boxes of every encoder proposal.
+        adds "enc_outputs", the logits and boxes of every encoder proposal; MODEL.MASK_ON
+        the masks, as `SetPredictionDetector.forward_outputs` says.
         """
-        srcs, masks, positions = self.multi_scale_features(images)
+        srcs, masks, positions, features = self.multi_scale_features(images)
         query_embed = None if self.two_stage else self.query_embed.weight
         out = self.transformer(srcs, masks, positions, query_embed)
+        if self.mask_on:
+            level = len(self.feature_names) - 1  # the stride-32 level: res5's
+            start = sum(src.shape[-2] * src.shape[-1] for src in srcs[:level])
+            memory = out["memory"][:, start : start + srcs[level].shape[-2] * srcs[level].shape[-1]]
+            memory = memory.transpose(1, 2).reshape(srcs[level].shape)
+            predict_masks = self.mask_predictor(out["hs"][-1], memory, masks[level], srcs[level], features)
 
         hs = out["hs"]  # [num_layers, batch, num_queries, hidden_dim]
         references = [out["init_reference"]] + list(out["inter_references"][:-1])
@@ -177,4 +190,6 @@ class DeformableDETR(SetPredictionDetector):
                 "pred_logits": out["enc_outputs_class"],
                 "pred_boxes": out["enc_outputs_coord_unact"].sigmoid(),
             }
+        if self.mask_on:
+            self.add_masks(outputs, predict_masks, lazy_masks)
         return outputs

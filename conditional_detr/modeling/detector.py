@@ -21,7 +21,7 @@ from .criterion import SetCriterion
 from .mask_head import MASK_FEATURES, AttentionMap, MaskHeadSmallConv, instance_masks
 from .matcher import CLASS_LOSSES, HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
-from .postprocess import detections
+from .postprocess import detections, full_image_masks
 from .transformer import MLP, Transformer, TransformerEncoder
 
 
@@ -74,8 +74,6 @@ class SetPredictionDetector(nn.Module):
 
     # the node of DETECTOR_NODES (conditional_detr/config.py) whose keys this detector reads
     own_config_node = None
-    # whether MODEL.MASK_ON attaches DETR's mask head (mask_head.py) to this detector
-    supports_masks = False
 
     def __init__(self, cfg):
         check_shared_keys(cfg)
@@ -88,12 +86,8 @@ class SetPredictionDetector(nn.Module):
         self.num_topk = cfg.TEST.DETECTIONS_PER_IMAGE
         self.deep_supervision = args.DEEP_SUPERVISION
         self.class_loss = config_choice(cfg, "CLASS_LOSS", CLASS_LOSSES)
+        # DETR's mask head (mask_head.py) on the last decoder layer, for every detector
         self.mask_on = cfg.MODEL.MASK_ON
-        if self.mask_on and not self.supports_masks:
-            raise ValueError(
-                f"MODEL.MASK_ON: {type(self).__name__} has no mask head yet; DETR (MODEL.META_ARCHITECTURE "
-                "DETR) has DETR's"
-            )
 
         matcher = HungarianMatcher(
             cost_class=args.CLASS_COST, cost_bbox=args.L1_COST, cost_giou=args.GIOU_COST,
@@ -173,18 +167,20 @@ class SetPredictionDetector(nn.Module):
         for module in convolutional_modules:
             module.to(memory_format=self.memory_format)
 
-    def forward_outputs(self, images: ImageList):
+    def forward_outputs(self, images: ImageList, lazy_masks=False):
         """
         Returns the official output dict: "pred_logits" [batch, num_queries, num_class_logits],
         "pred_boxes" [batch, num_queries, 4] normalized cxcywh, and "aux_outputs",
-        the same for every decoder layer but the last.
+        the same for every decoder layer but the last. With MODEL.MASK_ON, "pred_masks"
+        [batch, num_queries, H/4, W/4], or with `lazy_masks` the "mask_predictor" of
+        `mask_predictor` for the queries training and inference need.
         """
         raise NotImplementedError
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         if self.training:
-            outputs = self.forward_outputs(images)
+            outputs = self.forward_outputs(images, lazy_masks=True)
             if not self.deep_supervision:
                 outputs.pop("aux_outputs")
             targets = self.prepare_targets(batched_inputs, images.image_sizes)
@@ -201,13 +197,22 @@ class SetPredictionDetector(nn.Module):
             else torch.autocast(self.device.type, dtype=self.inference_dtype)
         )
         with precision:
-            outputs = self.forward_outputs(images)
+            outputs = self.forward_outputs(images, lazy_masks=True)
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
         processed = []
-        for result, input_per_image, image_size in zip(results, batched_inputs, images.image_sizes):
+        for i, (result, input_per_image, image_size) in enumerate(zip(results, batched_inputs, images.image_sizes)):
             height = input_per_image.get("height", image_size[0])
             width = input_per_image.get("width", image_size[1])
-            processed.append({"instances": detector_postprocess(result, height, width)})
+            instances = detector_postprocess(result, height, width)
+            queries = instances.get("query_index")
+            instances.remove("query_index")
+            if self.mask_on:
+                # the masks of the kept detections' queries only, set after detectron2's
+                # post-processing, which takes masks for box-relative ones
+                with precision:
+                    logits = outputs["mask_predictor"](torch.full_like(queries, i), queries)
+                instances.pred_masks = full_image_masks(logits, images.tensor.shape[-2:], image_size, (height, width))
+            processed.append({"instances": instances})
         return processed
 
     def prepare_targets(self, batched_inputs, image_sizes):
@@ -244,25 +249,54 @@ class SetPredictionDetector(nn.Module):
             hidden_dim + num_heads, [shapes[name].channels for name in MASK_FEATURES], hidden_dim
         )
 
-    def predict_masks(self, embeddings, memory, memory_padding_mask, projected, features):
+    def mask_predictor(self, embeddings, memory, memory_padding_mask, projected, features):
         """
-        Mask logits [batch, num_queries, H/4, W/4] of the queries' last-layer `embeddings`
-        [batch, num_queries, d]: their attention over the stride-32 `memory` [batch, d, h, w]
-        (`memory_padding_mask` [batch, h, w]), the projected features there [batch, d, h, w],
-        and the backbone's `features` by name (`features_with_padding_masks`).
+        The mask logits of any queries: a function of (batch_index, query_index), [N] each,
+        giving [N, H/4, W/4]. The attention maps of every query, `embeddings` [batch,
+        num_queries, d] of the last decoder layer over the stride-32 `memory` [batch, d, h,
+        w] (`memory_padding_mask` [batch, h, w]), cost little and are computed at once; the
+        convolutional head, on the `projected` features there and the backbone's `features`
+        by name, runs for the queries asked only (training: the matched ones), under the
+        autocast state of this call.
         """
         attention = self.bbox_attention(embeddings, memory, memory_padding_mask)
-        return self.mask_head(projected, attention, [features[name][0] for name in MASK_FEATURES])
+        fpn_features = [features[name] for name in MASK_FEATURES]
+        device_type = memory.device.type
+        autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+        def predict(batch_index, query_index):
+            with torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
+                return self.mask_head(projected, attention[batch_index, query_index], fpn_features, batch_index)
+
+        return predict
+
+    @staticmethod
+    def all_masks(predict, batch, num_queries, device):
+        """The official "pred_masks": every query's mask logits, [batch, num_queries, H/4, W/4]."""
+        batch_index = torch.arange(batch, device=device).repeat_interleave(num_queries)
+        query_index = torch.arange(num_queries, device=device).repeat(batch)
+        masks = predict(batch_index, query_index)
+        return masks.view(batch, num_queries, *masks.shape[-2:])
+
+    def add_masks(self, outputs, predict, lazy):
+        """Add to `outputs` every query's "pred_masks", or with `lazy` the "mask_predictor" for the queries needed."""
+        if lazy:
+            outputs["mask_predictor"] = predict
+        else:
+            batch, num_queries = outputs["pred_logits"].shape[:2]
+            outputs["pred_masks"] = self.all_masks(predict, batch, num_queries, outputs["pred_logits"].device)
+        return outputs
 
     def inference(self, pred_logits, pred_boxes, image_sizes):
-        """`postprocess.detections` as detectron2 Instances, one per image."""
-        scores, labels, boxes = detections(pred_logits, pred_boxes, image_sizes, self.class_loss, self.num_topk)
+        """`postprocess.detections` as detectron2 Instances, one per image, with the query of each detection."""
+        scores, labels, boxes, queries = detections(pred_logits, pred_boxes, image_sizes, self.class_loss, self.num_topk)
         results = []
         for i, (h, w) in enumerate(image_sizes):
             result = Instances((h, w))
             result.pred_boxes = Boxes(boxes[i])
             result.scores = scores[i]
             result.pred_classes = labels[i]
+            result.query_index = queries[i]
             results.append(result)
         return results
 
@@ -308,7 +342,7 @@ class SingleLevelDetector(SetPredictionDetector):
             return torch.cat([self.query_embed.weight, self.group_query_embed.weight]), self.query_groups
         return self.query_embed.weight, 1
 
-    def forward_outputs(self, images: ImageList):
+    def forward_outputs(self, images: ImageList, lazy_masks=False):
         all_features = features_with_padding_masks(self.backbone, images)
         features, mask = all_features[self.feature_name]
         pos = self.position_embedding(mask).to(features.dtype)
@@ -318,7 +352,8 @@ class SingleLevelDetector(SetPredictionDetector):
         hs, reference = out["hs"], out["reference"]
         if self.mask_on:
             memory = out["memory"].transpose(1, 2).reshape(projected.shape)
-            pred_masks = self.predict_masks(hs[-1], memory, mask, projected, all_features)
+            backbone_features = {name: feature for name, (feature, _) in all_features.items()}
+            predict_masks = self.mask_predictor(hs[-1], memory, mask, projected, backbone_features)
 
         with heads_in_float32(hs):
             hs, reference = as_float32((hs, reference))
@@ -333,5 +368,5 @@ class SingleLevelDetector(SetPredictionDetector):
             ],
         }
         if self.mask_on:
-            outputs["pred_masks"] = pred_masks
+            self.add_masks(outputs, predict_masks, lazy_masks)
         return outputs

@@ -68,8 +68,6 @@ class DETR(SingleLevelDetector):
     adds the paper's mask head (mask_head.py).
     """
 
-    supports_masks = True
-
     def __init__(self, cfg):
         def build_decoder(args):
             return DETRDecoder(args.HIDDEN_DIM, args.NHEADS, args.DEC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT)

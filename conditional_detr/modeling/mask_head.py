@@ -62,8 +62,9 @@ class MaskHeadSmallConv(nn.Module):
     concatenated with one query's attention maps, five 3x3 convolutions with GroupNorm(8)
     and ReLU, each of the last three after a nearest upsampling and the sum with a 1x1
     adapter of the next finer backbone stage (res4, res3, res2), then a 3x3 convolution to
-    one mask logit per stride-4 pixel. Each image's features and adapters are computed
-    once and shared by its queries, which the official code repeats per query.
+    one mask logit per stride-4 pixel. It runs for any queries of the batch, each with its
+    image's index: training asks for the matched ones only. Each image's adapters are
+    computed once and shared by its queries, which the official code repeats per query.
     """
 
     def __init__(self, dim, fpn_dims, context_dim):
@@ -80,28 +81,24 @@ class MaskHeadSmallConv(nn.Module):
                 nn.init.kaiming_uniform_(module.weight, a=1)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, features, attention_maps, fpn_features):
+    def forward(self, features, attention_maps, fpn_features, batch_index):
         """
         Args:
             features: [batch, C, H, W] the projected stride-32 features.
-            attention_maps: [batch, num_queries, num_heads, H, W]
+            attention_maps: [N, num_heads, H, W] those of N queries of the batch's images.
             fpn_features: the res4, res3 and res2 features, [batch, C_i, H_i, W_i] each.
+            batch_index: [N] the image of each query.
         Returns:
-            [batch, num_queries, H_2, W_2] mask logits at the size of res2.
+            [N, H_2, W_2] mask logits at the size of res2.
         """
-        batch, num_queries = attention_maps.shape[:2]
-        x = torch.cat([
-            features[:, None].expand(-1, num_queries, -1, -1, -1).flatten(0, 1), attention_maps.flatten(0, 1)
-        ], 1)
+        x = torch.cat([features[batch_index], attention_maps], 1)
         x = F.relu(self.gn1(self.lay1(x)))
         x = F.relu(self.gn2(self.lay2(x)))
         for i, fpn in enumerate(fpn_features):
             adapted = getattr(self, f"adapter{i + 1}")(fpn)  # once per image, shared by its queries
-            x = F.interpolate(x, size=adapted.shape[-2:], mode="nearest")
-            x = (x.view(batch, num_queries, *x.shape[1:]) + adapted[:, None]).flatten(0, 1)
+            x = adapted[batch_index] + F.interpolate(x, size=adapted.shape[-2:], mode="nearest")
             x = F.relu(getattr(self, f"gn{i + 3}")(getattr(self, f"lay{i + 3}")(x)))
-        x = self.out_lay(x)
-        return x.view(batch, num_queries, *x.shape[-2:])
+        return self.out_lay(x)[:, 0]
 
 
 def instance_masks(instances, height, width):

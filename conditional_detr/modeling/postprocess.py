@@ -1,9 +1,10 @@
 """From the heads' raw outputs to detections: what eager inference and the exported models share."""
 import torch
+import torch.nn.functional as F
 
 from .box_ops import box_cxcywh_to_xyxy, image_sizes_tensor
 
-__all__ = ["detections"]
+__all__ = ["detections", "full_image_masks"]
 
 
 def detections(pred_logits, pred_boxes, image_sizes, class_loss, num_topk):
@@ -17,12 +18,14 @@ def detections(pred_logits, pred_boxes, image_sizes, class_loss, num_topk):
             normalized cxcywh.
         image_sizes: [batch, 2] tensor of (height, width), or a list of pairs.
     Returns:
-        scores [batch, K], labels [batch, K] (contiguous class indices) and boxes [batch, K, 4]
-        (XYXY in the pixels of each image, not clipped); K is `num_topk` (focal) or the queries.
+        scores [batch, K], labels [batch, K] (contiguous class indices), boxes [batch, K, 4]
+        (XYXY in the pixels of each image, not clipped) and the query of each, [batch, K];
+        K is `num_topk` (focal) or the queries.
     """
     boxes = box_cxcywh_to_xyxy(pred_boxes)
     if class_loss == "softmax":
         scores, labels = pred_logits.softmax(-1)[..., :-1].max(-1)
+        query_index = torch.arange(pred_logits.shape[1], device=pred_logits.device).expand_as(labels)
     else:
         batch, num_queries, num_classes = pred_logits.shape
         k = min(num_topk, num_queries * num_classes)
@@ -32,4 +35,22 @@ def detections(pred_logits, pred_boxes, image_sizes, class_loss, num_topk):
         boxes = torch.gather(boxes, 1, query_index.unsqueeze(-1).expand(-1, -1, 4))
     sizes = image_sizes_tensor(image_sizes, boxes.device).to(boxes.dtype)
     scale = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=-1)[:, None]
-    return scores, labels, boxes * scale
+    return scores, labels, boxes * scale, query_index
+
+
+def full_image_masks(mask_logits, padded_size, image_size, output_size, threshold=0.5, chunk=16):
+    """
+    Stride-4 mask logits of the padded batch, [K, H/4, W/4], as [K, output_h, output_w] bool
+    masks of one image, as the official PostProcessSegm: upsampled bilinearly to the padded
+    size, thresholded, cropped to the image, resized (nearest) to the output size. `chunk`
+    masks at a time, so that the full-size floats of a hundred never coexist.
+    """
+    height, width = image_size
+    masks = []
+    for logits in mask_logits.split(chunk):
+        full = F.interpolate(logits[:, None].float(), size=tuple(padded_size), mode="bilinear", align_corners=False)
+        kept = (full[:, :, :height, :width].sigmoid() > threshold).float()
+        masks.append(F.interpolate(kept, size=tuple(output_size), mode="nearest")[:, 0] > 0.5)
+    if not masks:
+        return mask_logits.new_zeros((0, *output_size), dtype=torch.bool)
+    return torch.cat(masks)

@@ -68,7 +68,7 @@ class ExportableDetector(nn.Module):
         images = (images - model.pixel_mean) / model.pixel_std * inside[:, None].to(images.dtype)
         # the image sizes stay a tensor, so that the padding masks stay dynamic in the trace
         outputs = model.forward_outputs(ImageList(images, image_sizes))
-        scores, labels, boxes = detections(
+        scores, labels, boxes, _ = detections(
             outputs["pred_logits"], outputs["pred_boxes"], image_sizes, model.class_loss, model.num_topk
         )
         # detectron2's clipping to each image
