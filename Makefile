@@ -32,7 +32,7 @@ $(STAMPS)/torch: $(STAMPS)/venv
 # detectron2: an importable one is left alone; otherwise upstream from GitHub, and
 # where GitHub is out of reach the pure-Python PyPI republish (see docs/installation.md).
 $(STAMPS)/detectron2: $(STAMPS)/torch scripts/repack_detectron2.py
-	$(PIP) install "numpy<2" "setuptools<81" fvcore iopath pycocotools scipy ninja "Pillow>=9" safetensors \
+	$(PIP) install "numpy<2" "setuptools<81" fvcore iopath pycocotools scipy ninja "Pillow>=9" safetensors shapely \
 		"opencv-python-headless<4.12" tensorboard
 	$(PY) -c "import detectron2" 2>/dev/null || bash scripts/install_detectron2.sh $(PY) "$(DETECTRON2_REPUBLISH)"
 	touch $@

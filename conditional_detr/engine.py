@@ -27,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import ConditionalDETRCheckpointer
 from .config import get_config, resolve_device
 from .data.dataset_mapper import DetrDatasetMapper
-from .data.datasets import check_num_classes
+from .data.datasets import check_instance_masks, check_num_classes
 from .data.worker_transport import SmallTensorsByValue
 from .ema import EMAHook, build_ema
 from .solver import build_optimizer
@@ -229,6 +229,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        check_instance_masks(cfg, cfg.DATASETS.TRAIN)
         loader = build_detection_train_loader(
             cfg, mapper=loader_mapper(cfg, is_train=True), **train_loader_prefetch(cfg)
         )
@@ -246,6 +247,5 @@ class Trainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         # The C++ COCOeval of detectron2 is not always compiled; pycocotools gives the same numbers.
-        return COCOEvaluator(
-            dataset_name, tasks=("bbox",), output_dir=output_folder, use_fast_impl=False
-        )
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder, use_fast_impl=False)

@@ -210,3 +210,43 @@ def test_size_mismatch_with_dataset_is_reported(rgb_file):
     mapper = DetrDatasetMapper(make_cfg(), is_train=True)
     with pytest.raises(Exception, match="rgb.png"):
         mapper(dataset_dict(rgb_file, 50, 50, []))
+
+
+@pytest.mark.parametrize("mask_format", ["polygon", "bitmask"])
+def test_masks_follow_the_image_with_mask_on(tmp_path, mask_format):
+    """Under flip + resize + crop + resize, each instance's mask stays on the object, as its box does."""
+    import pycocotools.mask as mask_util
+
+    cfg = make_cfg(
+        "MODEL.MASK_ON", True, "INPUT.MASK_FORMAT", mask_format, "INPUT.CROP.PROB", 1.0,
+        "INPUT.MIN_SIZE_TRAIN", "(64, 80, 96)", "INPUT.MAX_SIZE_TRAIN", 1000,
+        "INPUT.CROP.RESIZE_BEFORE_CROP", "(100, 120)", "INPUT.CROP.SIZE", "(40, 90)",
+    )
+    box = (30, 20, 90, 70)
+    path = _white_box_image(tmp_path, 100, 140, box)
+    annotation = ann((30, 20, 60, 50))
+    if mask_format == "polygon":
+        annotation["segmentation"] = [[30, 20, 90, 20, 90, 70, 30, 70]]
+    else:  # RLE, as the shapes dataset stores its masks
+        full = np.zeros((100, 140), dtype=np.uint8, order="F")
+        full[20:70, 30:90] = 1
+        annotation["segmentation"] = mask_util.encode(full)
+    mapper = DetrDatasetMapper(cfg, is_train=True)
+    kept = 0
+    for seed in range(20):
+        np.random.seed(seed)
+        out = mapper(dataset_dict(path, 100, 140, [dict(annotation)]))
+        instances = out["instances"]
+        assert len(instances.gt_masks) == len(instances.gt_boxes)
+        if not len(instances):
+            continue
+        kept += 1
+        masks = instances.gt_masks
+        masks = masks.tensor if hasattr(masks, "tensor") else torch.as_tensor(
+            np.stack([mask_util.decode(mask_util.merge(mask_util.frPyObjects(p, *out["image"].shape[1:]))) for p in masks.polygons])
+        )
+        assert masks.shape[1:] == out["image"].shape[1:]
+        white = out["image"].numpy().min(0) > 127
+        inside = masks[0].numpy().astype(bool)
+        assert (inside & white).sum() >= 0.9 * inside.sum()  # the mask lies on the object
+    assert kept > 0

@@ -2,6 +2,8 @@
 DETR's mask head (MODEL.MASK_ON) and what it reads from the detectors: the encoder's memory
 beside the decoder's outputs, and the backbone's finer stages with their padding masks.
 """
+import json
+
 import pytest
 import torch
 from detectron2.modeling import build_model
@@ -11,6 +13,7 @@ from conditional_detr.engine import get_config
 from conditional_detr.modeling.backbone import build_resnet_like_torchvision, features_with_padding_masks
 from conditional_detr.modeling.mask_head import AttentionMap
 
+from helpers.paths import INSTANT_CONFIG
 from helpers.tiny import HIDDEN_DIM, tiny_batch, tiny_deformable_cfg, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -184,3 +187,50 @@ def test_inference_gives_full_image_masks_of_each_detection_and_a_batch_changes_
     torch.testing.assert_close(together.scores, alone.scores, atol=1e-4, rtol=0)
     assert (together.pred_masks != alone.pred_masks).float().mean() < 1e-3
     assert not alone.has("query_index")
+
+
+INSTANT_MASK_OPTS = (
+    "MODEL.MASK_ON", True, "INPUT.MASK_FORMAT", "bitmask", "MODEL.RESNETS.OUT_FEATURES", "['res5']",
+    "MODEL.DETR.HIDDEN_DIM", 128, "MODEL.DETR.NHEADS", 8, "SOLVER.MAX_ITER", 3, "SOLVER.STEPS", "(2,)",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_each_detector_trains_its_head_on_the_shapes_masks_and_evaluates_segm_ap(shapes_root, tmp_path, architecture):
+    import train_net
+
+    from helpers.paths import DEFORMABLE_INSTANT_CONFIG
+    from helpers.training import cli_args, instant_opts, read_metrics
+
+    config = DEFORMABLE_INSTANT_CONFIG if architecture == "DeformableDETR" else INSTANT_CONFIG
+    opts = list(INSTANT_MASK_OPTS)
+    if architecture == "DeformableDETR":
+        opts[opts.index("MODEL.RESNETS.OUT_FEATURES") + 1] = "['res3', 'res4', 'res5']"
+    if architecture == "DETR":
+        opts += ["MODEL.META_ARCHITECTURE", "DETR", "MODEL.DETR.CLASS_LOSS", "softmax"]
+    out = tmp_path / "run"
+    train_net.main(cli_args(*instant_opts(out, *opts), config_file=config))
+    records = read_metrics(out)
+    losses = [r for r in records if "total_loss" in r]
+    assert losses and {"loss_mask", "loss_dice"} <= set(losses[-1])
+    # COCOEvaluator's segm task on the dataset's RLE masks, after training
+    evaluation = next(r for r in records if "segm/AP" in r)
+    assert 0 <= evaluation["segm/AP"] <= 100 and 0 <= evaluation["bbox/AP"] <= 100
+    results = json.load(open(out / "inference" / "coco_instances_results.json"))
+    assert results and all("segmentation" in r for r in results)
+
+
+def test_a_dataset_without_masks_stops_before_training(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from conditional_detr.data.datasets import check_instance_masks
+
+    name = "boxes_only_for_the_mask_check"
+    DatasetCatalog.register(name, lambda: [{"annotations": [{"bbox": [0, 0, 4, 4], "category_id": 0}]}])
+    try:
+        cfg = get_config(opts=["MODEL.MASK_ON", True])
+        with pytest.raises(ValueError, match=rf"MODEL.MASK_ON, but 1 of the 1 annotations of dataset '{name}' carry no mask"):
+            check_instance_masks(cfg, [name])
+    finally:
+        DatasetCatalog.remove(name)

@@ -332,3 +332,34 @@ def test_coco_evaluator_on_ground_truth(registered):
         evaluator.process([{"image_id": d["image_id"]}], [{"instances": instances}])
     results = evaluator.evaluate()
     assert results["bbox"]["AP"] == pytest.approx(100.0)
+
+
+def test_each_annotation_carries_its_exact_instance_mask():
+    import pycocotools.mask as mask_util
+
+    checked = 0
+    for index in range(20):
+        image, annotations = shapes.generate_shapes_image(SMALL, "train", index)
+        covered = np.zeros(image.shape[:2], dtype=int)
+        for ann in annotations:
+            mask = mask_util.decode(ann["segmentation"]).astype(bool)
+            assert mask.shape == image.shape[:2] and mask.sum() == ann["area"] > 0
+            ys, xs = np.nonzero(mask)
+            x, y, w, h = ann["bbox"]  # tight around the mask: the same visible pixels
+            assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x, y, x + w, y + h)
+            covered += mask
+            checked += 1
+        assert covered.max() <= 1  # a pixel belongs to one shape at most: occlusion is in the masks
+    assert checked > 10
+
+
+def test_a_cache_of_the_previous_format_is_drawn_again(registered, tmp_path):
+    root = registered()
+    DatasetCatalog.get("shapes_train")
+    manifest_path = os.path.join(root, "train", "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["version"] = shapes.GENERATOR_VERSION - 1  # as written before the masks
+    json.dump(manifest, open(manifest_path, "w"))
+    records = DatasetCatalog.get("shapes_train")
+    assert json.load(open(manifest_path))["version"] == shapes.GENERATOR_VERSION
+    assert all("segmentation" in a for r in records for a in r["annotations"])

@@ -8,7 +8,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
-from detectron2.structures import Boxes, BoxMode, Instances
+from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
 
 __all__ = ["DetrDatasetMapper", "add_detr_augmentation_config", "build_detr_augmentation"]
 
@@ -72,22 +72,31 @@ class DetrDatasetMapper:
 
     The output dict has "image" (CHW uint8 tensor in INPUT.FORMAT) and, in training,
     "instances" with `gt_boxes` (absolute XYXY in the augmented image) and
-    `gt_classes`. Crowd annotations are dropped: DETR's set loss has no notion of
-    "ignore". Boxes that are degenerate, or that the crop left empty, are dropped
-    too; an image without any box is still returned, as the set loss handles it.
+    `gt_classes`, and with MODEL.MASK_ON `gt_masks` (detectron2's DatasetMapper habits:
+    polygons or, with INPUT.MASK_FORMAT "bitmask", RLE too). Crowd annotations are dropped:
+    DETR's set loss has no notion of "ignore". Boxes that are degenerate, or that the crop
+    left empty, are dropped too; an image without any box is still returned, as the set
+    loss handles it.
     """
 
     @configurable
-    def __init__(self, is_train: bool, *, augmentations: List[T.Augmentation], image_format: str):
+    def __init__(
+        self, is_train: bool, *, augmentations: List[T.Augmentation], image_format: str,
+        use_instance_mask: bool = False, instance_mask_format: str = "polygon",
+    ):
         """
         Args:
             is_train: whether annotations are kept and mapped.
             augmentations: applied in order to the image and its boxes.
             image_format: an image format supported by :func:`detection_utils.read_image`.
+            use_instance_mask: whether the instances carry the annotations' masks.
+            instance_mask_format: "polygon" or "bitmask", as detectron2's.
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
+        self.use_instance_mask = use_instance_mask
+        self.instance_mask_format = instance_mask_format
         mode = "training" if is_train else "inference"
         logging.getLogger(__name__).info(
             f"[DetrDatasetMapper] Augmentations used in {mode}: {augmentations}"
@@ -99,6 +108,8 @@ class DetrDatasetMapper:
             "is_train": is_train,
             "augmentations": build_detr_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
+            "use_instance_mask": cfg.MODEL.MASK_ON,
+            "instance_mask_format": cfg.INPUT.MASK_FORMAT,
         }
 
     def __call__(self, dataset_dict):
@@ -121,6 +132,17 @@ class DetrDatasetMapper:
         dataset_dict["instances"] = self._annotations_to_instances(annos, transforms, image_shape)
         return dataset_dict
 
+    def _masks(self, annos, transforms, image_shape):
+        """The annotations' masks through the same transforms, as detectron2's mapper gives them."""
+        annos = [utils.transform_instance_annotations(obj, transforms, image_shape) for obj in annos]
+        try:
+            return utils.annotations_to_instances(annos, image_shape, self.instance_mask_format).gt_masks
+        except ValueError as e:
+            raise ValueError(
+                f"the annotations' masks are not of INPUT.MASK_FORMAT {self.instance_mask_format!r} (RLE masks "
+                f"need 'bitmask'): {e}"
+            ) from e
+
     def _read_image(self, dataset_dict) -> np.ndarray:
         file_name = dataset_dict["file_name"]
         try:
@@ -130,8 +152,7 @@ class DetrDatasetMapper:
             # Errors of truncated or corrupt files often do not say which file it was.
             raise OSError(f"Cannot read image {file_name!r}: {type(e).__name__}: {e}") from e
 
-    @staticmethod
-    def _annotations_to_instances(annos, transforms, image_shape) -> Instances:
+    def _annotations_to_instances(self, annos, transforms, image_shape) -> Instances:
         annos = [obj for obj in annos if obj.get("iscrowd", 0) == 0]
         boxes = np.array(
             [BoxMode.convert(obj["bbox"], obj["bbox_mode"], BoxMode.XYXY_ABS) for obj in annos],
@@ -145,6 +166,13 @@ class DetrDatasetMapper:
             & (boxes[:, 3] > boxes[:, 1])
         )
         boxes, classes = boxes[valid], classes[valid]
+        masks = None
+        if self.use_instance_mask:
+            valid_annos = [obj for obj, ok in zip(annos, valid) if ok]
+            if valid_annos:
+                masks = self._masks(valid_annos, transforms, image_shape)
+            else:
+                masks = BitMasks(torch.zeros((0, *image_shape), dtype=torch.bool))
         if len(boxes):
             boxes = transforms.apply_box(boxes)
 
@@ -157,4 +185,6 @@ class DetrDatasetMapper:
         instances = Instances(image_shape)
         instances.gt_boxes = boxes[keep]
         instances.gt_classes = torch.as_tensor(classes)[keep]
+        if masks is not None:
+            instances.gt_masks = masks[keep]
         return instances

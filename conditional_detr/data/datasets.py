@@ -20,6 +20,7 @@ __all__ = [
     "add_coco_datasets",
     "dataset_class_names",
     "model_class_names",
+    "check_instance_masks",
     "check_num_classes",
 ]
 
@@ -131,4 +132,26 @@ def check_num_classes(cfg, dataset_names):
             raise ValueError(
                 f"MODEL.DETR.NUM_CLASSES is {num_classes} but dataset {name!r} has "
                 f"{len(names)} categories ({shown}); set NUM_CLASSES to {len(names)}"
+            )
+
+
+def check_instance_masks(cfg, dataset_names):
+    """
+    With MODEL.MASK_ON, stop before training when a dataset's annotations carry no masks
+    ("segmentation"), or RLE masks that INPUT.MASK_FORMAT "polygon" cannot take. Reads the
+    datasets' records (the loader reads them again: a mask model's run can afford it).
+    """
+    if not cfg.MODEL.MASK_ON:
+        return
+    for name in dataset_names:
+        annotations = [a for record in DatasetCatalog.get(name) for a in record.get("annotations", ())]
+        without = sum("segmentation" not in a for a in annotations)
+        if without:
+            raise ValueError(
+                f"MODEL.MASK_ON, but {without} of the {len(annotations)} annotations of dataset {name!r} carry no "
+                "mask ('segmentation'): train the mask head on a dataset with instance masks, or set MODEL.MASK_ON False"
+            )
+        if cfg.INPUT.MASK_FORMAT == "polygon" and any(isinstance(a["segmentation"], dict) for a in annotations):
+            raise ValueError(
+                f"dataset {name!r} has RLE masks, which INPUT.MASK_FORMAT 'polygon' cannot take: set INPUT.MASK_FORMAT bitmask"
             )

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import pycocotools.mask as mask_util
 from PIL import Image, ImageDraw
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -53,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 # Bump whenever the generator changes what it draws for given parameters, so that
 # caches written by an older generator are regenerated instead of silently reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: every annotation carries its instance mask
 
 SHAPE_CATEGORIES = ("circle", "rectangle", "triangle", "star", "cross")
 
@@ -342,8 +343,9 @@ def generate_shapes_image(params: ShapesParams, split: str, index: int):
 
     Returns:
         image (H, W, 3) uint8 RGB and a list of annotations, each a dict with
-        "category" (name), "bbox" ([x, y, w, h], tight around the visible pixels)
-        and "area" (the visible pixel count).
+        "category" (name), "bbox" ([x, y, w, h], tight around the visible pixels),
+        "area" (the visible pixel count) and "segmentation", the visible pixels as COCO's
+        compressed RLE: exactly those the shape was drawn on and no later one covers.
     """
     p = params
     rng = np.random.default_rng([p.seed, SPLITS.index(split), index])
@@ -369,18 +371,23 @@ def generate_shapes_image(params: ShapesParams, split: str, index: int):
 
     annotations = []
     for k, (category, ((cx, cy, cw, ch), _)) in enumerate(zip(placed, objects)):
-        ys, xs = np.nonzero(labels[cy : cy + ch, cx : cx + cw] == k + 1)
+        visible = labels[cy : cy + ch, cx : cx + cw] == k + 1
+        ys, xs = np.nonzero(visible)
         x0, x1, y0, y1 = (
             cx + int(xs.min()),
             cx + int(xs.max()),
             cy + int(ys.min()),
             cy + int(ys.max()),
         )
+        mask = np.zeros((h, w), dtype=np.uint8, order="F")
+        mask[cy : cy + ch, cx : cx + cw] = visible
+        rle = mask_util.encode(mask)
         annotations.append(
             {
                 "category": category,
                 "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
                 "area": int(len(xs)),
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
             }
         )
     return canvas, annotations
@@ -498,6 +505,7 @@ def generate_shapes_split(
                     "category_id": cat_ids[ann["category"]],
                     "bbox": ann["bbox"],
                     "area": ann["area"],
+                    "segmentation": ann["segmentation"],
                     "iscrowd": 0,
                 }
             )
