@@ -90,6 +90,10 @@ def add_conditional_detr_config(cfg):
     # MODEL.MASK_ON only (DETR's mask head): weights of the masks' sigmoid focal loss and DICE loss.
     cfg.MODEL.DETR.MASK_WEIGHT = 1.0
     cfg.MODEL.DETR.DICE_WEIGHT = 1.0
+    # MODEL.MASK_ON only: freeze every parameter of the detector and train the mask head alone,
+    # the paper's recipe on a trained detector (the official --frozen_weights); False trains
+    # both together.
+    cfg.MODEL.DETR.TRAIN_MASK_HEAD_ONLY = False
     # The compiled ops (cross-attention, deformable attention, dropout): "auto" (compiled
     # where built for the device), "compiled" (fail where unavailable) or "pytorch" (the
     # reference path).

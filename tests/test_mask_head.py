@@ -234,3 +234,40 @@ def test_a_dataset_without_masks_stops_before_training(tmp_path):
             check_instance_masks(cfg, [name])
     finally:
         DatasetCatalog.remove(name)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_papers_recipe_freezes_the_detector_and_trains_the_head_from_a_detection_checkpoint(
+    architecture, tmp_path, caplog
+):
+    import logging
+
+    from conditional_detr.checkpoint import ConditionalDETRCheckpointer
+
+    detector = masked_model(architecture, **{"MODEL.MASK_ON": False})
+    ConditionalDETRCheckpointer(detector, str(tmp_path)).save("detector")
+    model = masked_model(architecture, TRAIN_MASK_HEAD_ONLY=True).train()
+    head = {id(p) for p in [*model.bbox_attention.parameters(), *model.mask_head.parameters()]}
+    assert all(p.requires_grad == (id(p) in head) for p in model.parameters())
+    initial_head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("bbox_attention", "mask_head"))}
+    with caplog.at_level(logging.INFO):
+        ConditionalDETRCheckpointer(model).load(str(tmp_path / "detector.pth"))
+    assert "a detector's checkpoint, without the mask head: the mask head (bbox_attention, mask_head) starts from its initialization" in caplog.text
+    for key, value in detector.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in initial_head.items())
+    sum(model(with_polygon_masks(tiny_batch())).values()).backward()
+    assert all((p.grad is not None) == (id(p) in head) for p in model.parameters())
+    with pytest.raises(ValueError, match="TRAIN_MASK_HEAD_ONLY trains the mask head alone: it needs MODEL.MASK_ON True"):
+        masked_model(architecture, TRAIN_MASK_HEAD_ONLY=True, **{"MODEL.MASK_ON": False})
+
+
+def test_an_official_detection_checkpoint_loads_into_a_model_with_the_head(tmp_path):
+    from helpers.official import reference_file, tiny_detr_fixture_cfg
+
+    from conditional_detr.checkpoint import ConditionalDETRCheckpointer
+
+    cfg = tiny_detr_fixture_cfg()
+    cfg.MODEL.MASK_ON = True
+    model = build_model(cfg)
+    ConditionalDETRCheckpointer(model).load(str(reference_file("official_detr_r18_tiny.pth")))  # no error: the head is new

@@ -8,6 +8,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from ..data.datasets import model_class_names
 from . import formats, huggingface
 from .catalog import SCHEME, official_checkpoint
+from .official import MASK_HEAD_PREFIXES
 from .class_heads import (
     COCO_CLASS_NAMES,
     CONFIG_KEY as CLASS_HEAD_KEY,
@@ -79,6 +80,11 @@ class ConditionalDETRCheckpointer(DetectionCheckpointer):
         elif checkpoint_names is None and self._loading_model_zoo_detector():
             checkpoint_names = COCO_CLASS_NAMES
         self._fit_class_heads(state_dict, checkpoint_names, filename)
+        if getattr(self.model, "mask_on", False) and not any(k.startswith(MASK_HEAD_PREFIXES) for k in state_dict):
+            logging.getLogger(__name__).info(
+                f"{filename}: a detector's checkpoint, without the mask head: the mask head (bbox_attention, "
+                "mask_head) starts from its initialization"
+            )
         return checkpoint
 
     def _read(self, filename):

@@ -68,7 +68,8 @@ def check_fits(model, state_dict, source, hint="check the layers, queries, width
     exactly the model's keys and shapes: where it does not, its architecture differs
     (layers, box refinement, two-stage, sampling points...), and loading the rest, which
     detectron2 does with a warning, would give a model that computes something else. Class
-    heads may differ in rows: fitting them to the model's classes is the checkpointer's.
+    heads may differ in rows: fitting them to the model's classes is the checkpointer's. A
+    detector's checkpoint fits a model with the mask head, which keeps its initialization.
     """
     # BatchNorm counters and extra query groups are the model's own, never in such files
     model_state = {
@@ -76,7 +77,9 @@ def check_fits(model, state_dict, source, hint="check the layers, queries, width
         if not k.endswith("num_batches_tracked") and not k.startswith("group_query_embed.")
     }
     does_not_fit = f"{source} does not fit MODEL.META_ARCHITECTURE {type(model).__name__} as configured"
-    missing, unexpected = sorted(model_state.keys() - state_dict.keys()), sorted(state_dict.keys() - model_state.keys())
+    # a detector's checkpoint in a model with the mask head: the head starts from its initialization
+    missing = sorted(k for k in model_state.keys() - state_dict.keys() if not k.startswith(official.MASK_HEAD_PREFIXES))
+    unexpected = sorted(state_dict.keys() - model_state.keys())
     if missing or unexpected:
         raise ValueError(
             f"{does_not_fit}: {len(missing)} of the model's keys are missing (such as {missing[:2]}) and "
@@ -85,7 +88,7 @@ def check_fits(model, state_dict, source, hint="check the layers, queries, width
     class_keys = set(class_head_keys(state_dict))
     resized = [
         f"{k} {tuple(state_dict[k].shape)} (the model's: {tuple(v.shape)})" for k, v in model_state.items()
-        if k not in class_keys and tuple(state_dict[k].shape) != tuple(v.shape)
+        if k in state_dict and k not in class_keys and tuple(state_dict[k].shape) != tuple(v.shape)
     ]
     if resized:
         raise ValueError(f"{does_not_fit}: {len(resized)} tensors differ in shape, such as {'; '.join(resized[:2])}; {hint}")

@@ -95,9 +95,6 @@ class DeformableDETR(SetPredictionDetector):
         self.input_proj = nn.ModuleList(projections)
         self.use_memory_format(self.backbone, self.input_proj)
         self.position_embedding = PositionEmbeddingSine(hidden_dim // 2, offset=0.5)
-        if self.mask_on:
-            # on the stride-32 level, whose memory and projected features are DETR's
-            self.build_mask_head(hidden_dim, args.NHEADS, self.feature_names[-1])
 
         self.transformer = DeformableTransformer(
             hidden_dim, args.NHEADS, args.ENC_LAYERS, args.DEC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT,
@@ -111,6 +108,9 @@ class DeformableDETR(SetPredictionDetector):
             {f"{k}_enc": v for k, v in list(self.criterion.weight_dict.items())[:3]}
         )
         self.lr_multipliers = {name: deformable.LINEAR_PROJ_LR_MULTIPLIER for name in LINEAR_PROJECTION_NAMES}
+        if self.mask_on:
+            # on the stride-32 level, whose memory and projected features are DETR's
+            self.build_mask_head(hidden_dim, args.NHEADS, self.feature_names[-1])
 
     def build_heads(self, hidden_dim, num_decoder_layers):
         class_embed = nn.Linear(hidden_dim, self.num_classes)

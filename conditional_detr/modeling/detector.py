@@ -88,6 +88,9 @@ class SetPredictionDetector(nn.Module):
         self.class_loss = config_choice(cfg, "CLASS_LOSS", CLASS_LOSSES)
         # DETR's mask head (mask_head.py) on the last decoder layer, for every detector
         self.mask_on = cfg.MODEL.MASK_ON
+        self.train_mask_head_only = args.TRAIN_MASK_HEAD_ONLY
+        if self.train_mask_head_only and not self.mask_on:
+            raise ValueError("MODEL.DETR.TRAIN_MASK_HEAD_ONLY trains the mask head alone: it needs MODEL.MASK_ON True")
 
         matcher = HungarianMatcher(
             cost_class=args.CLASS_COST, cost_bbox=args.L1_COST, cost_giou=args.GIOU_COST,
@@ -230,8 +233,10 @@ class SetPredictionDetector(nn.Module):
 
     def build_mask_head(self, hidden_dim, num_heads, transformer_feature):
         """
-        DETR's mask head on this detector: an attention map over its stride-32 memory and
-        the convolutional head on the backbone's MASK_FEATURES, under the official names.
+        DETR's mask head on this detector, built last: an attention map over its stride-32
+        memory and the convolutional head on the backbone's MASK_FEATURES, under the
+        official names. With MODEL.DETR.TRAIN_MASK_HEAD_ONLY everything built before it is
+        frozen.
         """
         if transformer_feature != "res5":
             raise ValueError(
@@ -243,6 +248,9 @@ class SetPredictionDetector(nn.Module):
                 f"MODEL.MASK_ON: the mask head's GroupNorms of 8 groups need MODEL.DETR.HIDDEN_DIM a multiple of 128 "
                 f"and HIDDEN_DIM + NHEADS a multiple of 8, got {hidden_dim} and {num_heads}"
             )
+        if self.train_mask_head_only:
+            for parameter in self.parameters():
+                parameter.requires_grad_(False)
         shapes = self.backbone.output_shape()
         self.bbox_attention = AttentionMap(hidden_dim, hidden_dim, num_heads)
         self.mask_head = MaskHeadSmallConv(
