@@ -271,3 +271,16 @@ def test_an_official_detection_checkpoint_loads_into_a_model_with_the_head(tmp_p
     cfg.MODEL.MASK_ON = True
     model = build_model(cfg)
     ConditionalDETRCheckpointer(model).load(str(reference_file("official_detr_r18_tiny.pth")))  # no error: the head is new
+
+
+@pytest.mark.slow
+def test_the_cost_benchmark_measures_the_head_side_by_side(tmp_path):
+    from conditional_detr.tools import benchmark_mask_head
+
+    path = tmp_path / "cost.json"
+    results = benchmark_mask_head.main(["--image-size", "96", "128", "--detectors", "DETR", "--json", str(path)])
+    row = results["DETR"]
+    assert row["head_parameters"] == 1_333_657  # the official head's, for ResNet-50 and 8 heads
+    assert row["head_gflops_every_query"] > 0
+    assert row["peak_train_MiB_head_every_query"] > row["peak_train_MiB_head_matched_queries"]
+    assert json.loads(path.read_text())["speedups"]["every_query_peak_over_matched_queries_peak"]["DETR"] > 1

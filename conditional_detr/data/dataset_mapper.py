@@ -135,6 +135,9 @@ class DetrDatasetMapper:
     def _masks(self, annos, transforms, image_shape):
         """The annotations' masks through the same transforms, as detectron2's mapper gives them."""
         annos = [utils.transform_instance_annotations(obj, transforms, image_shape) for obj in annos]
+        for obj in annos:  # a decoded RLE is read-only, which torch warns of
+            if isinstance(obj["segmentation"], np.ndarray):
+                obj["segmentation"] = np.array(obj["segmentation"])
         try:
             return utils.annotations_to_instances(annos, image_shape, self.instance_mask_format).gt_masks
         except ValueError as e:
