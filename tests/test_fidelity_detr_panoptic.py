@@ -116,3 +116,23 @@ def test_full_image_masks_are_the_official_segm_post_processing(reference_io):
         assert masks.shape == official["masks"][:, 0].shape
         # bilinear upsampling and a threshold: equal but for float rounding at a mask's edge
         assert (masks != official["masks"][:, 0].bool()).float().mean() < 1e-5
+
+
+def test_panoptic_segmentation_is_the_official_post_processing_segment_for_segment(reference_io):
+    from conditional_detr.modeling.postprocess import panoptic_segmentation
+
+    crafted = reference_io["crafted"]
+    thing_classes = torch.arange(PANOPTIC_CLASSES) <= 90  # the official is_thing_map
+    for i, (image, official) in enumerate(zip(reference_io["images_uint8_rgb"], reference_io["panoptic"])):
+        size = tuple(image.shape[1:])
+        segment_ids, segments = panoptic_segmentation(
+            crafted["pred_logits"][i], crafted["pred_masks"][i], size, size, thing_classes, "softmax"
+        )
+        assert len(segments) == len(official["segments_info"]) > 1
+        assert any(not s["isthing"] for s in segments) and any(s["isthing"] for s in segments)
+        for ours, theirs in zip(segments, official["segments_info"]):  # in query order, ids from 0 there
+            assert (ours["category_id"], ours["isthing"], ours["area"]) == (
+                theirs["category_id"], theirs["isthing"], theirs["area"]
+            )
+            assert torch.equal(segment_ids == ours["id"], official["segment_ids"] == theirs["id"])
+        assert (segment_ids > 0).all()  # the official assignment leaves no pixel unassigned

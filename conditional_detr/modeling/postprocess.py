@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from .box_ops import box_cxcywh_to_xyxy, image_sizes_tensor
 
-__all__ = ["detections", "full_image_masks"]
+__all__ = ["detections", "full_image_masks", "panoptic_segmentation"]
 
 
 def detections(pred_logits, pred_boxes, image_sizes, class_loss, num_topk):
@@ -54,3 +54,65 @@ def full_image_masks(mask_logits, padded_size, image_size, output_size, threshol
     if not masks:
         return mask_logits.new_zeros((0, *output_size), dtype=torch.bool)
     return torch.cat(masks)
+
+
+def panoptic_segmentation(class_logits, mask_logits, image_size, output_size, thing_classes, class_loss,
+                          threshold=0.85, min_area=4):
+    """
+    One image's panoptic segmentation from its queries, with the official PostProcessPanoptic
+    semantics, vectorized over queries and pixels:
+
+    - kept queries: those whose best class is not "no object" (softmax) and whose score is
+      above `threshold`; a focal-loss head has no "no object", so there its best class's
+      sigmoid score alone decides;
+    - their stride-4 mask logits of the padded batch resized bilinearly to `image_size` (as
+      the official code, which evaluates one image per batch), each pixel to the kept query
+      of highest logit;
+    - the queries of one stuff class merged into the first of them; segments of `min_area`
+      pixels or fewer (at the output size) dropped and the pixels assigned again among the
+      others (without merging, as the official code), until none is that small.
+
+    Args:
+        class_logits: [Q, num_class_logits]; mask_logits: [Q, H/4, W/4].
+        image_size: (h, w) the masks are resized to; output_size: (height, width) of the result.
+        thing_classes: [num_classes] bool, whether each class is a thing.
+    Returns:
+        segment ids [height, width] int32 (0: no segment, else 1 + the segment's index) and the
+        segments: a list of dicts with "id", "category_id" (the model's class), "isthing",
+        "score" and "area" (pixels).
+    """
+    if class_loss == "softmax":
+        scores, labels = class_logits.softmax(-1).max(-1)
+        keep = (labels != class_logits.shape[-1] - 1) & (scores > threshold)
+    else:
+        scores, labels = class_logits.sigmoid().max(-1)
+        keep = scores > threshold
+    scores, labels = scores[keep], labels[keep]
+    masks = F.interpolate(mask_logits[keep][None].float(), size=tuple(image_size), mode="bilinear", align_corners=False)[0]
+    if not len(labels):
+        return torch.zeros(tuple(output_size), dtype=torch.int32, device=mask_logits.device), []
+
+    def assign(masks, merge_stuff):
+        index = masks.argmax(0)
+        if merge_stuff:
+            # every query of a stuff class to the first of them
+            stuff = ~thing_classes[labels]
+            same = (labels[:, None] == labels[None, :]) & stuff[:, None] & stuff[None, :]
+            first = torch.where(same.any(1), same.int().argmax(1), torch.arange(len(labels), device=labels.device))
+            index = first[index]
+        if tuple(output_size) != tuple(image_size):
+            index = F.interpolate(index[None, None].float(), size=tuple(output_size), mode="nearest")[0, 0].long()
+        return index, torch.bincount(index.flatten(), minlength=len(masks))
+
+    index, areas = assign(masks, merge_stuff=True)
+    while (areas <= min_area).any():
+        large = areas > min_area
+        scores, labels, masks = scores[large], labels[large], masks[large]
+        if not len(labels):
+            return torch.zeros(tuple(output_size), dtype=torch.int32, device=mask_logits.device), []
+        index, areas = assign(masks, merge_stuff=False)
+    segments = [
+        {"id": i + 1, "category_id": int(label), "isthing": bool(thing_classes[label]), "score": float(score), "area": int(area)}
+        for i, (label, score, area) in enumerate(zip(labels, scores, areas))
+    ]
+    return (index + 1).to(torch.int32), segments
