@@ -94,6 +94,12 @@ def add_conditional_detr_config(cfg):
     # the paper's recipe on a trained detector (the official --frozen_weights); False trains
     # both together.
     cfg.MODEL.DETR.TRAIN_MASK_HEAD_ONLY = False
+    # MODEL.MASK_ON only: inference returns "panoptic_seg" too, DETR's panoptic segmentation.
+    cfg.MODEL.DETR.PANOPTIC_ON = False
+    # Its queries: those whose best class (not "no object") scores above this.
+    cfg.MODEL.DETR.PANOPTIC_THRESHOLD = 0.85
+    # Its segments of this many pixels or fewer are dropped and their pixels assigned again.
+    cfg.MODEL.DETR.PANOPTIC_MIN_AREA = 4
     # The compiled ops (cross-attention, deformable attention, dropout): "auto" (compiled
     # where built for the device), "compiled" (fail where unavailable) or "pytorch" (the
     # reference path).

@@ -119,15 +119,14 @@ def test_full_image_masks_are_the_official_segm_post_processing(reference_io):
 
 
 def test_panoptic_segmentation_is_the_official_post_processing_segment_for_segment(reference_io):
-    from conditional_detr.modeling.postprocess import panoptic_segmentation
+    from conditional_detr.modeling.postprocess import panoptic_queries, panoptic_segmentation
 
     crafted = reference_io["crafted"]
     thing_classes = torch.arange(PANOPTIC_CLASSES) <= 90  # the official is_thing_map
     for i, (image, official) in enumerate(zip(reference_io["images_uint8_rgb"], reference_io["panoptic"])):
         size = tuple(image.shape[1:])
-        segment_ids, segments = panoptic_segmentation(
-            crafted["pred_logits"][i], crafted["pred_masks"][i], size, size, thing_classes, "softmax"
-        )
+        kept, scores, labels = panoptic_queries(crafted["pred_logits"][i], "softmax")
+        segment_ids, segments = panoptic_segmentation(scores, labels, crafted["pred_masks"][i][kept], size, size, thing_classes)
         assert len(segments) == len(official["segments_info"]) > 1
         assert any(not s["isthing"] for s in segments) and any(s["isthing"] for s in segments)
         for ours, theirs in zip(segments, official["segments_info"]):  # in query order, ids from 0 there

@@ -284,3 +284,26 @@ def test_the_cost_benchmark_measures_the_head_side_by_side(tmp_path):
     assert row["head_gflops_every_query"] > 0
     assert row["peak_train_MiB_head_every_query"] > row["peak_train_MiB_head_matched_queries"]
     assert json.loads(path.read_text())["speedups"]["every_query_peak_over_matched_queries_peak"]["DETR"] > 1
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_panoptic_segmentation_in_detectron2s_format(architecture):
+    # a random model's scores are low: every query kept, as a trained one keeps its confident ones
+    model = masked_model(architecture, PANOPTIC_ON=True, PANOPTIC_THRESHOLD=0.0).eval()
+    generator = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.rand(3, 64, 96, generator=generator) * 255, "height": 96, "width": 144}]
+    with torch.no_grad():
+        output = model(inputs)[0]
+    segment_ids, segments = output["panoptic_seg"]
+    assert segment_ids.shape == (96, 144) and segment_ids.dtype == torch.int32
+    assert segments and [s["id"] for s in segments] == list(range(1, len(segments) + 1))
+    for segment in segments:
+        assert segment["area"] == (segment_ids == segment["id"]).sum() > model.panoptic_min_area
+        assert 0 <= segment["category_id"] < model.num_classes and 0 < segment["score"] <= 1
+        assert segment["isthing"]  # a dataset without stuff: every class a thing
+    assert "instances" in output
+
+
+def test_panoptic_needs_the_mask_head():
+    with pytest.raises(ValueError, match="PANOPTIC_ON segments with the mask head: it needs MODEL.MASK_ON True"):
+        masked_detr(PANOPTIC_ON=True, **{"MODEL.MASK_ON": False})

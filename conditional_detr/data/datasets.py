@@ -10,7 +10,9 @@ predictions back to the json's ids and reports AP per name.
 import json
 import os
 
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.data.datasets.coco import load_coco_json
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "dataset_class_names",
     "model_class_names",
     "check_instance_masks",
+    "thing_classes",
     "check_num_classes",
 ]
 
@@ -155,3 +158,21 @@ def check_instance_masks(cfg, dataset_names):
             raise ValueError(
                 f"dataset {name!r} has RLE masks, which INPUT.MASK_FORMAT 'polygon' cannot take: set INPUT.MASK_FORMAT bitmask"
             )
+
+
+def thing_classes(cfg):
+    """
+    Whether each of the model's classes is a thing (else stuff), [NUM_CLASSES] bool: for the
+    official panoptic heads' 250 COCO panoptic ids, COCO's; for a panoptic dataset
+    (DATASETS.TEST[0], else TRAIN[0]), its metadata's thing ids; else every class.
+    """
+    num_classes = cfg.MODEL.DETR.NUM_CLASSES
+    if num_classes == 250:
+        things = {c["id"] for c in COCO_CATEGORIES if c["isthing"]}
+        return torch.tensor([i in things for i in range(num_classes)])
+    names = tuple(cfg.DATASETS.TEST) or tuple(cfg.DATASETS.TRAIN)
+    metadata = MetadataCatalog.get(names[0]) if names else None
+    if metadata is None or "stuff_dataset_id_to_contiguous_id" not in metadata.as_dict():
+        return torch.ones(num_classes, dtype=torch.bool)
+    things = set(metadata.thing_dataset_id_to_contiguous_id.values())
+    return torch.tensor([i in things for i in range(num_classes)])

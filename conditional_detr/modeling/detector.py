@@ -15,13 +15,14 @@ from torch import nn
 from ..checkpoint.class_heads import MissingClassHeadError
 from ..checkpoint.formats import check_fits, recognize as recognize_format
 from ..config_checks import check_detector_keys, check_shared_keys
+from ..data.datasets import thing_classes
 from .backbone import build_resnet_like_torchvision, features_with_padding_masks
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion
 from .mask_head import MASK_FEATURES, AttentionMap, MaskHeadSmallConv, instance_masks
 from .matcher import CLASS_LOSSES, HungarianMatcher
 from .position_encoding import PositionEmbeddingSine
-from .postprocess import detections, full_image_masks
+from .postprocess import detections, full_image_masks, panoptic_queries, panoptic_segmentation
 from .transformer import MLP, Transformer, TransformerEncoder
 
 
@@ -91,6 +92,12 @@ class SetPredictionDetector(nn.Module):
         self.train_mask_head_only = args.TRAIN_MASK_HEAD_ONLY
         if self.train_mask_head_only and not self.mask_on:
             raise ValueError("MODEL.DETR.TRAIN_MASK_HEAD_ONLY trains the mask head alone: it needs MODEL.MASK_ON True")
+        self.panoptic_on = args.PANOPTIC_ON
+        if self.panoptic_on and not self.mask_on:
+            raise ValueError("MODEL.DETR.PANOPTIC_ON segments with the mask head: it needs MODEL.MASK_ON True")
+        self.panoptic_threshold, self.panoptic_min_area = args.PANOPTIC_THRESHOLD, args.PANOPTIC_MIN_AREA
+        # not persistent: the dataset's, not the checkpoint's
+        self.register_buffer("thing_classes", thing_classes(cfg) if self.panoptic_on else torch.zeros(0, dtype=torch.bool), False)
 
         matcher = HungarianMatcher(
             cost_class=args.CLASS_COST, cost_bbox=args.L1_COST, cost_giou=args.GIOU_COST,
@@ -216,7 +223,16 @@ class SetPredictionDetector(nn.Module):
                     logits = outputs["mask_predictor"](torch.full_like(queries, i), queries)
                 instances.pred_masks = full_image_masks(logits, images.tensor.shape[-2:], image_size, (height, width))
             processed.append({"instances": instances})
+            if self.panoptic_on:
+                processed[-1]["panoptic_seg"] = self.panoptic_seg(outputs, i, image_size, (height, width), precision)
         return processed
+
+    def panoptic_seg(self, outputs, i, image_size, output_size, precision):
+        """Image `i`'s (segment ids, segments), detectron2's "panoptic_seg", from the masks of its kept queries."""
+        queries, scores, labels = panoptic_queries(outputs["pred_logits"][i], self.class_loss, self.panoptic_threshold)
+        with precision:
+            logits = outputs["mask_predictor"](torch.full_like(queries, i), queries)
+        return panoptic_segmentation(scores, labels, logits, image_size, output_size, self.thing_classes, self.panoptic_min_area)
 
     def prepare_targets(self, batched_inputs, image_sizes):
         """detectron2 instances -> labels, normalized cxcywh boxes and, with MODEL.MASK_ON, [n, h, w] bool masks."""

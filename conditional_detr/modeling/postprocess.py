@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from .box_ops import box_cxcywh_to_xyxy, image_sizes_tensor
 
-__all__ = ["detections", "full_image_masks", "panoptic_segmentation"]
+__all__ = ["detections", "full_image_masks", "panoptic_queries", "panoptic_segmentation"]
 
 
 def detections(pred_logits, pred_boxes, image_sizes, class_loss, num_topk):
@@ -56,30 +56,12 @@ def full_image_masks(mask_logits, padded_size, image_size, output_size, threshol
     return torch.cat(masks)
 
 
-def panoptic_segmentation(class_logits, mask_logits, image_size, output_size, thing_classes, class_loss,
-                          threshold=0.85, min_area=4):
+def panoptic_queries(class_logits, class_loss, threshold=0.85):
     """
-    One image's panoptic segmentation from its queries, with the official PostProcessPanoptic
-    semantics, vectorized over queries and pixels:
-
-    - kept queries: those whose best class is not "no object" (softmax) and whose score is
-      above `threshold`; a focal-loss head has no "no object", so there its best class's
-      sigmoid score alone decides;
-    - their stride-4 mask logits of the padded batch resized bilinearly to `image_size` (as
-      the official code, which evaluates one image per batch), each pixel to the kept query
-      of highest logit;
-    - the queries of one stuff class merged into the first of them; segments of `min_area`
-      pixels or fewer (at the output size) dropped and the pixels assigned again among the
-      others (without merging, as the official code), until none is that small.
-
-    Args:
-        class_logits: [Q, num_class_logits]; mask_logits: [Q, H/4, W/4].
-        image_size: (h, w) the masks are resized to; output_size: (height, width) of the result.
-        thing_classes: [num_classes] bool, whether each class is a thing.
-    Returns:
-        segment ids [height, width] int32 (0: no segment, else 1 + the segment's index) and the
-        segments: a list of dicts with "id", "category_id" (the model's class), "isthing",
-        "score" and "area" (pixels).
+    The queries of one image that the panoptic segmentation keeps, as the official
+    PostProcessPanoptic: those whose best class is not "no object" (softmax) and whose
+    score is above `threshold`; a focal-loss head has no "no object", so there its best
+    class's sigmoid score alone decides. Returns their indices, scores and classes.
     """
     if class_loss == "softmax":
         scores, labels = class_logits.softmax(-1).max(-1)
@@ -87,10 +69,32 @@ def panoptic_segmentation(class_logits, mask_logits, image_size, output_size, th
     else:
         scores, labels = class_logits.sigmoid().max(-1)
         keep = scores > threshold
-    scores, labels = scores[keep], labels[keep]
-    masks = F.interpolate(mask_logits[keep][None].float(), size=tuple(image_size), mode="bilinear", align_corners=False)[0]
+    return keep.nonzero()[:, 0], scores[keep], labels[keep]
+
+
+def panoptic_segmentation(scores, labels, mask_logits, image_size, output_size, thing_classes, min_area=4):
+    """
+    One image's panoptic segmentation from its kept queries (`panoptic_queries`), with the
+    official PostProcessPanoptic semantics, vectorized over queries and pixels: their
+    stride-4 mask logits of the padded batch resized bilinearly to `image_size` (as the
+    official code, which evaluates one image per batch), each pixel to the query of highest
+    logit; the queries of one stuff class merged into the first of them; segments of
+    `min_area` pixels or fewer (at the output size) dropped and the pixels assigned again
+    among the others (without merging, as the official code), until none is that small.
+
+    Args:
+        scores, labels: [K] of the kept queries; mask_logits: [K, H/4, W/4].
+        image_size: (h, w) the masks are resized to; output_size: (height, width) of the result.
+        thing_classes: [num_classes] bool, whether each class is a thing.
+    Returns:
+        segment ids [height, width] int32 (0: no segment, else 1 + the segment's index) and the
+        segments: a list of dicts with "id", "category_id" (the model's class), "isthing",
+        "score" and "area" (pixels).
+    """
+    nothing = torch.zeros(tuple(output_size), dtype=torch.int32, device=mask_logits.device), []
     if not len(labels):
-        return torch.zeros(tuple(output_size), dtype=torch.int32, device=mask_logits.device), []
+        return nothing
+    masks = F.interpolate(mask_logits[None].float(), size=tuple(image_size), mode="bilinear", align_corners=False)[0]
 
     def assign(masks, merge_stuff):
         index = masks.argmax(0)
@@ -109,7 +113,7 @@ def panoptic_segmentation(class_logits, mask_logits, image_size, output_size, th
         large = areas > min_area
         scores, labels, masks = scores[large], labels[large], masks[large]
         if not len(labels):
-            return torch.zeros(tuple(output_size), dtype=torch.int32, device=mask_logits.device), []
+            return nothing
         index, areas = assign(masks, merge_stuff=False)
     segments = [
         {"id": i + 1, "category_id": int(label), "isthing": bool(thing_classes[label]), "score": float(score), "area": int(area)}
