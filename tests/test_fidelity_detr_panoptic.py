@@ -135,3 +135,20 @@ def test_panoptic_segmentation_is_the_official_post_processing_segment_for_segme
             )
             assert torch.equal(segment_ids == ours["id"], official["segment_ids"] == theirs["id"])
         assert (segment_ids > 0).all()  # the official assignment leaves no pixel unassigned
+
+
+def test_the_250_ids_become_detectron2s_133_panoptic_categories(official_path):
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    state_dict = official_formats.read_file(official_path)["model"]
+    converted = official_formats.DETR_PANOPTIC.convert(state_dict, num_classes=133)
+    official = state_dict["detr.class_embed.weight"].float()
+    assert converted["class_embed.weight"].shape == (134, 256)  # + "no object"
+    for row, category in enumerate(COCO_CATEGORIES):  # things and stuff, in detectron2's order
+        assert torch.equal(converted["class_embed.weight"][row], official[category["id"]]), category["name"]
+    assert torch.equal(converted["class_embed.weight"][133], official[250])
+    names = official_formats.DETR_PANOPTIC.class_names(133)
+    assert names[0] == "person" and names[-1] == COCO_CATEGORIES[-1]["name"] and len(names) == 133
+    cfg = panoptic_cfg()
+    cfg.MODEL.DETR.NUM_CLASSES = 133
+    ConditionalDETRCheckpointer(build_model(cfg)).load(str(official_path))  # MODEL.WEIGHTS maps them too

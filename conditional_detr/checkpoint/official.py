@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 from .class_heads import (
     ClassMappingError, MissingClassHeadError, class_head_keys, coco_class_names, coco_contiguous_to_category_id,
@@ -109,7 +110,9 @@ class OfficialPanopticFormat(OfficialFormat):
     The released DETR panoptic checkpoints (detr-r50-panoptic and the others): a DETR
     checkpoint under "detr." and the mask head (`bbox_attention.*`, `mask_head.*`), whose
     names are this project's. Their 250 class ids (COCO panoptic's, "no object" last) load
-    as they are into a model of 250 classes.
+    as they are into a model of 250 classes, or become detectron2's 133 COCO panoptic
+    categories (80 things, 53 stuff, in COCO_CATEGORIES' order), as 91 ids become 80 classes
+    for detection.
     """
 
     def recognizes(self, state_dict):
@@ -119,7 +122,13 @@ class OfficialPanopticFormat(OfficialFormat):
 
     def convert(self, state_dict, num_classes=80):
         detector = {k[len(PANOPTIC_PREFIX):]: v for k, v in state_dict.items() if k.startswith(PANOPTIC_PREFIX)}
-        converted = convert_state_dict(detector, num_classes)
+        if num_classes == len(COCO_CATEGORIES):
+            converted = convert_state_dict(detector, None)
+            rows = [c["id"] for c in COCO_CATEGORIES] + [converted["class_embed.weight"].shape[0] - 1]  # "no object" last
+            for key in class_head_keys(converted):
+                converted[key] = converted[key][rows].clone()
+        else:
+            converted = convert_state_dict(detector, num_classes)
         for key, value in state_dict.items():
             if key.startswith(MASK_HEAD_PREFIXES):
                 converted[key] = value.float() if value.is_floating_point() else value
@@ -128,6 +137,8 @@ class OfficialPanopticFormat(OfficialFormat):
         return converted
 
     def class_names(self, num_classes):
+        if num_classes == len(COCO_CATEGORIES):
+            return tuple(c["name"] for c in COCO_CATEGORIES)
         return coco_panoptic_names() if num_classes == len(coco_panoptic_names()) else coco_class_names(num_classes)
 
 
