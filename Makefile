@@ -35,6 +35,9 @@ $(STAMPS)/detectron2: $(STAMPS)/torch scripts/repack_detectron2.py
 	$(PIP) install "numpy<2" "setuptools<81" fvcore iopath pycocotools scipy ninja "Pillow>=9" safetensors shapely \
 		"opencv-python-headless<4.12" tensorboard
 	$(PY) -c "import detectron2" 2>/dev/null || bash scripts/install_detectron2.sh $(PY) "$(DETECTRON2_REPUBLISH)"
+	# panopticapi for detectron2's COCOPanopticEvaluator: the official code under the name it imports
+	# (its metadata pins numpy<2 and asks for matplotlib and scikit-image, which the code never uses)
+	$(PIP) install --no-deps panopticapi-lite==0.2.0
 	touch $@
 
 # onnx/onnxruntime: tools/export and its tests (wheels for CPython >= 3.11; they work with numpy<2)

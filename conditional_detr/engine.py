@@ -11,7 +11,7 @@ import weakref
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -20,7 +20,7 @@ from detectron2.engine import (
     create_ddp_model,
     hooks,
 )
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -248,4 +248,13 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         # The C++ COCOeval of detectron2 is not always compiled; pycocotools gives the same numbers.
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder, use_fast_impl=False)
+        instances = COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder, use_fast_impl=False)
+        if MetadataCatalog.get(dataset_name).get("evaluator_type") != "coco_panoptic_seg":
+            return instances
+        if not cfg.MODEL.DETR.PANOPTIC_ON:
+            raise ValueError(
+                f"dataset {dataset_name!r} is evaluated as panoptic segmentation: set MODEL.MASK_ON True and "
+                "MODEL.DETR.PANOPTIC_ON True"
+            )
+        # PQ, SQ, RQ of things and stuff; box and mask AP of the things
+        return DatasetEvaluators([COCOPanopticEvaluator(dataset_name, output_folder), instances])
