@@ -27,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import ConditionalDETRCheckpointer
 from .config import get_config, resolve_device
 from .data.dataset_mapper import DetrDatasetMapper
-from .data.datasets import check_instance_masks, check_num_classes
+from .data.datasets import check_instance_masks, check_num_classes, check_panoptic_files
 from .data.worker_transport import SmallTensorsByValue
 from .ema import EMAHook, build_ema
 from .solver import build_optimizer
@@ -229,6 +229,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        check_panoptic_files(cfg.DATASETS.TRAIN)
         check_instance_masks(cfg, cfg.DATASETS.TRAIN)
         loader = build_detection_train_loader(
             cfg, mapper=loader_mapper(cfg, is_train=True), **train_loader_prefetch(cfg)

@@ -250,3 +250,54 @@ def test_masks_follow_the_image_with_mask_on(tmp_path, mask_format):
         inside = masks[0].numpy().astype(bool)
         assert (inside & white).sum() >= 0.9 * inside.sum()  # the mask lies on the object
     assert kept > 0
+
+
+def panoptic_record(tmp_path, ids, segments_info):
+    """A record of detectron2's panoptic format: its image, the PNG of segment ids, the segments."""
+    ids = np.asarray(ids)
+    image = write_image(tmp_path / "image.png", np.full((*ids.shape, 3), 128, np.uint8))
+    png = np.stack([ids % 256, ids // 256 % 256, ids // 65536], -1).astype(np.uint8)
+    Image.fromarray(png).save(tmp_path / "segments.png")
+    return {
+        "file_name": image, "height": ids.shape[0], "width": ids.shape[1], "image_id": 1,
+        "pan_seg_file_name": str(tmp_path / "segments.png"), "segments_info": segments_info,
+    }
+
+
+def plain_training_cfg(*opts):
+    """Training without flip, crop or resize: the instances are the record's as they are."""
+    return make_cfg("INPUT.RANDOM_FLIP", "none", "INPUT.CROP.ENABLED", False, "INPUT.MIN_SIZE_TRAIN", "(64,)",
+                    "INPUT.MAX_SIZE_TRAIN", 1000, *opts)
+
+
+def test_panoptic_records_give_every_segment_as_an_instance(tmp_path):
+    ids = np.zeros((64, 96), dtype=np.int64)
+    ids[:32] = 7  # a stuff region, the top half
+    ids[40:60, 10:30] = 300  # a thing (an id above 255: the PNG's G channel)
+    ids[40:50, 50:70] = 9  # a crowd region
+    record = panoptic_record(tmp_path, ids, [
+        {"id": 7, "category_id": 90, "isthing": False, "iscrowd": 0},
+        {"id": 300, "category_id": 3, "isthing": True, "iscrowd": 0},
+        {"id": 9, "category_id": 0, "isthing": True, "iscrowd": 1},
+    ])
+    instances = DetrDatasetMapper(plain_training_cfg("MODEL.MASK_ON", True), is_train=True)(record)["instances"]
+    assert instances.gt_classes.tolist() == [90, 3]  # the crowd region left out, stuff and things alike
+    assert instances.gt_boxes.tensor.tolist() == [[0, 0, 96, 32], [10, 40, 30, 60]]
+    assert torch.equal(instances.gt_masks.tensor[0], torch.as_tensor(ids == 7))
+    assert torch.equal(instances.gt_masks.tensor[1], torch.as_tensor(ids == 300))
+    # the box stage of the recipe: boxes, no masks
+    boxes_only = DetrDatasetMapper(plain_training_cfg(), is_train=True)(record)["instances"]
+    assert not boxes_only.has("gt_masks") and len(boxes_only) == 2
+
+
+@pytest.mark.parametrize("png_ids, listed, error", [
+    ((7, 8), (7,), "segment id 8 is in the PNG but not in its segments_info"),
+    ((7,), (7, 8), "segment id 8 of its segments_info is not in the PNG"),
+])
+def test_a_png_and_segments_that_disagree_are_named(tmp_path, png_ids, listed, error):
+    ids = np.zeros((64, 96), dtype=np.int64)
+    for i, segment_id in enumerate(png_ids):
+        ids[i * 10 : i * 10 + 5] = segment_id
+    record = panoptic_record(tmp_path, ids, [{"id": i, "category_id": 1, "iscrowd": 0} for i in listed])
+    with pytest.raises(ValueError, match=f"segments.png: {error}"):
+        DetrDatasetMapper(plain_training_cfg(), is_train=True)(record)

@@ -4,6 +4,7 @@ type, with the panopticapi the project installs, gives the PQ computed by hand o
 crafted 8x8 images.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,18 @@ def test_a_panoptic_dataset_is_evaluated_as_panoptic(panoptic_dataset, tmp_path)
     cfg.MODEL.DETR.PANOPTIC_ON = False
     with pytest.raises(ValueError, match=rf"dataset '{panoptic_dataset}' is evaluated as panoptic segmentation: set MODEL.MASK_ON True and MODEL.DETR.PANOPTIC_ON True"):
         Trainer.build_evaluator(cfg, panoptic_dataset)
+
+
+def test_a_missing_png_or_an_unknown_category_stops_before_training(panoptic_dataset):
+    from conditional_detr.data.datasets import check_panoptic_files
+
+    metadata = MetadataCatalog.get(panoptic_dataset)
+    check_panoptic_files([panoptic_dataset])  # the crafted dataset agrees with itself
+    panoptic = json.load(open(metadata.panoptic_json))
+    panoptic["annotations"][1]["segments_info"][1]["category_id"] = 42
+    json.dump(panoptic, open(metadata.panoptic_json, "w"))
+    with pytest.raises(ValueError, match=r"002.png: segment 2 has category 42, which .*panoptic.json does not list"):
+        check_panoptic_files([panoptic_dataset])
+    (Path(metadata.panoptic_root) / "002.png").unlink()
+    with pytest.raises(ValueError, match=r"002.png, the PNG of image 2, is missing"):
+        check_panoptic_files([panoptic_dataset])

@@ -4,13 +4,22 @@ from typing import List
 
 import numpy as np
 import torch
+from detectron2.utils.file_io import PathManager
+from PIL import Image
 
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
 
-__all__ = ["DetrDatasetMapper", "add_detr_augmentation_config", "build_detr_augmentation"]
+__all__ = ["DetrDatasetMapper", "add_detr_augmentation_config", "build_detr_augmentation", "panoptic_segment_ids"]
+
+
+def panoptic_segment_ids(file_name):
+    """The segment ids of a panoptic PNG (id = R + 256 G + 256^2 B), [H, W] int64."""
+    with PathManager.open(file_name, "rb") as f:
+        rgb = np.asarray(Image.open(f).convert("RGB"), dtype=np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
 
 
 def add_detr_augmentation_config(cfg):
@@ -126,11 +135,46 @@ class DetrDatasetMapper:
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
         annos = dataset_dict.pop("annotations", None)
-        if not self.is_train or annos is None:
-            # Evaluation compares against the dataset's own json, not these.
+        segments_info = dataset_dict.pop("segments_info", None)
+        if not self.is_train:
+            # Evaluation compares against the dataset's own files, not these.
             return dataset_dict
-        dataset_dict["instances"] = self._annotations_to_instances(annos, transforms, image_shape)
+        if segments_info is not None and annos is None:
+            dataset_dict["instances"] = self._panoptic_instances(dataset_dict, segments_info, transforms, image_shape)
+        elif annos is not None:
+            dataset_dict["instances"] = self._annotations_to_instances(annos, transforms, image_shape)
         return dataset_dict
+
+    def _panoptic_instances(self, dataset_dict, segments_info, transforms, image_shape) -> Instances:
+        """
+        A panoptic record's segments (detectron2's panoptic format: the PNG of segment ids and
+        `segments_info`) as instances, things and stuff alike, as DETR trains on them: each
+        segment's mask through the image's transforms, its box tight around it, its class the
+        contiguous `category_id`. Crowd segments and those the crop removed are dropped.
+        """
+        file_name = dataset_dict["pan_seg_file_name"]
+        ids = panoptic_segment_ids(file_name)
+        height, width = dataset_dict.get("height", ids.shape[0]), dataset_dict.get("width", ids.shape[1])
+        if ids.shape != (height, width):
+            raise ValueError(f"{file_name}: a PNG of {ids.shape[1]}x{ids.shape[0]}, but its image is {width}x{height}")
+        present = set(np.unique(ids).tolist()) - {0}
+        listed = {segment["id"] for segment in segments_info}
+        if present - listed:
+            raise ValueError(f"{file_name}: segment id {min(present - listed)} is in the PNG but not in its segments_info")
+        if listed - present:
+            raise ValueError(f"{file_name}: segment id {min(listed - present)} of its segments_info is not in the PNG")
+        # as floats, which torch's nearest resizing takes and which hold every id exactly
+        ids = np.rint(transforms.apply_segmentation(ids.astype(np.float64))).astype(np.int64)
+        segments = [s for s in segments_info if not s.get("iscrowd", 0)]
+        masks = torch.as_tensor(np.stack([ids == s["id"] for s in segments]) if segments else np.zeros((0, *image_shape), bool))
+        keep = masks.flatten(1).any(1)
+        masks = masks[keep]
+        instances = Instances(image_shape)
+        instances.gt_boxes = BitMasks(masks).get_bounding_boxes()
+        instances.gt_classes = torch.as_tensor([s["category_id"] for s in segments], dtype=torch.int64)[keep]
+        if self.use_instance_mask:
+            instances.gt_masks = BitMasks(masks)
+        return instances
 
     def _masks(self, annos, transforms, image_shape):
         """The annotations' masks through the same transforms, as detectron2's mapper gives them."""

@@ -23,6 +23,7 @@ __all__ = [
     "dataset_class_names",
     "model_class_names",
     "check_instance_masks",
+    "check_panoptic_files",
     "thing_classes",
     "check_num_classes",
 ]
@@ -176,3 +177,28 @@ def thing_classes(cfg):
         return torch.ones(num_classes, dtype=torch.bool)
     things = set(metadata.thing_dataset_id_to_contiguous_id.values())
     return torch.tensor([i in things for i in range(num_classes)])
+
+
+def check_panoptic_files(dataset_names):
+    """
+    Stop before training when a panoptic dataset's JSON and PNGs disagree where reading the
+    JSON tells: a PNG that is missing, a segment of a category the JSON does not list. That
+    a PNG holds exactly the segments its JSON lists, the mapper checks as it reads it.
+    """
+    for name in dataset_names:
+        metadata = MetadataCatalog.get(name)
+        if "panoptic_json" not in metadata.as_dict():
+            continue
+        with open(metadata.panoptic_json) as f:
+            panoptic = json.load(f)
+        categories = {c["id"] for c in panoptic["categories"]}
+        for annotation in panoptic["annotations"]:
+            png = os.path.join(metadata.panoptic_root, annotation["file_name"])
+            if not os.path.isfile(png):
+                raise ValueError(f"dataset {name!r}: {png}, the PNG of image {annotation['image_id']}, is missing")
+            for segment in annotation["segments_info"]:
+                if segment["category_id"] not in categories:
+                    raise ValueError(
+                        f"dataset {name!r}: {png}: segment {segment['id']} has category {segment['category_id']}, "
+                        f"which {metadata.panoptic_json} does not list"
+                    )
