@@ -37,6 +37,11 @@ def test_configs_found():
     } <= names
     assert len(COCO_CONFIGS) == 12 + 8 + 3
     assert {
+        f"COCO-PanopticSegmentation/{name}_panoptic.yaml" for name in (
+            "detr_R_50", "detr_R_50_DC5", "detr_R_101", "conditional_detr_R_50", "deformable_detr_R_50_refine",
+        )
+    } <= names
+    assert {
         "Base-SetPrediction.yaml",
         "Base-ConditionalDETR.yaml",
         "Base-DETR.yaml",

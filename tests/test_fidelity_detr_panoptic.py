@@ -152,3 +152,31 @@ def test_the_250_ids_become_detectron2s_133_panoptic_categories(official_path):
     cfg = panoptic_cfg()
     cfg.MODEL.DETR.NUM_CLASSES = 133
     ConditionalDETRCheckpointer(build_model(cfg)).load(str(official_path))  # MODEL.WEIGHTS maps them too
+
+
+def test_the_model_zoo_names_download_and_map_to_the_133_categories(official_path, local_server, tmp_path, monkeypatch):
+    import hashlib
+
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+    from detectron2.utils.file_io import PathManager
+
+    from conditional_detr.checkpoint.catalog import OFFICIAL_CHECKPOINTS, SCHEME, OfficialCheckpoint
+
+    released = OFFICIAL_CHECKPOINTS["DETR-R50-panoptic"]
+    assert released.url == "https://dl.fbaipublicfiles.com/detr/detr-r50-panoptic-00ce5173.pth"
+    assert (released.sha256_prefix, released.num_classes) == ("00ce5173", 133)
+    assert released.config == "COCO-PanopticSegmentation/detr_R_50_panoptic.yaml"
+    # the tiny official model served from here under the same entry
+    url, folder = local_server
+    (folder / "tiny-panoptic.pth").write_bytes(official_path.read_bytes())
+    digest = hashlib.sha256(official_path.read_bytes()).hexdigest()[:8]
+    monkeypatch.setitem(OFFICIAL_CHECKPOINTS, "DETR-R50-panoptic", OfficialCheckpoint(
+        released.config, f"{url}/tiny-panoptic.pth", sha256_prefix=digest, num_classes=133,
+    ))
+    monkeypatch.setenv("CONDITIONAL_DETR_CACHE", str(tmp_path / "cache"))
+    cached = torch.load(PathManager.get_local_path(SCHEME + "DETR-R50-panoptic"))
+    assert cached["model"]["class_embed.weight"].shape == (134, 256)
+    assert cached["class_names"] == [c["name"] for c in COCO_CATEGORIES]
+    cfg = panoptic_cfg()
+    cfg.MODEL.DETR.NUM_CLASSES = 133
+    ConditionalDETRCheckpointer(build_model(cfg)).load(SCHEME + "DETR-R50-panoptic")

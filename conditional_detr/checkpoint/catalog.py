@@ -22,6 +22,8 @@ class OfficialCheckpoint:
     kind: str = "detector"
     # files of the same folder that the checkpoint needs beside it (transformers' config.json)
     companions: tuple = ()
+    # the classes the cached conversion keeps: detectron2's 80 COCO ones, 133 COCO panoptic ones
+    num_classes: int = 80
 
 
 # The official README links Conditional DETR's weights to SharePoint share pages, which
@@ -108,6 +110,16 @@ OFFICIAL_CHECKPOINTS["mmdet/conditional-detr_r50_8xb2-50e_coco"] = OfficialCheck
     "conditional-detr_r50_8xb2-50e_coco_20221121_180202-c83a1dc0.pth",
     sha256_prefix="c83a1dc0",
 )
+
+# DETR's panoptic models (DETR paper, Table 5), converted to detectron2's 133 COCO panoptic categories
+for _name, _config, _file in (
+    ("DETR-R50-panoptic", "detr_R_50_panoptic.yaml", "detr-r50-panoptic-00ce5173.pth"),
+    ("DETR-R50-DC5-panoptic", "detr_R_50_DC5_panoptic.yaml", "detr-r50-dc5-panoptic-da08f1b1.pth"),
+    ("DETR-R101-panoptic", "detr_R_101_panoptic.yaml", "detr-r101-panoptic-40021d53.pth"),
+):
+    OFFICIAL_CHECKPOINTS[_name] = OfficialCheckpoint(
+        "COCO-PanopticSegmentation/" + _config, _DETR + _file, sha256_prefix=_file[-12:-4], num_classes=133
+    )
 
 # The official weights as transformers hosts them (its conversions of the files above): each
 # repository's weights and the config.json beside them, which the loader checks

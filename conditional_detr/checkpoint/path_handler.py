@@ -17,7 +17,7 @@ from . import formats
 from .catalog import SCHEME, official_checkpoint
 from .official import convert_torchvision_resnet
 
-# detectron2's contiguous COCO classes, those of every COCO config of this project
+# detectron2's contiguous COCO classes, those of every COCO detection config of this project
 CONVERTED_NUM_CLASSES = 80
 
 logger = logging.getLogger(__name__)
@@ -38,8 +38,9 @@ class OfficialCheckpointHandler(PathHandler):
     """
     Resolves `conditional-detr://NAME` to a local checkpoint of this project. The official
     file (and its companions, such as transformers' config.json) is downloaded (by
-    `download(url, destination, sha256_prefix)`), converted to
-    80 classes by its format (`formats.py`) and written atomically to the
+    `download(url, destination, sha256_prefix)`), converted to its entry's classes (80, or
+    COCO panoptic's 133) by its format (`formats.py`), with their names, and written
+    atomically to the
     cache; the download itself is not kept. A file the user saved as
     `<cache>/official/NAME.pth` is used instead of downloading: the way to use the
     checkpoints published only as share pages.
@@ -82,18 +83,24 @@ class OfficialCheckpointHandler(PathHandler):
             ) as folder:
                 downloaded = self._download(name, folder, saved_by_user)
                 state_dict = self._read(name, downloaded)
+        source_format = state_dict[0]
+        num_classes = official_checkpoint(name).num_classes
         try:
             converted = self._convert(name, *state_dict)
         except (KeyError, ValueError) as e:
             raise ValueError(f"{SCHEME}{name}: cannot convert the official checkpoint: {e}") from e
-        _save_atomically({"model": converted, "matching_heuristics": False}, converted_path)
+        checkpoint = {"model": converted, "matching_heuristics": False}
+        class_names = source_format.class_names(num_classes) if source_format is not None else None
+        if class_names is not None:
+            checkpoint["class_names"] = list(class_names)
+        _save_atomically(checkpoint, converted_path)
         logger.info(f"Cached {SCHEME}{name} at {converted_path}")
 
     @staticmethod
     def _convert(name, source_format, state_dict):
         if source_format is None:  # a torchvision ResNet
             return convert_torchvision_resnet(state_dict)
-        return source_format.convert(state_dict, CONVERTED_NUM_CLASSES)
+        return source_format.convert(state_dict, official_checkpoint(name).num_classes)
 
     def _download(self, name, folder, saved_by_user):
         checkpoint = official_checkpoint(name)
