@@ -27,7 +27,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpoint import ConditionalDETRCheckpointer
 from .config import get_config, resolve_device
 from .data.dataset_mapper import DetrDatasetMapper
-from .data.datasets import check_instance_masks, check_num_classes, check_panoptic_files
+from .data.datasets import check_instance_masks, check_num_classes, check_panoptic_files, panoptic_things
 from .data.worker_transport import SmallTensorsByValue
 from .ema import EMAHook, build_ema
 from .solver import build_optimizer
@@ -249,13 +249,13 @@ class Trainer(DefaultTrainer):
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         # The C++ COCOeval of detectron2 is not always compiled; pycocotools gives the same numbers.
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        instances = COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder, use_fast_impl=False)
         if MetadataCatalog.get(dataset_name).get("evaluator_type") != "coco_panoptic_seg":
-            return instances
+            return COCOEvaluator(dataset_name, tasks=tasks, output_dir=output_folder, use_fast_impl=False)
         if not cfg.MODEL.DETR.PANOPTIC_ON:
             raise ValueError(
                 f"dataset {dataset_name!r} is evaluated as panoptic segmentation: set MODEL.MASK_ON True and "
                 "MODEL.DETR.PANOPTIC_ON True"
             )
         # PQ, SQ, RQ of things and stuff; box and mask AP of the things
-        return DatasetEvaluators([COCOPanopticEvaluator(dataset_name, output_folder), instances])
+        things = COCOEvaluator(panoptic_things(dataset_name), tasks=tasks, output_dir=output_folder, use_fast_impl=False)
+        return DatasetEvaluators([COCOPanopticEvaluator(dataset_name, output_folder), things])

@@ -307,3 +307,29 @@ def test_panoptic_segmentation_in_detectron2s_format(architecture):
 def test_panoptic_needs_the_mask_head():
     with pytest.raises(ValueError, match="PANOPTIC_ON segments with the mask head: it needs MODEL.MASK_ON True"):
         masked_detr(PANOPTIC_ON=True, **{"MODEL.MASK_ON": False})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_each_detector_trains_and_evaluates_panoptic_segmentation_on_the_shapes(shapes_root, tmp_path, architecture):
+    import train_net
+
+    from helpers.paths import DEFORMABLE_INSTANT_CONFIG
+    from helpers.training import cli_args, instant_opts, read_metrics
+
+    config = DEFORMABLE_INSTANT_CONFIG if architecture == "DeformableDETR" else INSTANT_CONFIG
+    opts = list(INSTANT_MASK_OPTS) + [
+        "MODEL.DETR.NUM_CLASSES", 6, "MODEL.DETR.PANOPTIC_ON", True, "MODEL.DETR.PANOPTIC_THRESHOLD", 0.0,
+        "DATASETS.TRAIN", "('shapes_panoptic_train',)", "DATASETS.TEST", "('shapes_panoptic_val',)",
+    ]
+    if architecture == "DeformableDETR":
+        opts[opts.index("MODEL.RESNETS.OUT_FEATURES") + 1] = "['res3', 'res4', 'res5']"
+    if architecture == "DETR":
+        opts += ["MODEL.META_ARCHITECTURE", "DETR", "MODEL.DETR.CLASS_LOSS", "softmax"]
+    out = tmp_path / "run"
+    train_net.main(cli_args(*instant_opts(out, *opts), config_file=config))
+    records = read_metrics(out)
+    assert {"loss_mask", "loss_dice"} <= set(next(r for r in records if "total_loss" in r))
+    evaluation = next(r for r in records if "panoptic_seg/PQ" in r)
+    assert {"panoptic_seg/PQ_th", "panoptic_seg/PQ_st", "segm/AP", "bbox/AP"} <= set(evaluation)
+    assert 0 <= evaluation["panoptic_seg/PQ"] <= 100

@@ -363,3 +363,23 @@ def test_a_cache_of_the_previous_format_is_drawn_again(registered, tmp_path):
     records = DatasetCatalog.get("shapes_train")
     assert json.load(open(manifest_path))["version"] == shapes.GENERATOR_VERSION
     assert all("segmentation" in a for r in records for a in r["annotations"])
+
+
+def test_the_panoptic_version_agrees_with_the_instances(registered):
+    from conditional_detr.data.dataset_mapper import panoptic_segment_ids
+    from conditional_detr.data.datasets import check_panoptic_files
+
+    registered()
+    instances = {r["image_id"]: r for r in DatasetCatalog.get("shapes_val")}
+    panoptic = DatasetCatalog.get("shapes_panoptic_val")
+    check_panoptic_files(["shapes_panoptic_val"])
+    metadata = MetadataCatalog.get("shapes_panoptic_val")
+    assert metadata.evaluator_type == "coco_panoptic_seg" and metadata.thing_classes[-1] == "background"
+    for record in panoptic[:10]:
+        ids = panoptic_segment_ids(record["pan_seg_file_name"])
+        things = [s for s in record["segments_info"] if s["isthing"]]
+        assert len(things) == len(instances[record["image_id"]]["annotations"])
+        for segment in record["segments_info"]:
+            assert (ids == segment["id"]).sum() == segment["area"] > 0
+            assert segment["category_id"] == (5 if not segment["isthing"] else segment["category_id"])
+        assert set(np.unique(ids)) == {s["id"] for s in record["segments_info"]}  # every pixel in a segment

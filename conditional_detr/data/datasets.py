@@ -24,6 +24,7 @@ __all__ = [
     "model_class_names",
     "check_instance_masks",
     "check_panoptic_files",
+    "panoptic_things",
     "thing_classes",
     "check_num_classes",
 ]
@@ -202,3 +203,25 @@ def check_panoptic_files(dataset_names):
                         f"dataset {name!r}: {png}: segment {segment['id']} has category {segment['category_id']}, "
                         f"which {metadata.panoptic_json} does not list"
                     )
+
+
+def panoptic_things(dataset_name):
+    """
+    The name of a metadata entry for COCOEvaluator on the things of a panoptic dataset of
+    detectron2's standard registration: its instances JSON holds the things alone, so the
+    class names (its per-category table) are the things', in the order of their ids, while
+    the contiguous ids of the model's predictions stay those of the one space of things and
+    stuff.
+    """
+    name = f"{dataset_name}_things"
+    panoptic = MetadataCatalog.get(dataset_name)
+    things = sorted(panoptic.thing_dataset_id_to_contiguous_id.items())
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)  # the panoptic dataset may have been registered again
+    MetadataCatalog.get(name).set(
+        json_file=panoptic.json_file,
+        thing_classes=[panoptic.thing_classes[contiguous] for _, contiguous in things],
+        thing_dataset_id_to_contiguous_id=dict(things),
+        evaluator_type="coco",
+    )
+    return name

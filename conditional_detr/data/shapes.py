@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 # Bump whenever the generator changes what it draws for given parameters, so that
 # caches written by an older generator are regenerated instead of silently reused.
-GENERATOR_VERSION = 2  # 2: every annotation carries its instance mask
+GENERATOR_VERSION = 3  # 2: every annotation carries its instance mask; 3: the panoptic files
 
 SHAPE_CATEGORIES = ("circle", "rectangle", "triangle", "star", "cross")
 
@@ -63,6 +63,11 @@ SPLITS = ("train", "val")
 _MANIFEST = "manifest.json"
 _ANNOTATIONS = "annotations.json"
 _IMAGES = "images"
+# The panoptic version of a split: a PNG of segment ids per image (the shapes, and the background
+# as one stuff segment) and its JSON, in COCO panoptic's format.
+_PANOPTIC = "panoptic"
+_PANOPTIC_JSON = "panoptic.json"
+BACKGROUND = "background"
 
 
 @dataclass(frozen=True)
@@ -433,8 +438,20 @@ def _is_current(split_dir: str, params: ShapesParams, split: str) -> bool:
     )
 
 
+def _panoptic_ids(height, width, annotations):
+    """The segment ids of an image: 1 for the background, 2 + k for its k-th shape's visible pixels."""
+    ids = np.ones((height, width), dtype=np.uint32)
+    for k, ann in enumerate(annotations):
+        ids[mask_util.decode(ann["segmentation"]).astype(bool)] = k + 2
+    return ids
+
+
 def _draw_and_save(params: ShapesParams, split: str, image_dir: str, index: int):
     image, anns = generate_shapes_image(params, split, index)
+    ids = _panoptic_ids(*image.shape[:2], anns)
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
+    panoptic_dir = os.path.join(os.path.dirname(image_dir), _PANOPTIC)
+    Image.fromarray(rgb).save(os.path.join(panoptic_dir, f"{index:06d}.png"), compress_level=1)
     file_name = f"{index:06d}.{params.image_format}"
     path = os.path.join(image_dir, file_name)
     if params.image_format == "jpg":
@@ -488,6 +505,7 @@ def generate_shapes_split(
     start = time.perf_counter()
     image_dir = os.path.join(out_dir, _IMAGES)
     os.makedirs(image_dir)
+    os.makedirs(os.path.join(out_dir, _PANOPTIC))
     work = functools.partial(_draw_and_save, params, split, image_dir)
     results = _map_indices(work, params.num_images(split), num_workers)
 
@@ -523,6 +541,7 @@ def generate_shapes_split(
     }
     with open(os.path.join(out_dir, _ANNOTATIONS), "w") as f:
         json.dump(coco, f)
+    _write_panoptic_json(params, split, out_dir, coco)
 
     manifest = {
         "version": GENERATOR_VERSION,
@@ -534,6 +553,29 @@ def generate_shapes_split(
     with open(os.path.join(out_dir, _MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2)
     return manifest
+
+
+def _write_panoptic_json(params, split, out_dir, coco):
+    """COCO panoptic's JSON of a split: each image's shapes as things, its background as a stuff segment."""
+    background_id = len(params.categories) + 1
+    by_image = {image["id"]: [] for image in coco["images"]}
+    for ann in coco["annotations"]:
+        by_image[ann["image_id"]].append(ann)
+    annotations = []
+    for image in coco["images"]:
+        anns = by_image[image["id"]]
+        background = image["height"] * image["width"] - sum(a["area"] for a in anns)
+        segments = [{"id": 1, "category_id": background_id, "iscrowd": 0, "area": background,
+                     "bbox": [0, 0, image["width"], image["height"]]}] if background else []
+        segments += [
+            {"id": k + 2, "category_id": a["category_id"], "iscrowd": 0, "area": a["area"], "bbox": a["bbox"]}
+            for k, a in enumerate(anns)
+        ]
+        annotations.append({"image_id": image["id"], "file_name": f"{image['id'] - 1:06d}.png", "segments_info": segments})
+    categories = [{**c, "isthing": 1} for c in coco["categories"]]
+    categories.append({"id": background_id, "name": BACKGROUND, "supercategory": BACKGROUND, "isthing": 0})
+    with open(os.path.join(out_dir, _PANOPTIC_JSON), "w") as f:
+        json.dump({"info": coco["info"], "images": coco["images"], "annotations": annotations, "categories": categories}, f)
 
 
 # A generation takes seconds; a temporary folder this old belongs to a killed one.
@@ -627,11 +669,39 @@ def load_shapes_split(
     return load_coco_json(json_file, image_root, dataset_name)
 
 
+def load_shapes_panoptic_split(split: str, root: Optional[str] = None, params: ShapesParams = DEFAULT_SHAPES_PARAMS):
+    """
+    Generate the split if needed, then load its panoptic version as detectron2's panoptic
+    dataset dicts: the image, the PNG of segment ids, the segments with contiguous
+    categories (the shapes, then the background).
+    """
+    json_file, image_root = ensure_shapes_split(split, root, params)
+    split_dir = os.path.dirname(json_file)
+    with open(os.path.join(split_dir, _PANOPTIC_JSON)) as f:
+        panoptic = json.load(f)
+    images = {image["id"]: image for image in panoptic["images"]}
+    records = []
+    for ann in panoptic["annotations"]:
+        image = images[ann["image_id"]]
+        segments = [
+            {**s, "category_id": s["category_id"] - 1, "isthing": s["category_id"] <= len(params.categories)}
+            for s in ann["segments_info"]
+        ]
+        records.append({
+            "file_name": os.path.join(image_root, image["file_name"]), "image_id": image["id"],
+            "height": image["height"], "width": image["width"],
+            "pan_seg_file_name": os.path.join(split_dir, _PANOPTIC, ann["file_name"]), "segments_info": segments,
+        })
+    return records
+
+
 def register_shapes_datasets(
     root: Optional[str] = None, params: ShapesParams = DEFAULT_SHAPES_PARAMS, prefix: str = "shapes"
 ) -> Tuple[str, ...]:
     """
-    Register `{prefix}_train` and `{prefix}_val` in detectron2's catalogs.
+    Register `{prefix}_train` and `{prefix}_val` in detectron2's catalogs, and their panoptic
+    versions `{prefix}_panoptic_train` and `{prefix}_panoptic_val` (the background one stuff
+    class after the shapes, evaluated as panoptic segmentation).
 
     Nothing is generated here: a split is drawn the first time it is loaded with
     `DatasetCatalog.get`. Calling this again replaces the earlier registration,
@@ -664,4 +734,26 @@ def register_shapes_datasets(
             shapes_params=dataclasses.asdict(params),
         )
         names.append(name)
+        panoptic_name = f"{prefix}_panoptic_{split}"
+        if panoptic_name in DatasetCatalog.list():
+            DatasetCatalog.remove(panoptic_name)
+        if panoptic_name in MetadataCatalog.list():
+            MetadataCatalog.remove(panoptic_name)
+        DatasetCatalog.register(panoptic_name, lambda split=split: load_shapes_panoptic_split(split, root, params))
+        classes = [*params.categories, BACKGROUND]
+        MetadataCatalog.get(panoptic_name).set(
+            # as detectron2's COCO panoptic registration: one id space for things and stuff
+            thing_classes=classes,
+            stuff_classes=classes,
+            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(params.categories))},
+            stuff_dataset_id_to_contiguous_id={len(classes): len(classes) - 1},
+            json_file=json_file,
+            image_root=image_root,
+            panoptic_root=os.path.join(os.path.dirname(json_file), _PANOPTIC),
+            panoptic_json=os.path.join(os.path.dirname(json_file), _PANOPTIC_JSON),
+            evaluator_type="coco_panoptic_seg",
+            label_divisor=1000,
+            ignore_label=255,
+        )
+        names.append(panoptic_name)
     return tuple(names)
