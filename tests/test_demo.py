@@ -187,3 +187,26 @@ def test_coco_json_of_a_dataset_folder_uses_its_ids(tmp_path):
     assert {d["image_id"] for d in detections} == {1, 2, 3}
     assert {d["category_id"] for d in detections} <= {3, 7, 11}
     COCO(json_file).loadRes(str(tmp_path / "out" / "coco_detections.json"))  # pycocotools reads it
+
+
+@pytest.mark.parametrize("panoptic", [False, True])
+def test_draws_masks_and_panoptic_segments(tmp_path, shapes_root, panoptic):
+    opts = [
+        "MODEL.MASK_ON", "True", "MODEL.RESNETS.OUT_FEATURES", "['res5']", "MODEL.DETR.HIDDEN_DIM", "128",
+        "MODEL.DETR.NHEADS", "8",
+    ]
+    if panoptic:
+        opts += [
+            "MODEL.DETR.PANOPTIC_ON", "True", "MODEL.DETR.PANOPTIC_THRESHOLD", "0.0", "MODEL.DETR.NUM_CLASSES", "6",
+            "DATASETS.TEST", "('shapes_panoptic_val',)",
+        ]
+    image = write_image(tmp_path / "photo.png", size=(64, 96))
+    (entry,) = run_demo([image], tmp_path / "out", "--confidence-threshold", "0.0", *opts)
+    drawing = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
+    assert drawing.shape == (64, 96, 3) and (drawing != np.asarray(Image.open(image))).any()
+    if panoptic:  # the segments, named by the panoptic dataset's classes
+        assert entry["segments"] and {s["class"] for s in entry["segments"]} <= {
+            "circle", "rectangle", "triangle", "star", "cross", "background"
+        }
+    else:
+        assert "segments" not in entry and entry["scores"]

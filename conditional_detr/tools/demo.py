@@ -90,14 +90,22 @@ def output_path(output_dir, image_path, extension=None):
 
 def predict(cfg, model, image):
     """Instances on the CPU, in the pixels of `image` (INPUT.FORMAT, HWC uint8)."""
-    return predict_batch(cfg, model, [image])[0]
+    return predict_batch(cfg, model, [image])[0]["instances"]
 
 
 def predict_batch(cfg, model, images):
-    """`predict` of several images in one forward pass."""
+    """The model's outputs of several images in one forward pass, on the CPU: "instances" and,
+    from a panoptic model, "panoptic_seg"."""
     with torch.no_grad():
         outputs = model([model_input(cfg, image) for image in images])
-    return [output["instances"].to("cpu") for output in outputs]
+    results = []
+    for output in outputs:
+        result = {"instances": output["instances"].to("cpu")}
+        if "panoptic_seg" in output:
+            segment_ids, segments = output["panoptic_seg"]
+            result["panoptic_seg"] = (segment_ids.cpu(), segments)
+        results.append(result)
+    return results
 
 
 def batches(items, size):
@@ -114,16 +122,28 @@ class Drawer:
         self.names = self.metadata.get("thing_classes", None) if self.metadata else None
         self.threshold = threshold
 
-    def __call__(self, image, instances):
-        """The drawing (RGB) and the drawn detections."""
+    def __call__(self, image, output):
+        """
+        The drawing (RGB) and the drawn detections: the panoptic segmentation where the model
+        gives one, else the instances above the threshold, with their masks where it has them.
+        """
+        instances = output["instances"]
         instances = instances[instances.scores >= self.threshold]
         drawing = Visualizer(to_rgb(image, self.format), self.metadata)
-        drawing = drawing.draw_instance_predictions(instances).get_image()
-        return drawing, {
+        detections = {
             "boxes": instances.pred_boxes.tensor.tolist(),
             "scores": instances.scores.tolist(),
             "classes": [self.names[c] if self.names else c for c in instances.pred_classes.tolist()],
         }
+        if "panoptic_seg" in output:
+            segment_ids, segments = output["panoptic_seg"]
+            drawing = drawing.draw_panoptic_seg(segment_ids, segments)
+            detections["segments"] = [
+                {**s, "class": self.names[s["category_id"]] if self.names else s["category_id"]} for s in segments
+            ]
+        else:
+            drawing = drawing.draw_instance_predictions(instances)
+        return drawing.get_image(), detections
 
 
 class CocoDetections:
@@ -221,8 +241,8 @@ def run_video(cfg, model, drawer, source, destination, args):
 
 
 def _draw_frames(cfg, model, drawer, pending, writer, destination, fps, frames):
-    for frame, instances in zip(pending, predict_batch(cfg, model, pending)):
-        drawing, detections = drawer(frame, instances)
+    for frame, output in zip(pending, predict_batch(cfg, model, pending)):
+        drawing, detections = drawer(frame, output)
         if writer is None:
             height, width = drawing.shape[:2]
             writer = cv2.VideoWriter(destination, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
@@ -260,14 +280,14 @@ def main(argv=None):
 
     def run(group):
         pixels = [image for _, image in group]
-        for (index, image), instances in zip(group, predict_batch(cfg, model, pixels)):
-            drawing, detections = drawer(image, instances)
+        for (index, image), output in zip(group, predict_batch(cfg, model, pixels)):
+            drawing, detections = drawer(image, output)
             Image.fromarray(drawing).save(destinations[index])
             entry = {"input": os.path.abspath(images[index]), "output": os.path.abspath(destinations[index])}
             entries[index] = {**entry, **detections}
             if coco is not None:
                 entries[index]["image_id"] = coco.image_id(images[index], index)
-                coco.add(entries[index]["image_id"], instances)
+                coco.add(entries[index]["image_id"], output["instances"])
         progress.update(len(group))
 
     # Batches hold images of one size: padding would change what the backbone sees at the
