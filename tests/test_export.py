@@ -8,14 +8,20 @@ import torch
 from detectron2.modeling import build_model
 
 from conditional_detr.engine import get_config
+from conditional_detr.modeling.postprocess import full_image_masks
 from conditional_detr.tools import export
 
 from helpers.paths import QUICK_SCHEDULES
 
+_DETR = ["MODEL.META_ARCHITECTURE", "DETR", "MODEL.DETR.CLASS_LOSS", "softmax"]
+# the mask head, at widths its GroupNorms take
+_MASKS = ["MODEL.MASK_ON", "True", "MODEL.DETR.HIDDEN_DIM", "128", "MODEL.DETR.NHEADS", "8"]
 MODELS = {
     "ConditionalDETR": ("conditional_detr_instant_test.yaml", []),
-    "DETR": ("conditional_detr_instant_test.yaml", ["MODEL.META_ARCHITECTURE", "DETR", "MODEL.DETR.CLASS_LOSS", "softmax"]),
+    "DETR": ("conditional_detr_instant_test.yaml", _DETR),
     "DeformableDETR": ("deformable_detr_instant_test.yaml", []),
+    "DETR-masks": ("conditional_detr_instant_test.yaml", _DETR + _MASKS + ["MODEL.RESNETS.OUT_FEATURES", "['res5']"]),
+    "DeformableDETR-masks": ("deformable_detr_instant_test.yaml", _MASKS),
 }
 EXPORT_SIZE = (64, 80)
 OTHER_SIZE = (48, 100)
@@ -42,7 +48,7 @@ def exported(request, tmp_path_factory):
          "--width", str(EXPORT_SIZE[1]), *opts, "MODEL.WEIGHTS", weights]
     )
     model.eval()
-    return request.param, model, description
+    return request.param.split("-")[0], model, description
 
 
 def runners(description):
@@ -74,8 +80,9 @@ def test_exported_models_give_the_eager_detections(exported):
             images, sizes = batch_of(height, width, batch)
             with torch.no_grad():
                 eager = model([{"image": images[i, :, :h, :w].to(torch.uint8)} for i, (h, w) in enumerate(sizes.tolist())])
-                scores, labels, boxes = run(images, sizes)
+                scores, labels, boxes, *masks = run(images, sizes)
             assert scores.shape[0] == batch, (kind, height, width, batch)
+            assert len(masks) == int(model.mask_on)
             for i, output in enumerate(eager):
                 instances = output["instances"]
                 kept = (boxes[i][:, 2] > boxes[i][:, 0]) & (boxes[i][:, 3] > boxes[i][:, 1])  # detectron2 drops empty boxes
@@ -84,6 +91,9 @@ def test_exported_models_give_the_eager_detections(exported):
                 torch.testing.assert_close(scores[i][kept], instances.scores, atol=1e-4, rtol=0, msg=where)
                 torch.testing.assert_close(boxes[i][kept], instances.pred_boxes.tensor, atol=1e-4, rtol=0, msg=where)
                 assert torch.equal(labels[i][kept], instances.pred_classes), where
+                if masks:  # the full-image masks of the exported logits, as the eager model makes them
+                    full = full_image_masks(masks[0][i][kept], (height, width), sizes[i].tolist(), sizes[i].tolist())
+                    assert (full != instances.pred_masks).float().mean() < 1e-3, where
 
 
 @pytest.mark.slow

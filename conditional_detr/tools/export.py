@@ -17,6 +17,10 @@ Outputs:
     scores       [batch, K] float32; K is TEST.DETECTIONS_PER_IMAGE (focal loss) or NUM_OBJECT_QUERIES (softmax).
     labels       [batch, K] int64, contiguous class indices (the metadata's thing_classes).
     boxes        [batch, K, 4] float32, XYXY in the pixels of each image, clipped to it.
+    mask_logits  (MODEL.MASK_ON) [batch, K, height / 4, width / 4] float32: each detection's mask
+                 logits at stride 4 of the batch tensor; upsample them bilinearly to (height,
+                 width), crop to the image and keep the positive ones for its full-image mask,
+                 as the eager model's `postprocess.full_image_masks` does.
 The detections are those of the model's own post-processing; detectron2 also drops boxes
 that clipping left empty, which a fixed-size output keeps (with their scores).
 
@@ -67,14 +71,20 @@ class ExportableDetector(nn.Module):
         # normalized, then zero in the padding, as `preprocess_image` pads
         images = (images - model.pixel_mean) / model.pixel_std * inside[:, None].to(images.dtype)
         # the image sizes stay a tensor, so that the padding masks stay dynamic in the trace
-        outputs = model.forward_outputs(ImageList(images, image_sizes))
-        scores, labels, boxes, _ = detections(
+        outputs = model.forward_outputs(ImageList(images, image_sizes), lazy_masks=True)
+        scores, labels, boxes, queries = detections(
             outputs["pred_logits"], outputs["pred_boxes"], image_sizes, model.class_loss, model.num_topk
         )
         # detectron2's clipping to each image
         sizes = image_sizes.to(boxes.dtype)
         limits = torch.stack([sizes[:, 1], sizes[:, 0], sizes[:, 1], sizes[:, 0]], dim=-1)[:, None]
-        return scores, labels, torch.minimum(torch.clamp(boxes, min=0), limits)
+        boxes = torch.minimum(torch.clamp(boxes, min=0), limits)
+        if not model.mask_on:
+            return scores, labels, boxes
+        # the mask logits of each detection's query, for its queries only
+        batch_index = torch.arange(queries.shape[0], device=queries.device)[:, None].expand_as(queries)
+        masks = outputs["mask_predictor"](batch_index.flatten(), queries.flatten())
+        return scores, labels, boxes, masks.view(*queries.shape, *masks.shape[-2:])
 
 
 def example_inputs(cfg, height, width, batch=2, device=None):
@@ -101,6 +111,10 @@ def export_torchscript(exportable, inputs, path):
     return path
 
 
+def output_names(exportable):
+    return OUTPUT_NAMES + (("mask_logits",) if exportable.model.mask_on else ())
+
+
 def export_onnx(exportable, inputs, path):
     # torch.onnx's TorchScript-based exporter: it exports these models much faster than the
     # torch.export-based one, with the same graph
@@ -110,11 +124,12 @@ def export_onnx(exportable, inputs, path):
             inputs,
             path,
             input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(output_names(exportable)),
             dynamic_axes={
                 "images": {0: "batch", 2: "height", 3: "width"},
                 "image_sizes": {0: "batch"},
                 **{name: {0: "batch"} for name in OUTPUT_NAMES},
+                **({"mask_logits": {0: "batch", 2: "mask_height", 3: "mask_width"}} if exportable.model.mask_on else {}),
             },
             opset_version=17,
             dynamo=False,
@@ -164,12 +179,17 @@ def check_exported(exportable, run, cases, device="cpu"):
             "scores": float((got[0] - expected[0]).abs().max()),
             "boxes": float(distance.max()),
         }
+        if len(expected) > 3:  # mask logits, in the order of the scores as the boxes are compared
+            results[name]["mask_logits"] = float((got[3] - expected[3]).abs().max()) if got[3].shape == expected[3].shape else float("inf")
     return results
 
 
 def _agrees(result):
-    # scores within 1e-4, boxes within a hundredth of a pixel
-    return "error" not in result and result["scores"] <= 1e-4 and result["boxes"] <= 1e-2
+    # scores within 1e-4, boxes within a hundredth of a pixel, mask logits within 1e-3
+    return (
+        "error" not in result and result["scores"] <= 1e-4 and result["boxes"] <= 1e-2
+        and result.get("mask_logits", 0.0) <= 1e-3
+    )
 
 
 def parse_args(argv=None):
@@ -230,7 +250,10 @@ def main(argv=None):
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
         "weights": cfg.MODEL.WEIGHTS,
         "inputs": {"images": "[batch, 3, height, width] float32, 0-255, " + cfg.INPUT.FORMAT, "image_sizes": "[batch, 2] int64 (height, width)"},
-        "outputs": {"scores": "[batch, K]", "labels": "[batch, K] int64", "boxes": "[batch, K, 4] XYXY pixels"},
+        "outputs": {
+            "scores": "[batch, K]", "labels": "[batch, K] int64", "boxes": "[batch, K, 4] XYXY pixels",
+            **({"mask_logits": "[batch, K, height / 4, width / 4]"} if cfg.MODEL.MASK_ON else {}),
+        },
         "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
         "pixel_std": list(cfg.MODEL.PIXEL_STD),
         "test_size": [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST],
