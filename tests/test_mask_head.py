@@ -310,8 +310,9 @@ def test_panoptic_needs_the_mask_head():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("architecture", [*ARCHITECTURES, "DETR-DC5"])
 def test_each_detector_trains_and_evaluates_panoptic_segmentation_on_the_shapes(shapes_root, tmp_path, architecture):
+    """The instant variants of configs/COCO-PanopticSegmentation: each detector, and DETR's dilated res5."""
     import train_net
 
     from helpers.paths import DEFORMABLE_INSTANT_CONFIG
@@ -324,8 +325,10 @@ def test_each_detector_trains_and_evaluates_panoptic_segmentation_on_the_shapes(
     ]
     if architecture == "DeformableDETR":
         opts[opts.index("MODEL.RESNETS.OUT_FEATURES") + 1] = "['res3', 'res4', 'res5']"
-    if architecture == "DETR":
+    if architecture.startswith("DETR"):
         opts += ["MODEL.META_ARCHITECTURE", "DETR", "MODEL.DETR.CLASS_LOSS", "softmax"]
+    if architecture == "DETR-DC5":  # detectron2 dilates bottleneck blocks only
+        opts += ["MODEL.RESNETS.RES5_DILATION", 2, "MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256]
     out = tmp_path / "run"
     train_net.main(cli_args(*instant_opts(out, *opts), config_file=config))
     records = read_metrics(out)
