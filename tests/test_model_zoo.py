@@ -17,7 +17,7 @@ from detectron2.utils.file_io import PathManager
 from conditional_detr import ConditionalDETR, model_zoo
 from conditional_detr.model_zoo import OFFICIAL_CHECKPOINTS, SCHEME, OfficialCheckpoint
 from conditional_detr.model_zoo import model_zoo as model_zoo_module
-from conditional_detr.checkpoint.path_handler import CONVERTED_NUM_CLASSES
+from conditional_detr.checkpoint.catalog import CONVERTED_NUM_CLASSES
 from conditional_detr.checkpoint import class_heads
 from conditional_detr.checkpoint import official as official_formats
 

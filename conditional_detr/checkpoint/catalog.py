@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 SCHEME = "conditional-detr://"
+# detectron2's contiguous COCO classes, those of every COCO detection config of this project
+CONVERTED_NUM_CLASSES = 80
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class OfficialCheckpoint:
     # files of the same folder that the checkpoint needs beside it (transformers' config.json)
     companions: tuple = ()
     # the classes the cached conversion keeps: detectron2's 80 COCO ones, 133 COCO panoptic ones
-    num_classes: int = 80
+    num_classes: int = CONVERTED_NUM_CLASSES
 
 
 # The official README links Conditional DETR's weights to SharePoint share pages, which

@@ -17,8 +17,6 @@ from . import formats
 from .catalog import SCHEME, official_checkpoint
 from .official import convert_torchvision_resnet
 
-# detectron2's contiguous COCO classes, those of every COCO detection config of this project
-CONVERTED_NUM_CLASSES = 80
 
 logger = logging.getLogger(__name__)
 
@@ -76,23 +74,22 @@ class OfficialCheckpointHandler(PathHandler):
     def _convert_into_cache(self, name, converted_path):
         saved_by_user = os.path.join(cache_dir(), "official", name + ".pth")
         if os.path.isfile(saved_by_user):
-            state_dict = self._read(name, saved_by_user)
+            source_format, state_dict = self._read(name, saved_by_user)
         else:
             with tempfile.TemporaryDirectory(
                 dir=cache_dir(), prefix=f".{os.path.basename(name)}.download."
             ) as folder:
                 downloaded = self._download(name, folder, saved_by_user)
-                state_dict = self._read(name, downloaded)
-        source_format = state_dict[0]
-        num_classes = official_checkpoint(name).num_classes
+                source_format, state_dict = self._read(name, downloaded)
         try:
-            converted = self._convert(name, *state_dict)
+            converted = self._convert(name, source_format, state_dict)
         except (KeyError, ValueError) as e:
             raise ValueError(f"{SCHEME}{name}: cannot convert the official checkpoint: {e}") from e
         checkpoint = {"model": converted, "matching_heuristics": False}
-        class_names = source_format.class_names(num_classes) if source_format is not None else None
-        if class_names is not None:
-            checkpoint["class_names"] = list(class_names)
+        if source_format is not None:  # a detector's: its classes' names, for match_names
+            class_names = source_format.class_names(official_checkpoint(name).num_classes)
+            if class_names is not None:
+                checkpoint["class_names"] = list(class_names)
         _save_atomically(checkpoint, converted_path)
         logger.info(f"Cached {SCHEME}{name} at {converted_path}")
 

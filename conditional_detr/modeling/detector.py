@@ -214,6 +214,8 @@ class SetPredictionDetector(nn.Module):
             height = input_per_image.get("height", image_size[0])
             width = input_per_image.get("width", image_size[1])
             instances = detector_postprocess(result, height, width)
+            if self.panoptic_on:  # the instances of things, as detectron2's panoptic models give them
+                instances = instances[self.thing_classes[instances.pred_classes]]
             queries = instances.get("query_index")
             instances.remove("query_index")
             if self.mask_on:
@@ -222,8 +224,6 @@ class SetPredictionDetector(nn.Module):
                 with precision:
                     logits = outputs["mask_predictor"](torch.full_like(queries, i), queries)
                 instances.pred_masks = full_image_masks(logits, images.tensor.shape[-2:], image_size, (height, width))
-            if self.panoptic_on:  # the instances of things, as detectron2's panoptic models give them
-                instances = instances[self.thing_classes[instances.pred_classes]]
             processed.append({"instances": instances})
             if self.panoptic_on:
                 processed[-1]["panoptic_seg"] = self.panoptic_seg(outputs, i, image_size, (height, width), precision)
