@@ -13,6 +13,7 @@ from conditional_detr.tools import demo
 from conditional_detr.tools.inference import build_eval_model
 
 from helpers.paths import INSTANT_CONFIG
+from helpers.training import PANOPTIC_NUM_CLASSES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,7 +198,7 @@ def test_draws_masks_and_panoptic_segments(tmp_path, shapes_root, panoptic):
     ]
     if panoptic:
         opts += [
-            "MODEL.DETR.PANOPTIC_ON", "True", "MODEL.DETR.PANOPTIC_THRESHOLD", "0.0", "MODEL.DETR.NUM_CLASSES", "6",
+            "MODEL.DETR.PANOPTIC_ON", "True", "MODEL.DETR.PANOPTIC_THRESHOLD", "0.0", "MODEL.DETR.NUM_CLASSES", str(PANOPTIC_NUM_CLASSES),
             "DATASETS.TEST", "('shapes_panoptic_val',)",
         ]
     image = write_image(tmp_path / "photo.png", size=(64, 96))
@@ -206,7 +207,7 @@ def test_draws_masks_and_panoptic_segments(tmp_path, shapes_root, panoptic):
     assert drawing.shape == (64, 96, 3) and (drawing != np.asarray(Image.open(image))).any()
     if panoptic:  # the segments, named by the panoptic dataset's classes
         assert entry["segments"] and {s["class"] for s in entry["segments"]} <= {
-            "circle", "rectangle", "triangle", "star", "cross", "background"
+            "circle", "rectangle", "triangle", "star", "cross", "gradient", "stripes", "checks"
         }
     else:
         assert "segments" not in entry and entry["scores"]

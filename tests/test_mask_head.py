@@ -148,8 +148,18 @@ def test_inference_outputs_stride_4_mask_logits_of_every_query():
 def test_bad_widths_and_features_are_named():
     with pytest.raises(ValueError, match="HIDDEN_DIM a multiple of 128"):
         masked_detr(HIDDEN_DIM=64, NHEADS=4)
-    with pytest.raises(ValueError, match=r"the transformer reads res4; set MODEL.RESNETS.OUT_FEATURES \['res5'\]"):
-        masked_detr(**{"MODEL.RESNETS.OUT_FEATURES": "['res4']"})
+    with pytest.raises(ValueError, match=r"the transformer reads res3; set MODEL.RESNETS.OUT_FEATURES \['res5'\] or"):
+        masked_detr(**{"MODEL.RESNETS.OUT_FEATURES": "['res3']"})
+
+
+@pytest.mark.parametrize("architecture", ["DETR", "ConditionalDETR"])
+def test_a_stride_16_memory_gives_stride_4_masks_too(architecture):
+    """The transformer on res4 (as the shapes configs): the head's first upsampling keeps res4's size."""
+    model = masked_model(architecture, **{"MODEL.RESNETS.OUT_FEATURES": "['res4']"}).eval()
+    images = two_images(model)
+    with torch.no_grad():
+        outputs = model.forward_outputs(images)
+    assert outputs["pred_masks"].shape == (2, model.num_queries, 64 // 4, 128 // 4)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
@@ -201,7 +211,7 @@ def test_each_detector_trains_its_head_on_the_shapes_masks_and_evaluates_segm_ap
     import train_net
 
     from helpers.paths import DEFORMABLE_INSTANT_CONFIG
-    from helpers.training import cli_args, instant_opts, read_metrics
+    from helpers.training import PANOPTIC_NUM_CLASSES, cli_args, instant_opts, read_metrics
 
     config = DEFORMABLE_INSTANT_CONFIG if architecture == "DeformableDETR" else INSTANT_CONFIG
     opts = list(INSTANT_MASK_OPTS)
@@ -316,11 +326,11 @@ def test_each_detector_trains_and_evaluates_panoptic_segmentation_on_the_shapes(
     import train_net
 
     from helpers.paths import DEFORMABLE_INSTANT_CONFIG
-    from helpers.training import cli_args, instant_opts, read_metrics
+    from helpers.training import PANOPTIC_NUM_CLASSES, cli_args, instant_opts, read_metrics
 
     config = DEFORMABLE_INSTANT_CONFIG if architecture == "DeformableDETR" else INSTANT_CONFIG
     opts = list(INSTANT_MASK_OPTS) + [
-        "MODEL.DETR.NUM_CLASSES", 6, "MODEL.DETR.PANOPTIC_ON", True, "MODEL.DETR.PANOPTIC_THRESHOLD", 0.0,
+        "MODEL.DETR.NUM_CLASSES", PANOPTIC_NUM_CLASSES, "MODEL.DETR.PANOPTIC_ON", True, "MODEL.DETR.PANOPTIC_THRESHOLD", 0.0,
         "DATASETS.TRAIN", "('shapes_panoptic_train',)", "DATASETS.TEST", "('shapes_panoptic_val',)",
     ]
     if architecture == "DeformableDETR":

@@ -15,13 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
+import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets.coco import load_coco_json
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import BoxMode, Boxes, Instances
 
 import conditional_detr.data  # noqa: F401  (registers the default datasets)
 from conditional_detr.data import shapes
-from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
+from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets, register_shapes_panoptic_datasets
 
 from helpers.paths import REPO
 
@@ -85,6 +87,8 @@ def test_params_validation():
         ShapesParams(min_objects=3, max_objects=2)
     with pytest.raises(ValueError):
         ShapesParams(image_format="bmp")
+    with pytest.raises(ValueError, match="stuff must be distinct names out of"):
+        ShapesParams(stuff=("sky",))
     # Lists (e.g. read back from json) compare equal to the tuple defaults.
     assert (
         ShapesParams(image_size=[128, 128], categories=list(shapes.SHAPE_CATEGORIES))
@@ -244,19 +248,19 @@ def test_changed_params_regenerate(registered):
 
 def test_interrupted_generation_leaves_nothing(registered, monkeypatch):
     root = registered()
-    real = shapes.generate_shapes_image
+    real = shapes._draw
 
     def crash(params, split, index):
         if index == 7:
             raise KeyboardInterrupt
         return real(params, split, index)
 
-    monkeypatch.setattr(shapes, "generate_shapes_image", crash)
+    monkeypatch.setattr(shapes, "_draw", crash)
     with pytest.raises(KeyboardInterrupt):
         shapes.ensure_shapes_split("val", root, SMALL, num_workers=1)
     assert os.listdir(root) == []
 
-    monkeypatch.setattr(shapes, "generate_shapes_image", real)
+    monkeypatch.setattr(shapes, "_draw", real)
     assert len(DatasetCatalog.get("shapes_val")) == SMALL.num_val
 
 
@@ -269,13 +273,13 @@ def test_killed_generation_leaves_no_split(tmp_path):
 import time
 from conditional_detr.data import shapes
 from conditional_detr.data.shapes import ShapesParams
-real = shapes.generate_shapes_image
+real = shapes._draw
 def slow(params, split, index):
     if index == 10:
         open({str(marker)!r}, "w").close()
         time.sleep(60)
     return real(params, split, index)
-shapes.generate_shapes_image = slow
+shapes._draw = slow
 shapes.ensure_shapes_split("val", {root!r}, ShapesParams(**{SMALL_KWARGS!r}), num_workers=1)
 """
     proc = subprocess.Popen([sys.executable, "-c", code], env=_subprocess_env(tmp_path))
@@ -365,21 +369,61 @@ def test_a_cache_of_the_previous_format_is_drawn_again(registered, tmp_path):
     assert all("segmentation" in a for r in records for a in r["annotations"])
 
 
-def test_the_panoptic_version_agrees_with_the_instances(registered):
+@pytest.fixture
+def panoptic(tmp_path):
+    """Register shapes_panoptic_train / _val under a temporary root; restore afterwards."""
+    root = str(tmp_path / "shapes_panoptic")
+
+    def register(params=SMALL.replace(stuff=shapes.STUFF_CATEGORIES)):
+        register_shapes_panoptic_datasets(root, params)
+        return root
+
+    register()
+    yield register
+    register_shapes_panoptic_datasets()
+
+
+def _check_panoptic_split(name, num_things, num_stuff):
+    """Each record's segments are its PNG's, every pixel in one, the things those of the instances JSON."""
     from conditional_detr.data.dataset_mapper import panoptic_segment_ids
     from conditional_detr.data.datasets import check_panoptic_files
 
-    registered()
-    instances = {r["image_id"]: r for r in DatasetCatalog.get("shapes_val")}
-    panoptic = DatasetCatalog.get("shapes_panoptic_val")
-    check_panoptic_files(["shapes_panoptic_val"])
-    metadata = MetadataCatalog.get("shapes_panoptic_val")
-    assert metadata.evaluator_type == "coco_panoptic_seg" and metadata.thing_classes[-1] == "background"
-    for record in panoptic[:10]:
+    metadata = MetadataCatalog.get(name)
+    check_panoptic_files([name])
+    instances = {r["image_id"]: r for r in load_coco_json(metadata.json_file, metadata.image_root)}
+    assert metadata.evaluator_type == "coco_panoptic_seg"
+    assert metadata.stuff_dataset_id_to_contiguous_id == {k + 1: k for k in range(num_things, num_things + num_stuff)}
+    records = DatasetCatalog.get(name)
+    stuff_seen = set()
+    for record in records:
         ids = panoptic_segment_ids(record["pan_seg_file_name"])
         things = [s for s in record["segments_info"] if s["isthing"]]
-        assert len(things) == len(instances[record["image_id"]]["annotations"])
+        annotations = instances[record["image_id"]]["annotations"]
+        assert [s["category_id"] + 1 for s in things] == [a["category_id"] for a in annotations]  # contiguous vs JSON ids
+        for segment, annotation in zip(things, annotations):
+            truth = mask_util.decode(annotation["segmentation"]).astype(bool)
+            assert np.array_equal(ids == segment["id"], truth)
         for segment in record["segments_info"]:
             assert (ids == segment["id"]).sum() == segment["area"] > 0
-            assert segment["category_id"] == (5 if not segment["isthing"] else segment["category_id"])
+            assert segment["isthing"] == (segment["category_id"] < num_things)
+            if not segment["isthing"]:
+                stuff_seen.add(segment["category_id"])
         assert set(np.unique(ids)) == {s["id"] for s in record["segments_info"]}  # every pixel in a segment
+    return records, stuff_seen
+
+
+def test_the_panoptic_version_has_texture_stuff_and_the_shapes_as_things(panoptic):
+    root = panoptic()
+    records, stuff_seen = _check_panoptic_split("shapes_panoptic_val", 5, 3)
+    assert MetadataCatalog.get("shapes_panoptic_val").stuff_classes[5:] == ["gradient", "stripes", "checks"]
+    assert stuff_seen == {5, 6, 7}
+    per_image = [sum(not s["isthing"] for s in r["segments_info"]) for r in records]
+    assert max(per_image) == 3 and min(per_image) == 1
+    assert os.path.isdir(os.path.join(root, "val", "panoptic"))
+
+
+def test_without_stuff_the_background_is_one_stuff_class(panoptic):
+    panoptic(SMALL)
+    _, stuff_seen = _check_panoptic_split("shapes_panoptic_val", 5, 1)
+    assert MetadataCatalog.get("shapes_panoptic_val").stuff_classes[-1] == "background"
+    assert stuff_seen == {5}

@@ -190,6 +190,8 @@ def check_panoptic_files(dataset_names):
         metadata = MetadataCatalog.get(name)
         if "panoptic_json" not in metadata.as_dict():
             continue
+        if not os.path.isfile(metadata.panoptic_json):
+            DatasetCatalog.get(name)  # a dataset drawn when first loaded (the shapes) writes its files now
         with open(metadata.panoptic_json) as f:
             panoptic = json.load(f)
         categories = {c["id"] for c in panoptic["categories"]}

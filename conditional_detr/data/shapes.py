@@ -7,10 +7,18 @@ stars, crosses) of random colour, size, aspect and rotation on a textured, noisy
 background crossed by thin distractor lines. The colour never tells the category,
 so a detector has to learn the shape itself.
 
+Its panoptic version (`ShapesParams.stuff`) splits the background into up to three
+regions of "stuff" told apart by their texture alone (a smooth gradient, stripes,
+checks; colours, scale and orientation random): the shapes are its things.
+
 The data is written in COCO format (an image folder and an instances json per
 split) under `$DETECTRON2_DATASETS/shapes` (or `./datasets/shapes`) and registered
 as `shapes_train` / `shapes_val` with the same metadata as
-`register_coco_instances`, so detectron2's `COCOEvaluator` works on it. Images are
+`register_coco_instances`, so detectron2's `COCOEvaluator` works on it. The panoptic
+version goes to `$DETECTRON2_DATASETS/shapes_panoptic`, in COCO panoptic format (a PNG
+of segment ids per image and its JSON) beside the same instances JSON with masks, and is
+registered as `shapes_panoptic_train` / `shapes_panoptic_val` the way detectron2
+registers COCO panoptic, for `COCOPanopticEvaluator`. Images are
 generated lazily, the first time a split is loaded through `DatasetCatalog.get`, and
 cached: a manifest in every split folder records the generator version and the
 parameters, and a split whose manifest does not match is generated again.
@@ -40,33 +48,40 @@ from detectron2.data.datasets.coco import load_coco_json
 
 __all__ = [
     "SHAPE_CATEGORIES",
+    "STUFF_CATEGORIES",
     "ShapesParams",
     "DEFAULT_SHAPES_PARAMS",
+    "DEFAULT_PANOPTIC_PARAMS",
     "shapes_root",
     "generate_shapes_image",
     "generate_shapes_split",
     "ensure_shapes_split",
     "load_shapes_split",
     "register_shapes_datasets",
+    "register_shapes_panoptic_datasets",
 ]
 
 logger = logging.getLogger(__name__)
 
 # Bump whenever the generator changes what it draws for given parameters, so that
 # caches written by an older generator are regenerated instead of silently reused.
-GENERATOR_VERSION = 3  # 2: every annotation carries its instance mask; 3: the panoptic files
+# 2: every annotation carries its instance mask; 3: the panoptic files; 4: stuff classes
+GENERATOR_VERSION = 4
 
 SHAPE_CATEGORIES = ("circle", "rectangle", "triangle", "star", "cross")
+# The background textures of the panoptic version, each a stuff class.
+STUFF_CATEGORIES = ("gradient", "stripes", "checks")
 
 SPLITS = ("train", "val")
 
 _MANIFEST = "manifest.json"
 _ANNOTATIONS = "annotations.json"
 _IMAGES = "images"
-# The panoptic version of a split: a PNG of segment ids per image (the shapes, and the background
-# as one stuff segment) and its JSON, in COCO panoptic's format.
+# The panoptic version of a split: a PNG of segment ids per image (a segment per stuff class
+# present, then the shapes) and its JSON, in COCO panoptic's format.
 _PANOPTIC = "panoptic"
 _PANOPTIC_JSON = "panoptic.json"
+# The one stuff class of a split drawn without `stuff`: the whole textured background.
 BACKGROUND = "background"
 
 
@@ -88,6 +103,10 @@ class ShapesParams:
     seed: int = 0
     # Category names, a subset (in any order) of SHAPE_CATEGORIES; ids are 1..K.
     categories: Tuple[str, ...] = SHAPE_CATEGORIES
+    # Stuff class names, a subset of STUFF_CATEGORIES (ids K+1..K+S): the background is split
+    # into up to three regions of these textures. Empty: the one textured background of
+    # the detection splits (the stuff class BACKGROUND of their panoptic files).
+    stuff: Tuple[str, ...] = ()
     # Objects per image are drawn uniformly from [min_objects, max_objects]; fewer
     # end up in the image when no free place is found for one.
     min_objects: int = 0
@@ -117,13 +136,15 @@ class ShapesParams:
     def __post_init__(self):
         # Lists given by a caller or read from json are stored as tuples, so that
         # the dataclass stays hashable and compares equal to the defaults.
-        for name in ("image_size", "categories", "object_size"):
+        for name in ("image_size", "categories", "stuff", "object_size"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         unknown = set(self.categories) - set(SHAPE_CATEGORIES)
         if unknown or not self.categories or len(set(self.categories)) != len(self.categories):
             raise ValueError(
                 f"categories must be distinct names out of {SHAPE_CATEGORIES}, got {self.categories}"
             )
+        if set(self.stuff) - set(STUFF_CATEGORIES) or len(set(self.stuff)) != len(self.stuff):
+            raise ValueError(f"stuff must be distinct names out of {STUFF_CATEGORIES}, got {self.stuff}")
         if not 0 <= self.min_objects <= self.max_objects:
             raise ValueError("need 0 <= min_objects <= max_objects")
         if not 0 < self.object_size[0] <= self.object_size[1]:
@@ -147,18 +168,17 @@ class ShapesParams:
 
 
 DEFAULT_SHAPES_PARAMS = ShapesParams()
+DEFAULT_PANOPTIC_PARAMS = DEFAULT_SHAPES_PARAMS.replace(stuff=STUFF_CATEGORIES)
 
 
-def shapes_root(root: Optional[str] = None) -> str:
+def shapes_root(root: Optional[str] = None, name: str = "shapes") -> str:
     """
     The cache folder of the dataset: `root` if given, else
-    `$DETECTRON2_DATASETS/shapes`, else `./datasets/shapes`, made absolute so that a
+    `$DETECTRON2_DATASETS/<name>`, else `./datasets/<name>`, made absolute so that a
     later change of the working directory does not move it.
     """
     if root is None:
-        root = os.path.join(
-            os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "shapes"
-        )
+        root = os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), name)
     return os.path.abspath(os.path.expanduser(root))
 
 
@@ -215,7 +235,7 @@ def _noise_bank(seed: int, sigma: float, side: int) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, h: int, w: int, p: ShapesParams) -> np.ndarray:
-    """A textured background with distractor lines, (h, w, 3) uint8."""
+    """The detection splits' textured background, (h, w, 3) uint8."""
     # A base colour, a smooth colour drift across the image and fine blotches, so
     # that the model cannot find objects by looking for whatever is not flat.
     # Built at a quarter of the resolution and upsampled once: the texture is
@@ -229,8 +249,62 @@ def _background(rng: np.random.Generator, h: int, w: int, p: ShapesParams) -> np
     blotch = np.asarray(Image.fromarray(grid).resize((lw, lh), Image.BICUBIC), dtype=np.float32)
     low = base + (drift - 128) + (blotch - 127.5)[..., None] * (0.5 * amp / 127.5)
     low = np.clip(low, 0, 255).astype(np.uint8)
-    canvas = np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC))
+    return np.asarray(Image.fromarray(low).resize((w, h), Image.BICUBIC))
 
+
+def _stuff_regions(rng: np.random.Generator, h: int, w: int, num_stuff: int) -> np.ndarray:
+    """
+    (h, w) stuff class indices: 1 to 3 bands of distinct classes across the image, at a
+    random angle, their borders waved, each band at least a tenth of the image across.
+    """
+    num_regions = int(rng.integers(1, min(3, num_stuff) + 1))
+    classes = rng.permutation(num_stuff)[:num_regions]
+    phi = rng.uniform(0, np.pi)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    across = xs * math.cos(phi) + ys * math.sin(phi)
+    along = -xs * math.sin(phi) + ys * math.cos(phi)
+    amplitude, wavelength, phase = rng.uniform(0, 0.06 * max(h, w)), rng.uniform(40, 120), rng.uniform(0, 2 * np.pi)
+    across += amplitude * np.sin(2 * np.pi * along / wavelength + phase)
+    across = (across - across.min()) / max(float(np.ptp(across)), 1.0)
+    cuts = (np.arange(1, num_regions) + rng.uniform(-0.4, 0.4, size=num_regions - 1)) / num_regions
+    return classes[np.searchsorted(cuts, across)]
+
+
+def _texture(rng: np.random.Generator, h: int, w: int, name: str) -> np.ndarray:
+    """(h, w, 3) float32 of one stuff texture; only its pattern tells its class."""
+    base = rng.uniform(50, 205, size=3).astype(np.float32)
+    # The second colour close to the first, so that a shape's contrast to the pair's mean
+    # (what _pick_colour sees) is contrast to each.
+    other = np.clip(base + rng.uniform(-1, 1, size=3) * 30 + rng.choice([-1, 1]) * 20, 0, 255)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    theta = rng.uniform(0, np.pi)
+    u = xs * math.cos(theta) + ys * math.sin(theta)
+    if name == "gradient":
+        weight = (u - u.min()) / max(float(np.ptp(u)), 1.0)
+    elif name == "stripes":
+        weight = (np.sin(2 * np.pi * u / rng.uniform(6, 12)) > 0).astype(np.float32)
+    elif name == "checks":
+        v = -xs * math.sin(theta) + ys * math.cos(theta)
+        cell = rng.uniform(5, 10)
+        weight = ((np.floor(u / cell) + np.floor(v / cell)) % 2).astype(np.float32)
+    else:
+        raise ValueError(f"unknown stuff {name!r}")
+    return base + (other - base) * weight[..., None]
+
+
+def _stuff_background(rng: np.random.Generator, h: int, w: int, p: ShapesParams):
+    """The panoptic splits' background: (h, w, 3) uint8 and the (h, w) stuff class of each pixel."""
+    regions = _stuff_regions(rng, h, w, len(p.stuff))
+    canvas = np.zeros((h, w, 3), dtype=np.float32)
+    for k in np.unique(regions):
+        inside = regions == k
+        canvas[inside] = _texture(rng, h, w, p.stuff[k])[inside]
+    return np.clip(canvas, 0, 255).astype(np.uint8), regions
+
+
+def _draw_distractors(rng: np.random.Generator, canvas: np.ndarray, p: ShapesParams) -> np.ndarray:
+    """Thin lines of random colour across the image; a writable copy, which objects are painted into."""
+    h, w = canvas.shape[:2]
     n_lines = int(rng.integers(0, p.max_distractors + 1))
     if n_lines:
         img = Image.fromarray(canvas)
@@ -241,7 +315,6 @@ def _background(rng: np.random.Generator, h: int, w: int, p: ShapesParams) -> np
             colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
             draw.line([(x0, y0), (x1, y1)], fill=colour, width=int(rng.integers(1, 3)))
         canvas = np.asarray(img)
-    # Writable copy: objects are painted into it.
     return np.array(canvas)
 
 
@@ -352,11 +425,25 @@ def generate_shapes_image(params: ShapesParams, split: str, index: int):
         "area" (the visible pixel count) and "segmentation", the visible pixels as COCO's
         compressed RLE: exactly those the shape was drawn on and no later one covers.
     """
+    image, annotations, _, _ = _draw(params, split, index)
+    return image, annotations
+
+
+def _draw(params: ShapesParams, split: str, index: int):
+    """
+    generate_shapes_image's image and annotations, and the maps behind them: (h, w) of
+    each pixel's shape (k + 1 for the k-th annotation, 0 for none) and, with `stuff`,
+    (h, w) of each pixel's stuff class under the shapes (else None).
+    """
     p = params
     rng = np.random.default_rng([p.seed, SPLITS.index(split), index])
     h, w = _image_size(rng, p)
 
-    canvas = _background(rng, h, w, p)
+    if p.stuff:
+        canvas, stuff_map = _stuff_background(rng, h, w, p)
+    else:
+        canvas, stuff_map = _background(rng, h, w, p), None
+    canvas = _draw_distractors(rng, canvas, p)
     labels = np.zeros((h, w), dtype=np.uint16)
     objects: List = []
     placed: List[str] = []
@@ -395,7 +482,7 @@ def generate_shapes_image(params: ShapesParams, split: str, index: int):
                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
             }
         )
-    return canvas, annotations
+    return canvas, annotations, labels, stuff_map
 
 
 # ---------------------------------------------------------------------------------
@@ -438,17 +525,27 @@ def _is_current(split_dir: str, params: ShapesParams, split: str) -> bool:
     )
 
 
-def _panoptic_ids(height, width, annotations):
-    """The segment ids of an image: 1 for the background, 2 + k for its k-th shape's visible pixels."""
-    ids = np.ones((height, width), dtype=np.uint32)
-    for k, ann in enumerate(annotations):
-        ids[mask_util.decode(ann["segmentation"]).astype(bool)] = k + 2
-    return ids
+def _panoptic_segments(labels, stuff_map, params: ShapesParams):
+    """
+    An image's segment ids, (h, w), and its stuff segments: one per stuff class present
+    (id 1 + its index), then a segment per shape (id S + 1 + k for its k-th annotation,
+    S the number of stuff classes). A stuff segment is (id, stuff index, area, bbox).
+    """
+    stuff_map = np.zeros(labels.shape, dtype=np.int64) if stuff_map is None else stuff_map
+    num_stuff = max(1, len(params.stuff))
+    ids = np.where(labels > 0, labels.astype(np.uint32) + num_stuff, stuff_map.astype(np.uint32) + 1)
+    segments = []
+    for k in range(num_stuff):
+        ys, xs = np.nonzero(ids == k + 1)
+        if len(xs):
+            bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+            segments.append((k + 1, k, int(len(xs)), bbox))
+    return ids, segments
 
 
 def _draw_and_save(params: ShapesParams, split: str, image_dir: str, index: int):
-    image, anns = generate_shapes_image(params, split, index)
-    ids = _panoptic_ids(*image.shape[:2], anns)
+    image, anns, labels, stuff_map = _draw(params, split, index)
+    ids, stuff_segments = _panoptic_segments(labels, stuff_map, params)
     rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
     panoptic_dir = os.path.join(os.path.dirname(image_dir), _PANOPTIC)
     Image.fromarray(rgb).save(os.path.join(panoptic_dir, f"{index:06d}.png"), compress_level=1)
@@ -459,7 +556,7 @@ def _draw_and_save(params: ShapesParams, split: str, image_dir: str, index: int)
     else:
         # Lossless anyway; the fastest level keeps generation within seconds.
         Image.fromarray(image).save(path, compress_level=1)
-    return file_name, image.shape[0], image.shape[1], anns
+    return file_name, image.shape[0], image.shape[1], anns, stuff_segments
 
 
 def _map_indices(fn, n: int, num_workers: Optional[int]) -> List:
@@ -511,7 +608,7 @@ def generate_shapes_split(
 
     cat_ids = {name: i + 1 for i, name in enumerate(params.categories)}
     images, annotations = [], []
-    for index, (file_name, h, w, anns) in enumerate(results):
+    for index, (file_name, h, w, anns, _) in enumerate(results):
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
         for ann in anns:
@@ -541,7 +638,7 @@ def generate_shapes_split(
     }
     with open(os.path.join(out_dir, _ANNOTATIONS), "w") as f:
         json.dump(coco, f)
-    _write_panoptic_json(params, split, out_dir, coco)
+    _write_panoptic_json(params, out_dir, coco, [r[-1] for r in results])
 
     manifest = {
         "version": GENERATOR_VERSION,
@@ -555,25 +652,33 @@ def generate_shapes_split(
     return manifest
 
 
-def _write_panoptic_json(params, split, out_dir, coco):
-    """COCO panoptic's JSON of a split: each image's shapes as things, its background as a stuff segment."""
-    background_id = len(params.categories) + 1
+def stuff_classes(params: ShapesParams) -> Tuple[str, ...]:
+    """The stuff classes of a split's panoptic files, after the things: `stuff`, or the one BACKGROUND."""
+    return params.stuff or (BACKGROUND,)
+
+
+def _write_panoptic_json(params, out_dir, coco, stuff_segments):
+    """COCO panoptic's JSON of a split: each image's stuff segments, then its shapes as things."""
+    num_things, num_stuff = len(params.categories), len(stuff_classes(params))
     by_image = {image["id"]: [] for image in coco["images"]}
     for ann in coco["annotations"]:
         by_image[ann["image_id"]].append(ann)
     annotations = []
-    for image in coco["images"]:
-        anns = by_image[image["id"]]
-        background = image["height"] * image["width"] - sum(a["area"] for a in anns)
-        segments = [{"id": 1, "category_id": background_id, "iscrowd": 0, "area": background,
-                     "bbox": [0, 0, image["width"], image["height"]]}] if background else []
+    for image, stuff in zip(coco["images"], stuff_segments):
+        segments = [
+            {"id": id, "category_id": num_things + 1 + k, "iscrowd": 0, "area": area, "bbox": bbox}
+            for id, k, area, bbox in stuff
+        ]
         segments += [
-            {"id": k + 2, "category_id": a["category_id"], "iscrowd": 0, "area": a["area"], "bbox": a["bbox"]}
-            for k, a in enumerate(anns)
+            {"id": num_stuff + 1 + k, "category_id": a["category_id"], "iscrowd": 0, "area": a["area"], "bbox": a["bbox"]}
+            for k, a in enumerate(by_image[image["id"]])
         ]
         annotations.append({"image_id": image["id"], "file_name": f"{image['id'] - 1:06d}.png", "segments_info": segments})
     categories = [{**c, "isthing": 1} for c in coco["categories"]]
-    categories.append({"id": background_id, "name": BACKGROUND, "supercategory": BACKGROUND, "isthing": 0})
+    categories += [
+        {"id": num_things + 1 + k, "name": name, "supercategory": "stuff", "isthing": 0}
+        for k, name in enumerate(stuff_classes(params))
+    ]
     with open(os.path.join(out_dir, _PANOPTIC_JSON), "w") as f:
         json.dump({"info": coco["info"], "images": coco["images"], "annotations": annotations, "categories": categories}, f)
 
@@ -669,11 +774,11 @@ def load_shapes_split(
     return load_coco_json(json_file, image_root, dataset_name)
 
 
-def load_shapes_panoptic_split(split: str, root: Optional[str] = None, params: ShapesParams = DEFAULT_SHAPES_PARAMS):
+def load_shapes_panoptic_split(split: str, root: Optional[str] = None, params: ShapesParams = DEFAULT_PANOPTIC_PARAMS):
     """
     Generate the split if needed, then load its panoptic version as detectron2's panoptic
     dataset dicts: the image, the PNG of segment ids, the segments with contiguous
-    categories (the shapes, then the background).
+    categories (the shapes, then the stuff classes).
     """
     json_file, image_root = ensure_shapes_split(split, root, params)
     split_dir = os.path.dirname(json_file)
@@ -695,13 +800,22 @@ def load_shapes_panoptic_split(split: str, root: Optional[str] = None, params: S
     return records
 
 
+def _register(name: str, load, **metadata):
+    # Registering again replaces: another root or other parameters.
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(**metadata)
+
+
 def register_shapes_datasets(
     root: Optional[str] = None, params: ShapesParams = DEFAULT_SHAPES_PARAMS, prefix: str = "shapes"
 ) -> Tuple[str, ...]:
     """
-    Register `{prefix}_train` and `{prefix}_val` in detectron2's catalogs, and their panoptic
-    versions `{prefix}_panoptic_train` and `{prefix}_panoptic_val` (the background one stuff
-    class after the shapes, evaluated as panoptic segmentation).
+    Register `{prefix}_train` and `{prefix}_val` in detectron2's catalogs, as
+    `register_coco_instances` would.
 
     Nothing is generated here: a split is drawn the first time it is loaded with
     `DatasetCatalog.get`. Calling this again replaces the earlier registration,
@@ -715,15 +829,9 @@ def register_shapes_datasets(
     for split in SPLITS:
         name = f"{prefix}_{split}"
         json_file, image_root = split_paths(root, split)
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-        if name in MetadataCatalog.list():
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(
+        _register(
             name,
             lambda split=split, name=name: load_shapes_split(split, root, params, name),
-        )
-        MetadataCatalog.get(name).set(
             thing_classes=list(params.categories),
             # Set here too, not only when the data is loaded, so that an evaluator
             # built before the first load maps category ids right.
@@ -734,19 +842,36 @@ def register_shapes_datasets(
             shapes_params=dataclasses.asdict(params),
         )
         names.append(name)
-        panoptic_name = f"{prefix}_panoptic_{split}"
-        if panoptic_name in DatasetCatalog.list():
-            DatasetCatalog.remove(panoptic_name)
-        if panoptic_name in MetadataCatalog.list():
-            MetadataCatalog.remove(panoptic_name)
-        DatasetCatalog.register(panoptic_name, lambda split=split: load_shapes_panoptic_split(split, root, params))
-        classes = [*params.categories, BACKGROUND]
-        MetadataCatalog.get(panoptic_name).set(
-            # as detectron2's COCO panoptic registration: one id space for things and stuff
+    return tuple(names)
+
+
+def register_shapes_panoptic_datasets(
+    root: Optional[str] = None, params: ShapesParams = DEFAULT_PANOPTIC_PARAMS, prefix: str = "shapes_panoptic"
+) -> Tuple[str, ...]:
+    """
+    Register the panoptic version, `{prefix}_train` and `{prefix}_val`, as detectron2 registers
+    COCO panoptic (`register_coco_panoptic`): records with "pan_seg_file_name" and
+    "segments_info", one contiguous id space for things and stuff, the instances JSON as
+    "json_file" for the things' COCOEvaluator. `root` defaults to
+    `$DETECTRON2_DATASETS/shapes_panoptic`; drawn lazily as register_shapes_datasets.
+
+    Returns:
+        the registered dataset names.
+    """
+    root = shapes_root(root, "shapes_panoptic")
+    classes = [*params.categories, *stuff_classes(params)]
+    num_things = len(params.categories)
+    names = []
+    for split in SPLITS:
+        name = f"{prefix}_{split}"
+        json_file, image_root = split_paths(root, split)
+        _register(
+            name,
+            lambda split=split: load_shapes_panoptic_split(split, root, params),
             thing_classes=classes,
             stuff_classes=classes,
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(params.categories))},
-            stuff_dataset_id_to_contiguous_id={len(classes): len(classes) - 1},
+            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(num_things)},
+            stuff_dataset_id_to_contiguous_id={i + 1: i for i in range(num_things, len(classes))},
             json_file=json_file,
             image_root=image_root,
             panoptic_root=os.path.join(os.path.dirname(json_file), _PANOPTIC),
@@ -754,6 +879,7 @@ def register_shapes_datasets(
             evaluator_type="coco_panoptic_seg",
             label_divisor=1000,
             ignore_label=255,
+            shapes_params=dataclasses.asdict(params),
         )
-        names.append(panoptic_name)
+        names.append(name)
     return tuple(names)

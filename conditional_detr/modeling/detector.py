@@ -252,14 +252,14 @@ class SetPredictionDetector(nn.Module):
     def build_mask_head(self, hidden_dim, num_heads, transformer_feature):
         """
         DETR's mask head on this detector, built last: an attention map over its stride-32
-        memory and the convolutional head on the backbone's MASK_FEATURES, under the
-        official names. With MODEL.DETR.TRAIN_MASK_HEAD_ONLY everything built before it is
+        memory (or stride-16: res4's, or a dilated res5's) and the convolutional head on the
+        backbone's MASK_FEATURES, under the official names. With MODEL.DETR.TRAIN_MASK_HEAD_ONLY everything built before it is
         frozen.
         """
-        if transformer_feature != "res5":
+        if transformer_feature not in ("res4", "res5"):
             raise ValueError(
-                f"MODEL.MASK_ON: the mask head adds res4, res3 and res2 to a stride-32 memory, but the transformer "
-                f"reads {transformer_feature}; set MODEL.RESNETS.OUT_FEATURES ['res5']"
+                f"MODEL.MASK_ON: the mask head adds res4, res3 and res2 to a memory of stride 16 or 32, but the "
+                f"transformer reads {transformer_feature}; set MODEL.RESNETS.OUT_FEATURES ['res5'] or ['res4']"
             )
         if (hidden_dim + num_heads) % 8 or hidden_dim % 128:
             raise ValueError(
@@ -279,8 +279,8 @@ class SetPredictionDetector(nn.Module):
         """
         The mask logits of any queries: a function of (batch_index, query_index), [N] each,
         giving [N, H/4, W/4]. The attention maps of every query, `embeddings` [batch,
-        num_queries, d] of the last decoder layer over the stride-32 `memory` [batch, d, h,
-        w] (`memory_padding_mask` [batch, h, w]), cost little and are computed at once; the
+        num_queries, d] of the last decoder layer over the `memory` [batch, d, h, w] (stride
+        32 or 16) (`memory_padding_mask` [batch, h, w]), cost little and are computed at once; the
         convolutional head, on the `projected` features there and the backbone's `features`
         by name, runs for the queries asked only (training: the matched ones), under the
         autocast state of this call.

@@ -3,8 +3,9 @@ DETR's mask head (Carion et al., ECCV 2020, section 4.4): an attention map of ea
 query over the encoder's memory, turned into a mask logit map at stride 4 by a small
 FPN-like convolutional head that adds the backbone's res4, res3 and res2 features. Any
 detector of the package that gives its last decoder layer's embeddings and a stride-32
-memory can carry it; module and parameter names are the official ones, so that the released
-panoptic checkpoints load as they are.
+memory can carry it, or a stride-16 one (the first upsampling then keeps res4's size);
+module and parameter names are the official ones, so that the released panoptic
+checkpoints load as they are.
 """
 import torch
 import torch.nn.functional as F
@@ -84,7 +85,7 @@ class MaskHeadSmallConv(nn.Module):
     def forward(self, features, attention_maps, fpn_features, batch_index):
         """
         Args:
-            features: [batch, C, H, W] the projected stride-32 features.
+            features: [batch, C, H, W] the projected features of the memory (stride 32 or 16).
             attention_maps: [N, num_heads, H, W] those of N queries of the batch's images.
             fpn_features: the res4, res3 and res2 features, [batch, C_i, H_i, W_i] each.
             batch_index: [N] the image of each query.

@@ -4,7 +4,7 @@ import os
 
 from detectron2.engine import default_argument_parser
 
-from conditional_detr.data.shapes import ShapesParams, register_shapes_datasets
+from conditional_detr.data.shapes import STUFF_CATEGORIES, ShapesParams, register_shapes_datasets, register_shapes_panoptic_datasets
 from conditional_detr.engine import get_config
 
 from .paths import INSTANT_CONFIG
@@ -12,8 +12,15 @@ from .paths import INSTANT_CONFIG
 TINY_SHAPES = ShapesParams(image_size=(64, 64), num_train=16, num_val=8, object_size=(10, 40), max_objects=3)
 
 
+TINY_PANOPTIC_SHAPES = TINY_SHAPES.replace(stuff=STUFF_CATEGORIES)
+# the things then the stuff classes of shapes_panoptic_*
+PANOPTIC_NUM_CLASSES = len(TINY_SHAPES.categories) + len(STUFF_CATEGORIES)
+
+
 def register_tiny_shapes(root):
+    """shapes_train/val under `root`, and shapes_panoptic_train/val beside it (`root`_panoptic)."""
     register_shapes_datasets(root=root, params=TINY_SHAPES)
+    register_shapes_panoptic_datasets(root=f"{root}_panoptic", params=TINY_PANOPTIC_SHAPES)
 
 
 def instant_opts(output_dir, *opts):
