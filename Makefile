@@ -15,7 +15,7 @@ DETECTRON2_REPUBLISH ?= sal-detectron2==0.7.2
 TORCH_PIP_FLAGS ?= --no-cache-dir
 STAMPS := $(VENV)/.stamps
 
-.PHONY: setup demo test test-fast clean-build
+.PHONY: setup demo panoptic-demo test test-fast clean-build
 
 setup: $(STAMPS)/project
 
@@ -69,6 +69,11 @@ $(STAMPS)/project: $(STAMPS)/detectron2 $(STAMPS)/test-deps setup.py $(wildcard 
 
 demo: setup
 	$(PY) -m conditional_detr.tools.shapes_demo --output-dir output/demo
+
+# the same on the panoptic shapes: a mask head, PQ / SQ / RQ and mask AP (docs/segmentation.md)
+panoptic-demo: setup
+	$(PY) -m conditional_detr.tools.shapes_demo --output-dir output/panoptic_demo \
+		--config-file configs/quick_schedules/conditional_detr_panoptic_shapes.yaml
 
 test: setup $(STAMPS)/mmdetection $(STAMPS)/transformers
 	$(PY) -m pytest -q tests

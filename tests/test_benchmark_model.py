@@ -43,6 +43,34 @@ def test_bad_arguments_are_named(tmp_path):
         benchmark_model.parse_args(["--official", str(tmp_path)])
 
 
+MASK_OPTS = [
+    "MODEL.META_ARCHITECTURE", "DETR", "MODEL.DETR.CLASS_LOSS", "softmax", "MODEL.MASK_ON", "True",
+    "MODEL.RESNETS.OUT_FEATURES", "['res5']", "MODEL.DETR.HIDDEN_DIM", "128", "MODEL.DETR.NHEADS", "8",
+    "MODEL.DETR.PANOPTIC_ON", "True", "MODEL.DETR.TRAIN_MASK_HEAD_ONLY", "True",
+]
+
+
+def test_a_mask_head_is_measured_against_the_official_detr(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "conditional_detr.py").write_text("")
+    with pytest.raises(SystemExit):  # the official mask head is DETR's
+        benchmark_model.parse_args(["--official", str(tmp_path), "--config-file", INSTANT_CONFIG, *MASK_OPTS])
+    args = benchmark_model.parse_args(["--official", str(tmp_path), "--config-file", INSTANT_CONFIG])
+    assert not args.cfg.MODEL.MASK_ON
+
+
+@pytest.mark.slow
+def test_a_panoptic_model_keeps_the_asked_segments_and_trains_its_mask_head_alone(tmp_path):
+    results = benchmark_model.main([
+        "--config-file", INSTANT_CONFIG, "--device", "cpu", "--quick", "--repeats", "1", "--inference-batch", "1",
+        "--inference-size", "64", "96", "--train-size", "64", "80", "--panoptic-segments", "5", *MASK_OPTS,
+    ])
+    assert results[0]["task"] == "panoptic_threshold" and results[0]["segments"] == 5
+    assert [(r["task"], r["batch"]) for r in results[1:]] == [("inference", 1), ("training", 2)]
+    for row in results[1:]:
+        assert set(row["per_second"]) == {"compiled", "pytorch"}, row["ms"]
+
+
 class StandInOfficial:
     """The official model's interface over the project's own model, for the --official path."""
 

@@ -5,6 +5,15 @@ implementation's own optimizer step), with the peak tensor memory of each (GPU o
 for this project's model with the compiled attention and with the PyTorch path, and,
 given `--official PATH` (a checkout of the official Conditional DETR code, imported from
 there for the measurement only), the official model on the same weights and images.
+
+A MODEL.MASK_ON config of DETR (configs/COCO-PanopticSegmentation/detr_R_50_panoptic.yaml)
+measures the panoptic model against the official DETRsegm (`--official` a checkout of
+facebookresearch/detr) on COCO panoptic's 250 ids: inference through the official bbox,
+segm and panoptic post-processing (ours: instances with masks and panoptic_seg), keeping
+--panoptic-segments queries in both (the threshold between the scores of that many and
+one more), and a training step of the mask head with the detector frozen
+(MODEL.DETR.TRAIN_MASK_HEAD_ONLY; the official --frozen_weights), each training image
+with a box-shaped mask per object.
 Every repeat runs the implementations in turn and the median is kept, so that a change of
 load weighs on all of them alike. Prints a table and writes JSON.
 
@@ -18,15 +27,18 @@ with a few boxes. bf16 is autocast (CPU and CUDA); the weights stay fp32.
 import argparse
 import contextlib
 import copy
+import io
 import json
 import os
 
+import numpy as np
 import torch
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import BitMasks, Boxes, Instances
+from PIL import Image
 
 from ..config import get_config
-from ..checkpoint.official import convert_state_dict
+from ..checkpoint.official import DETR_PANOPTIC, convert_state_dict
 from ..solver import build_optimizer
 from .benchmarking import interleaved_medians, machine_header, peak_memory_bytes
 from .official_checkout import import_official
@@ -36,6 +48,8 @@ DEFAULT_CONFIG = os.path.join(_REPO, "configs", "COCO-Detection", "conditional_d
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # the official model's 91 COCO-id logits, so that the same weights load into both
 NUM_CLASSES = 91
+# the official panoptic model's (COCO panoptic ids up to 250)
+PANOPTIC_NUM_CLASSES = 250
 
 
 def parse_args(argv=None):
@@ -49,6 +63,8 @@ def parse_args(argv=None):
                         help="the larger inference batch (default 4 on CUDA, 2 on CPU)")
     parser.add_argument("--train-size", nargs=2, type=int, default=[512, 683], metavar=("H", "W"))
     parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--panoptic-segments", type=int, default=20,
+                        help="MODEL.MASK_ON: the queries the panoptic post-processing keeps (default 20)")
     parser.add_argument("--repeats", type=int, default=None, help="default 5 (CPU) or 20 (CUDA)")
     parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
     parser.add_argument("--json", metavar="PATH")
@@ -59,15 +75,29 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.train_batch <= 0:
         parser.error(f"--train-batch must be positive, got {args.train_batch}")
-    if args.official and not os.path.isfile(os.path.join(args.official, "models", "conditional_detr.py")):
-        parser.error(f"--official {args.official}: not a checkout of the official Conditional DETR "
-                     "(no models/conditional_detr.py)")
+    args.cfg = get_config(args.config_file, args.opts)
+    if args.official:
+        check_official_checkout(parser, args.official, args.cfg)
     if args.inference_batch is None:
         args.inference_batch = 4 if args.device == "cuda" else 2
     if args.repeats is None:
         args.repeats = 3 if args.quick else (20 if args.device == "cuda" else 5)
     args.warmup = 1 if args.quick else 2
     return args
+
+
+def check_official_checkout(parser, path, cfg):
+    """The official code the config is measured against: DETRsegm for a mask head, else Conditional DETR."""
+    if cfg.MODEL.MASK_ON:
+        if cfg.MODEL.META_ARCHITECTURE != "DETR":
+            parser.error(f"--official with MODEL.MASK_ON: the official mask head (DETRsegm) is DETR's, "
+                         f"but MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}")
+        if not os.path.isfile(os.path.join(path, "models", "segmentation.py")):
+            parser.error(f"--official {path}: not a checkout of the official DETR (no models/segmentation.py), "
+                         "which MODEL.MASK_ON is measured against")
+    elif not os.path.isfile(os.path.join(path, "models", "conditional_detr.py")):
+        parser.error(f"--official {path}: not a checkout of the official Conditional DETR "
+                     "(no models/conditional_detr.py)")
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -78,8 +108,11 @@ def random_images(batch, size, seed):
     return [torch.randint(0, 256, (3, *size), generator=generator, dtype=torch.uint8) for _ in range(batch)]
 
 
-def random_targets(images, seed):
-    """Three boxes per image: detectron2 instances (absolute xyxy) and official targets."""
+def random_targets(images, seed, num_classes=NUM_CLASSES, masks=False):
+    """
+    Three boxes per image: detectron2 instances (absolute xyxy) and official targets, with
+    `masks` each box's pixels as its mask.
+    """
     generator = torch.Generator().manual_seed(seed)
     instances, official = [], []
     for image in images:
@@ -88,11 +121,17 @@ def random_targets(images, seed):
         sizes = torch.rand(3, 2, generator=generator) * 0.3 + 0.05
         cxcywh = torch.cat([centres, sizes], 1)
         xyxy = torch.cat([centres - sizes / 2, centres + sizes / 2], 1) * torch.tensor([w, h, w, h])
-        labels = torch.randint(1, NUM_CLASSES, (3,), generator=generator)
+        labels = torch.randint(1, num_classes, (3,), generator=generator)
         item = Instances((h, w))
         item.gt_boxes, item.gt_classes = Boxes(xyxy), labels
+        target = {"labels": labels, "boxes": cxcywh}
+        if masks:
+            ys, xs = torch.arange(h)[:, None] + 0.5, torch.arange(w) + 0.5
+            x0, y0, x1, y1 = xyxy[:, :, None, None].unbind(1)
+            target["masks"] = (xs >= x0) & (xs < x1) & (ys >= y0) & (ys < y1)
+            item.gt_masks = BitMasks(target["masks"])
         instances.append(item)
-        official.append({"labels": labels, "boxes": cxcywh})
+        official.append(target)
     return instances, official
 
 
@@ -111,6 +150,9 @@ class OfficialModel:
     """
     The official model, criterion and post-processing built from a checkout with the
     official defaults for the config's depth and dilation; imported for measurement only.
+    With MODEL.MASK_ON, DETR's DETRsegm on COCO panoptic (250 ids), its detector frozen
+    where MODEL.DETR.TRAIN_MASK_HEAD_ONLY is (the official --frozen_weights, whose file
+    only main.py reads).
     """
 
     def __init__(self, path, cfg, device):
@@ -119,9 +161,12 @@ class OfficialModel:
         options = ["--device", device, "--backbone", f"resnet{cfg.MODEL.RESNETS.DEPTH}"]
         if cfg.MODEL.RESNETS.RES5_DILATION > 1:
             options.append("--dilation")
+        if cfg.MODEL.MASK_ON:
+            options += ["--masks", "--dataset_file", "coco_panoptic"]
+            if cfg.MODEL.DETR.TRAIN_MASK_HEAD_ONLY:
+                options += ["--frozen_weights", "unread"]
         self.args = main.get_args_parser().parse_args(options)
-        self.model, self.criterion, postprocessors = models.build_model(self.args)
-        self.postprocess = postprocessors["bbox"]
+        self.model, self.criterion, self.postprocessors = models.build_model(self.args)
         self.model.to(device)
         self.criterion.to(device)
 
@@ -132,9 +177,15 @@ class OfficialModel:
         return self.model(samples)
 
     def infer(self, images):
+        """The official evaluation's post-processing: boxes, then with a mask head masks and "panoptic"."""
         outputs = self.forward(images)
         sizes = torch.tensor([image.shape[1:] for image in images], device=images[0].device)
-        return self.postprocess(outputs, sizes)
+        results = self.postprocessors["bbox"](outputs, sizes)
+        if "panoptic" in self.postprocessors:
+            results = self.postprocessors["segm"](results, outputs, sizes, sizes)
+            for result, panoptic in zip(results, self.postprocessors["panoptic"](outputs, sizes, sizes)):
+                result["panoptic"] = panoptic
+        return results
 
     def losses(self, images, targets):
         losses = self.criterion(self.forward(images), targets)
@@ -142,7 +193,10 @@ class OfficialModel:
 
 
 def our_state_dict_from_official(official_model):
-    return convert_state_dict(official_model.state_dict(), num_classes=None)
+    state_dict = official_model.state_dict()
+    if DETR_PANOPTIC.recognizes(state_dict):
+        return DETR_PANOPTIC.convert(state_dict, num_classes=None)
+    return convert_state_dict(state_dict, num_classes=None)
 
 
 # ---------------------------------------------------------------------------- steps
@@ -191,14 +245,12 @@ def official_training_step(official, images, targets, device, dtype):
     """One step as the official main.py and engine.py take it: AdamW, clipping to 0.1."""
     args, model = official.args, official.model
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for n, p in trainable if "backbone" not in n]},
-            {"params": [p for n, p in trainable if "backbone" in n], "lr": args.lr_backbone},
-        ],
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-    )
+    groups = [
+        {"params": [p for n, p in trainable if "backbone" not in n]},
+        {"params": [p for n, p in trainable if "backbone" in n], "lr": args.lr_backbone},
+    ]
+    # a frozen detector leaves the backbone's group empty
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay)
 
     def run():
         with autocast(device, dtype):
@@ -218,7 +270,7 @@ def build_systems(args, cfg):
     """{name: (inference model, training model, official wrapper or None)}, same weights."""
     cfg = cfg.clone()
     cfg.defrost()
-    cfg.MODEL.DETR.NUM_CLASSES = NUM_CLASSES
+    cfg.MODEL.DETR.NUM_CLASSES = PANOPTIC_NUM_CLASSES if cfg.MODEL.MASK_ON else NUM_CLASSES
     torch.manual_seed(0)
     systems = {}
     official = None
@@ -235,7 +287,7 @@ def build_systems(args, cfg):
 
 
 def benchmark(args):
-    cfg = get_config(args.config_file, args.opts)
+    cfg = args.cfg
     systems, official = build_systems(args, cfg)
     device = args.device
     inference_images = {
@@ -243,12 +295,18 @@ def benchmark(args):
         for batch in sorted({1, args.inference_batch})
     }
     train_images = [image.to(device) for image in random_images(args.train_batch, args.train_size, seed=7)]
-    instances, official_targets = random_targets(train_images, seed=7)
+    num_classes = next(iter(systems.values())).num_classes
+    instances, official_targets = random_targets(train_images, 7, num_classes, masks=cfg.MODEL.MASK_ON)
     instances = [item.to(device) for item in instances]
     official_targets = [{k: v.to(device) for k, v in t.items()} for t in official_targets]
 
     results = []
-    if official is not None:
+    if cfg.MODEL.MASK_ON and cfg.MODEL.DETR.PANOPTIC_ON:
+        threshold = keep_panoptic_segments(systems, official, inference_images[1], args.panoptic_segments)
+        results.append({"task": "panoptic_threshold", "threshold": threshold, "segments": args.panoptic_segments})
+        if official is not None:
+            results.append(compare_panoptic(systems, official, inference_images[1], device))
+    elif official is not None:
         results.append(compare_detections(systems, official, inference_images[1], device))
     for dtype_name in args.dtype:
         dtype = DTYPES[dtype_name]
@@ -285,6 +343,53 @@ def compare_detections(systems, official, images, device):
     return row
 
 
+def keep_panoptic_segments(systems, official, images, count):
+    """
+    The panoptic threshold (set in every implementation) between the score of the `count`-th
+    best query that is not "no object" and the next one's, on our model's outputs: random
+    weights leave every score far below the trained models' 0.85.
+    """
+    model = next(iter(systems.values())).eval()
+    with torch.no_grad():
+        logits = model.forward_outputs(model.preprocess_image([{"image": image} for image in images]))["pred_logits"][0]
+    scores, labels = logits.softmax(-1).max(-1)
+    scores = scores[labels != logits.shape[-1] - 1].sort(descending=True).values.tolist() + [0.0]
+    count = min(count, len(scores) - 1)
+    threshold = (scores[count - 1] + scores[count]) / 2 if count else 1.0
+    for model in systems.values():
+        model.panoptic_threshold = threshold
+    if official is not None:
+        official.postprocessors["panoptic"].threshold = threshold
+    return threshold
+
+
+def official_category_map(panoptic):
+    """The official PostProcessPanoptic's PNG and segments as [h, w] categories, -1 where none."""
+    rgb = np.asarray(Image.open(io.BytesIO(panoptic["png_string"])).convert("RGB"), dtype=np.int64)
+    ids = torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2])
+    return category_map(ids, panoptic["segments_info"])
+
+
+def category_map(segment_ids, segments):
+    categories = torch.full(segment_ids.shape, -1, dtype=torch.int64)
+    for segment in segments:
+        categories[segment_ids == segment["id"]] = segment["category_id"]
+    return categories
+
+
+def compare_panoptic(systems, official, images, device):
+    """The fraction of pixels of the same category in each implementation's fp32 panoptic segmentation as the official."""
+    official.model.eval()
+    expected = official_category_map(official_inference(official, images, device, None)()[0]["panoptic"])
+    row = {"task": "official_panoptic", "equal_pixels": {}}
+    for name, model in systems.items():
+        model.eval()
+        segment_ids, segments = our_inference(model, images, device, None)()[0]["panoptic_seg"]
+        ours = category_map(segment_ids.cpu(), segments)
+        row["equal_pixels"][name] = (ours == expected).double().mean().item() if ours.shape == expected.shape else 0.0
+    return row
+
+
 def measure(fns, args, task, dtype_name, batch, size):
     milliseconds = interleaved_medians(fns, args.device, args.repeats, args.warmup)
     row = {"task": task, "dtype": dtype_name, "batch": batch, "size": list(size), "ms": {}, "per_second": {}}
@@ -315,6 +420,13 @@ def print_table(results, header):
         if row["task"] == "official_detections":
             differences = ", ".join(f"{k} {v:.1e}" for k, v in row["max_score_difference"].items())
             print(f"largest score difference to the official detections (fp32): {differences}")
+            continue
+        if row["task"] == "panoptic_threshold":
+            print(f"panoptic threshold {row['threshold']:.4g}: {row['segments']} queries kept")
+            continue
+        if row["task"] == "official_panoptic":
+            equal = ", ".join(f"{k} {100 * v:.2f}%" for k, v in row["equal_pixels"].items())
+            print(f"pixels of the official panoptic segmentation's category (fp32): {equal}")
             continue
         for name, ms in row["ms"].items():
             per_second = row["per_second"].get(name)

@@ -8,7 +8,10 @@ the COCO API, and draw its predictions on a few validation images.
 Everything goes to the output folder: the training log and metrics (log.txt,
 metrics.json, TensorBoard events), the checkpoints, the COCO detections, the
 pictures (visualizations/*.png: ground truth left, predictions right) and
-results.json with the bbox metrics and the training time. The GPU is used when
+results.json with the bbox metrics and the training time. A config of a panoptic model
+on the panoptic shapes (`make panoptic-demo`: configs/quick_schedules/
+conditional_detr_panoptic_shapes.yaml) adds PQ / SQ / RQ and mask AP, and draws
+panoptic segmentations. The GPU is used when
 there is one (MODEL.DEVICE "auto"). The demo's config trains under bfloat16 autocast
 (SOLVER.AMP); on a device without native bfloat16 arithmetic, where it would be emulated
 and slower, the demo trains in float32 instead and says so.
@@ -45,6 +48,7 @@ from .benchmarking import processor_name
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(_REPO, "configs", "quick_schedules", "conditional_detr_groups_shapes.yaml")
 BBOX_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+PANOPTIC_METRICS = tuple(f"{m}{part}" for part in ("", "_th", "_st") for m in ("PQ", "SQ", "RQ"))
 
 logger = logging.getLogger("detectron2")
 
@@ -73,7 +77,10 @@ def _finite_or_none(value):
 
 
 def draw_predictions(cfg, model, dataset_name, num_images, score_threshold, output_dir):
-    """Save ground truth and predictions side by side for the first images of a dataset."""
+    """
+    Save ground truth and predictions side by side for the first images of a dataset: the
+    panoptic segmentation where the model gives one, else the instances above the threshold.
+    """
     os.makedirs(output_dir, exist_ok=True)
     metadata = MetadataCatalog.get(dataset_name)
     mapper = DetrDatasetMapper(cfg, is_train=False)
@@ -82,18 +89,20 @@ def draw_predictions(cfg, model, dataset_name, num_images, score_threshold, outp
     model.eval()
     with torch.no_grad():
         for dataset_dict in DatasetCatalog.get(dataset_name)[:num_images]:
-            instances = model([mapper(dataset_dict)])[0]["instances"].to("cpu")
-            instances = instances[instances.scores >= score_threshold]
+            output = model([mapper(dataset_dict)])[0]
             image = utils.read_image(dataset_dict["file_name"], format="RGB")
             # The images are small: drawn at twice their size so that the labels stay legible.
             truth = (
                 Visualizer(image, metadata, scale=2.0).draw_dataset_dict(dataset_dict).get_image()
             )
-            predicted = (
-                Visualizer(image, metadata, scale=2.0)
-                .draw_instance_predictions(instances)
-                .get_image()
-            )
+            drawing = Visualizer(image, metadata, scale=2.0)
+            if "panoptic_seg" in output:
+                segment_ids, segments = output["panoptic_seg"]
+                drawing = drawing.draw_panoptic_seg(segment_ids.to("cpu"), segments)
+            else:
+                instances = output["instances"].to("cpu")
+                drawing = drawing.draw_instance_predictions(instances[instances.scores >= score_threshold])
+            predicted = drawing.get_image()
             gap = np.full((truth.shape[0], 8, 3), 255, dtype=np.uint8)
             path = os.path.join(
                 output_dir,
@@ -103,6 +112,16 @@ def draw_predictions(cfg, model, dataset_name, num_images, score_threshold, outp
             paths.append(path)
     model.train(was_training)
     return paths
+
+
+def panoptic_summary(evaluation):
+    """A panoptic model's PQ / SQ / RQ (all, things, stuff) and mask AP for results.json, or nothing."""
+    if "panoptic_seg" not in evaluation:
+        return {}
+    return {
+        "panoptic": {k: _finite_or_none(evaluation["panoptic_seg"][k]) for k in PANOPTIC_METRICS},
+        "segm": {k: _finite_or_none(evaluation["segm"].get(k)) for k in BBOX_METRICS},
+    }
 
 
 def native_bfloat16(device):
@@ -150,8 +169,9 @@ def main(argv=None):
 
     DatasetCatalog.get(dataset_name)  # generated now if needed, not while evaluation is timed
     start = time.perf_counter()
-    results = Trainer.test(cfg, trainer.model)["bbox"]
+    evaluation = Trainer.test(cfg, trainer.model)
     eval_seconds = time.perf_counter() - start
+    results = evaluation["bbox"]
 
     pictures = draw_predictions(
         cfg,
@@ -168,6 +188,7 @@ def main(argv=None):
         "bbox_per_category": {
             k[len("AP-") :]: _finite_or_none(v) for k, v in results.items() if k.startswith("AP-")
         },
+        **panoptic_summary(evaluation),
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(eval_seconds, 1),
         "iterations": cfg.SOLVER.MAX_ITER,
@@ -187,6 +208,10 @@ def main(argv=None):
         f"in {train_seconds / 60:.1f} min of training on {cfg.MODEL.DEVICE}:"
     )
     print(create_small_table({k: results.get(k, float("nan")) for k in BBOX_METRICS}))
+    if "panoptic_seg" in evaluation:
+        print(f"Panoptic quality (all, things, stuff) and mask AP on {dataset_name}:")
+        print(create_small_table({k: summary["panoptic"][k] for k in PANOPTIC_METRICS}))
+        print(create_small_table({f"mask {k}": summary["segm"][k] for k in BBOX_METRICS}))
     print(
         f"Predictions drawn in {os.path.join(cfg.OUTPUT_DIR, 'visualizations')}; "
         f"metrics in {os.path.join(cfg.OUTPUT_DIR, 'results.json')}"
