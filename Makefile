@@ -73,7 +73,8 @@ demo: setup
 # the same on the panoptic shapes: a mask head, PQ / SQ / RQ and mask AP (docs/segmentation.md)
 panoptic-demo: setup
 	$(PY) -m conditional_detr.tools.shapes_demo --output-dir output/panoptic_demo \
-		--config-file configs/quick_schedules/conditional_detr_panoptic_shapes.yaml
+		--box-stage configs/quick_schedules/deformable_detr_panoptic_shapes_boxes.yaml \
+		--config-file configs/quick_schedules/deformable_detr_panoptic_shapes.yaml
 
 test: setup $(STAMPS)/mmdetection $(STAMPS)/transformers
 	$(PY) -m pytest -q tests

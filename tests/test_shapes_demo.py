@@ -9,7 +9,10 @@ from conditional_detr.engine import get_config
 
 from helpers.paths import INSTANT_CONFIG, REPO
 
-PANOPTIC_DEMO_CONFIG = f"{REPO}/configs/quick_schedules/conditional_detr_panoptic_shapes.yaml"
+PANOPTIC_DEMO = [
+    "--box-stage", f"{REPO}/configs/quick_schedules/deformable_detr_panoptic_shapes_boxes.yaml",
+    "--config-file", f"{REPO}/configs/quick_schedules/deformable_detr_panoptic_shapes.yaml",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,17 +54,19 @@ def test_shapes_demo_writes_metrics_and_pictures(shapes_root, tmp_path):
 
 @pytest.mark.slow
 def test_panoptic_demo_prints_and_writes_panoptic_quality_and_mask_ap(shapes_root, tmp_path, capsys):
-    """`make panoptic-demo` in seconds: its config on the tiny panoptic shapes for two iterations."""
+    """`make panoptic-demo` in seconds: its two stages on the tiny panoptic shapes, two iterations each."""
     from conditional_detr.tools import shapes_demo
 
     out = tmp_path / "panoptic_demo"
     summary = shapes_demo.main([
-        "--config-file", PANOPTIC_DEMO_CONFIG, "--output-dir", str(out), "--num-images", "2",
+        *PANOPTIC_DEMO, "--output-dir", str(out), "--num-images", "2",
         "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "(1,)", "MODEL.DETR.PANOPTIC_THRESHOLD", "0.0",
     ])
     with open(out / "results.json") as f:
         results = json.load(f)
     assert results == summary and results["dataset"] == "shapes_panoptic_val"
+    assert results["box_stage_iterations"] == 2 and (out / "box_stage" / "model_final.pth").exists()
+    assert results["train_seconds"] > results["box_stage_seconds"] > 0
     assert set(results["panoptic"]) == {f"{m}{part}" for m in ("PQ", "SQ", "RQ") for part in ("", "_th", "_st")}
     assert all(0 <= v <= 100 for v in results["panoptic"].values() if v is not None)
     assert set(results["segm"]) == set(results["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}

@@ -273,9 +273,9 @@ def _stuff_regions(rng: np.random.Generator, h: int, w: int, num_stuff: int) -> 
 def _texture(rng: np.random.Generator, h: int, w: int, name: str) -> np.ndarray:
     """(h, w, 3) float32 of one stuff texture; only its pattern tells its class."""
     base = rng.uniform(50, 205, size=3).astype(np.float32)
-    # The second colour close to the first, so that a shape's contrast to the pair's mean
-    # (what _pick_colour sees) is contrast to each.
-    other = np.clip(base + rng.uniform(-1, 1, size=3) * 30 + rng.choice([-1, 1]) * 20, 0, 255)
+    # The second colour close to the first: a pattern faint beside the shapes' contrast, so
+    # that a shape's contrast to the pair's mean (what _pick_colour sees) is contrast to each.
+    other = np.clip(base + rng.uniform(-1, 1, size=3) * 10 + rng.choice([-1, 1]) * 15, 0, 255)
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     theta = rng.uniform(0, np.pi)
     u = xs * math.cos(theta) + ys * math.sin(theta)

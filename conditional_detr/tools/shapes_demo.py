@@ -8,10 +8,11 @@ the COCO API, and draw its predictions on a few validation images.
 Everything goes to the output folder: the training log and metrics (log.txt,
 metrics.json, TensorBoard events), the checkpoints, the COCO detections, the
 pictures (visualizations/*.png: ground truth left, predictions right) and
-results.json with the bbox metrics and the training time. A config of a panoptic model
-on the panoptic shapes (`make panoptic-demo`: configs/quick_schedules/
-conditional_detr_panoptic_shapes.yaml) adds PQ / SQ / RQ and mask AP, and draws
-panoptic segmentations. The GPU is used when
+results.json with the bbox metrics and the training time. A panoptic model's config on the
+panoptic shapes adds PQ / SQ / RQ and mask AP, and draws panoptic segmentations;
+`make panoptic-demo` trains Deformable DETR's boxes first (--box-stage
+configs/quick_schedules/deformable_detr_panoptic_shapes_boxes.yaml), then its mask head alone
+(--config-file configs/quick_schedules/deformable_detr_panoptic_shapes.yaml). The GPU is used when
 there is one (MODEL.DEVICE "auto"). The demo's config trains under bfloat16 autocast
 (SOLVER.AMP); on a device without native bfloat16 arithmetic, where it would be emulated
 and slower, the demo trains in float32 instead and says so.
@@ -61,6 +62,11 @@ def parse_args(argv=None):
         "--config-file", default=DEFAULT_CONFIG, metavar="FILE", help="path to config file"
     )
     parser.add_argument("--output-dir", default="output/demo", help="where everything is written")
+    parser.add_argument(
+        "--box-stage", metavar="FILE",
+        help="a detector's config trained first (into OUTPUT_DIR/box_stage; the overrides apply to "
+        "it too), whose final weights --config-file's model starts from: boxes, then masks",
+    )
     parser.add_argument("--num-images", type=int, default=8, help="validation images to draw")
     parser.add_argument(
         "--score-threshold", type=float, default=0.5, help="least score of a drawn detection"
@@ -114,6 +120,20 @@ def draw_predictions(cfg, model, dataset_name, num_images, score_threshold, outp
     return paths
 
 
+def train_timed(cfg):
+    """Train `cfg` without evaluating (the demo evaluates once, after): (trainer, seconds of training)."""
+    train_cfg = cfg.clone()
+    train_cfg.defrost()
+    train_cfg.DATASETS.TEST = ()
+    train_cfg.TEST.EVAL_PERIOD = 0
+    train_cfg.freeze()
+    trainer = Trainer(train_cfg)
+    trainer.resume_or_load(resume=False)
+    start = time.perf_counter()
+    trainer.train()
+    return trainer, time.perf_counter() - start
+
+
 def panoptic_summary(evaluation):
     """A panoptic model's PQ / SQ / RQ (all, things, stuff) and mask AP for results.json, or nothing."""
     if "panoptic_seg" not in evaluation:
@@ -155,17 +175,21 @@ def main(argv=None):
         raise ValueError(f"the demo evaluates one dataset, got DATASETS.TEST={cfg.DATASETS.TEST}")
     dataset_name = cfg.DATASETS.TEST[0]
 
-    # Evaluated once below, so that training is timed on its own.
-    train_cfg = cfg.clone()
-    train_cfg.defrost()
-    train_cfg.DATASETS.TEST = ()
-    train_cfg.TEST.EVAL_PERIOD = 0
-    train_cfg.freeze()
-    trainer = Trainer(train_cfg)
-    trainer.resume_or_load(resume=False)
-    start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - start
+    box_stage = {}
+    if args.box_stage:
+        box_cfg = get_config(args.box_stage, args.opts + ["OUTPUT_DIR", os.path.join(cfg.OUTPUT_DIR, "box_stage")])
+        box_note = bfloat16_only_where_native(box_cfg)
+        if box_note:
+            logger.warning(box_note)
+        box_trainer, box_seconds = train_timed(box_cfg)
+        weights = os.path.join(box_cfg.OUTPUT_DIR, "model_final.pth")
+        box_stage = {"box_stage_config": os.path.abspath(args.box_stage), "box_stage_iterations": box_cfg.SOLVER.MAX_ITER,
+                     "box_stage_seconds": round(box_seconds, 1)}
+        del box_trainer
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = weights
+        cfg.freeze()
+    trainer, train_seconds = train_timed(cfg)
 
     DatasetCatalog.get(dataset_name)  # generated now if needed, not while evaluation is timed
     start = time.perf_counter()
@@ -189,7 +213,8 @@ def main(argv=None):
             k[len("AP-") :]: _finite_or_none(v) for k, v in results.items() if k.startswith("AP-")
         },
         **panoptic_summary(evaluation),
-        "train_seconds": round(train_seconds, 1),
+        **box_stage,
+        "train_seconds": round(train_seconds + box_stage.get("box_stage_seconds", 0), 1),
         "eval_seconds": round(eval_seconds, 1),
         "iterations": cfg.SOLVER.MAX_ITER,
         "images_per_batch": cfg.SOLVER.IMS_PER_BATCH,
@@ -205,7 +230,7 @@ def main(argv=None):
 
     print(
         f"\nBounding-box AP on {dataset_name}, after {cfg.SOLVER.MAX_ITER} iterations "
-        f"in {train_seconds / 60:.1f} min of training on {cfg.MODEL.DEVICE}:"
+        f"in {summary['train_seconds'] / 60:.1f} min of training on {cfg.MODEL.DEVICE}:"
     )
     print(create_small_table({k: results.get(k, float("nan")) for k in BBOX_METRICS}))
     if "panoptic_seg" in evaluation:
