@@ -134,6 +134,21 @@ def train_timed(cfg):
     return trainer, time.perf_counter() - start
 
 
+def train_box_stage(args, output_dir):
+    """--box-stage's detector trained into `output_dir`/box_stage: (its final weights, its part of results.json)."""
+    cfg = get_config(args.box_stage, args.opts + ["OUTPUT_DIR", os.path.join(output_dir, "box_stage")])
+    precision_note = bfloat16_only_where_native(cfg)
+    if precision_note:
+        logger.warning(precision_note)
+    _, seconds = train_timed(cfg)
+    summary = {
+        "box_stage_config": os.path.abspath(args.box_stage),
+        "box_stage_iterations": cfg.SOLVER.MAX_ITER,
+        "box_stage_seconds": round(seconds, 1),
+    }
+    return os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), summary
+
+
 def panoptic_summary(evaluation):
     """A panoptic model's PQ / SQ / RQ (all, things, stuff) and mask AP for results.json, or nothing."""
     if "panoptic_seg" not in evaluation:
@@ -177,15 +192,7 @@ def main(argv=None):
 
     box_stage = {}
     if args.box_stage:
-        box_cfg = get_config(args.box_stage, args.opts + ["OUTPUT_DIR", os.path.join(cfg.OUTPUT_DIR, "box_stage")])
-        box_note = bfloat16_only_where_native(box_cfg)
-        if box_note:
-            logger.warning(box_note)
-        box_trainer, box_seconds = train_timed(box_cfg)
-        weights = os.path.join(box_cfg.OUTPUT_DIR, "model_final.pth")
-        box_stage = {"box_stage_config": os.path.abspath(args.box_stage), "box_stage_iterations": box_cfg.SOLVER.MAX_ITER,
-                     "box_stage_seconds": round(box_seconds, 1)}
-        del box_trainer
+        weights, box_stage = train_box_stage(args, cfg.OUTPUT_DIR)
         cfg.defrost()
         cfg.MODEL.WEIGHTS = weights
         cfg.freeze()
