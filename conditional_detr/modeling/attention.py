@@ -5,12 +5,12 @@ from torch import nn
 from .. import ops
 
 
-def scaled_dot_product_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, training=False):
+def scaled_dot_product_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, training=False, ops_impl="auto"):
     """
     softmax(q k^T / sqrt(head_dim), keys masked where key_padding_mask is True) v, over
     [batch, heads, length, head_dim]. Training with dropout computes the weights explicitly
     (as torch's CPU kernels do then too) and drops them through `ops.dropout`, which hashes
-    its mask instead of drawing and keeping a Bernoulli one.
+    its mask instead of drawing and keeping a Bernoulli one (as `ops_impl` says).
 
     Under CPU autocast it runs in float32: the CPU's bfloat16 fused-attention kernels are slower
     than its float32 ones at DETR's lengths, forward and backward.
@@ -18,13 +18,13 @@ def scaled_dot_product_attention(q, k, v, key_padding_mask=None, dropout_p=0.0, 
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), key_padding_mask, dropout_p, training
+                q.float(), k.float(), v.float(), key_padding_mask, dropout_p, training, ops_impl
             )
     if training and dropout_p > 0.0:
         logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
         if key_padding_mask is not None:
             logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        return ops.dropout(logits.softmax(-1), dropout_p) @ v
+        return ops.dropout(logits.softmax(-1), dropout_p, impl=ops_impl) @ v
     mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -41,7 +41,7 @@ def merge_heads(x):
     return x.permute(2, 0, 1, 3).reshape(length, batch, num_heads * head_dim)
 
 
-def multihead_attention(attention, query, key, value, key_padding_mask=None):
+def multihead_attention(attention, query, key, value, key_padding_mask=None, ops_impl="auto"):
     """
     The output of nn.MultiheadAttention `attention` (need_weights=False) from its own
     parameters, its attention computed by `scaled_dot_product_attention` above: the same
@@ -55,7 +55,7 @@ def multihead_attention(attention, query, key, value, key_padding_mask=None):
         split_heads(F.linear(x, w, b), attention.num_heads)
         for x, w, b in zip((query, key, value), weights, biases)
     )
-    out = scaled_dot_product_attention(q, k, v, key_padding_mask, attention.dropout, attention.training)
+    out = scaled_dot_product_attention(q, k, v, key_padding_mask, attention.dropout, attention.training, ops_impl)
     out = attention.out_proj(merge_heads(out))
     return out.transpose(0, 1) if attention.batch_first else out
 
@@ -84,6 +84,8 @@ class ProjectedSelfAttention(nn.Module):
     decoder projects content and position separately), followed by `out_proj`.
     """
 
+    ops_impl = "auto"  # for the dropout, set by ops.set_implementation
+
     def __init__(self, d_model, nhead, dropout=0.0):
         super().__init__()
         self.nhead = nhead
@@ -93,7 +95,8 @@ class ProjectedSelfAttention(nn.Module):
 
     def forward(self, q, k, v):
         out = scaled_dot_product_attention(
-            *(split_heads(x, self.nhead) for x in (q, k, v)), dropout_p=self.dropout, training=self.training
+            *(split_heads(x, self.nhead) for x in (q, k, v)), dropout_p=self.dropout, training=self.training,
+            ops_impl=self.ops_impl,
         )
         return self.out_proj(merge_heads(out))
 

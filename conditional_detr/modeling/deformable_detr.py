@@ -12,6 +12,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 from torch import nn
 
+from .. import ops
 from .backbone import build_resnet_like_torchvision, feature_padding_mask
 from .mask_head import MASK_FEATURES
 from .box_ops import inverse_sigmoid
@@ -111,6 +112,7 @@ class DeformableDETR(SetPredictionDetector):
         if self.mask_on:
             # on the stride-32 level, whose memory and projected features are DETR's
             self.build_mask_head(hidden_dim, args.NHEADS, self.feature_names[-1])
+        ops.set_implementation(self, args.OPS_IMPL)
 
     def build_heads(self, hidden_dim, num_decoder_layers):
         class_embed = nn.Linear(hidden_dim, self.num_classes)

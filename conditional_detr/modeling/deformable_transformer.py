@@ -86,6 +86,7 @@ class DeformableDecoderLayer(nn.Module):
 
     def __init__(self, d_model, dim_feedforward, dropout, num_levels, nhead, num_points, ops_impl):
         super().__init__()
+        self.ops_impl = ops_impl  # for the self-attention's dropout
         self.cross_attn = MultiScaleDeformableAttention(d_model, num_levels, nhead, num_points, ops_impl)
         self.dropout1 = Dropout(dropout)
         self.norm1 = LayerNorm(d_model)
@@ -100,7 +101,7 @@ class DeformableDecoderLayer(nn.Module):
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask):
         q = k = tgt + query_pos
-        tgt2 = multihead_attention(self.self_attn, q, k, tgt)
+        tgt2 = multihead_attention(self.self_attn, q, k, tgt, ops_impl=self.ops_impl)
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         tgt2 = self.cross_attn(
             tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index, padding_mask

@@ -12,6 +12,7 @@ from detectron2.modeling import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import nn
 
+from .. import ops
 from ..checkpoint.class_heads import MissingClassHeadError
 from ..checkpoint.formats import check_fits, recognize as recognize_format
 from ..config_checks import check_detector_keys, check_shared_keys
@@ -357,6 +358,7 @@ class SingleLevelDetector(SetPredictionDetector):
         if self.mask_on:
             self.build_mask_head(hidden_dim, args.NHEADS, self.feature_name)
         self.use_memory_format(self.backbone, self.input_proj)
+        ops.set_implementation(self, args.OPS_IMPL)
 
     def predict_boxes(self, hs, reference):
         """Normalized cxcywh boxes of every layer from its embeddings `hs`."""

@@ -19,6 +19,8 @@ class DETRDecoderLayer(nn.Module):
     cross-attention, whose keys are the encoder output plus its positions.
     """
 
+    ops_impl = "auto"  # for the attentions' dropout, set by ops.set_implementation
+
     def __init__(self, d_model, nhead, dim_feedforward, dropout):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
@@ -27,10 +29,12 @@ class DETRDecoderLayer(nn.Module):
 
     def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, num_groups=1):
         q = k = tgt + query_pos
-        tgt2 = within_groups(lambda *qkv: multihead_attention(self.self_attn, *qkv), num_groups, q, k, tgt)
+        tgt2 = within_groups(
+            lambda *qkv: multihead_attention(self.self_attn, *qkv, ops_impl=self.ops_impl), num_groups, q, k, tgt
+        )
         tgt = self.norm1(tgt + self.dropout1(tgt2))
         tgt2 = multihead_attention(
-            self.multihead_attn, tgt + query_pos, memory + pos, memory, memory_key_padding_mask
+            self.multihead_attn, tgt + query_pos, memory + pos, memory, memory_key_padding_mask, self.ops_impl
         )
         tgt = self.norm2(tgt + self.dropout2(tgt2))
         return self.norm3(tgt + self.dropout3(feed_forward(self, tgt)))

@@ -34,8 +34,10 @@ class Dropout(nn.Dropout):
     and each element's index, regenerated in backward instead of being kept.
     """
 
+    ops_impl = "auto"  # the model's MODEL.DETR.OPS_IMPL, set by ops.set_implementation
+
     def forward(self, x):
-        return ops.dropout(x, self.p, self.training)
+        return ops.dropout(x, self.p, self.training, impl=self.ops_impl)
 
 
 def add_feed_forward_and_norms(layer, d_model, dim_feedforward, dropout, num_residuals):
@@ -58,6 +60,8 @@ def feed_forward(layer, x):
 class TransformerEncoderLayer(nn.Module):
     """Post-norm encoder layer; positions are added to queries and keys only."""
 
+    ops_impl = "auto"  # for the attention's dropout, set by ops.set_implementation
+
     def __init__(self, d_model, nhead, dim_feedforward, dropout):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
@@ -65,7 +69,7 @@ class TransformerEncoderLayer(nn.Module):
 
     def forward(self, src, key_padding_mask, pos):
         q = k = src + pos
-        src2 = multihead_attention(self.self_attn, q, k, src, key_padding_mask)
+        src2 = multihead_attention(self.self_attn, q, k, src, key_padding_mask, self.ops_impl)
         src = self.norm1(src + self.dropout1(src2))
         return self.norm2(src + self.dropout2(feed_forward(self, src)))
 

@@ -2,8 +2,9 @@
 Public ops: conditional cross-attention, the conditional spatial query, multi-scale
 deformable attention and dropout. `impl` picks the implementation:
 "pytorch" (reference), "compiled" (the `conditional_detr._C` extension) or
-"auto" (compiled when it is built for the tensors' device and, checked once per op, device
-type and dtype, agrees with the reference there: see `self_check`).
+"auto" (compiled when it is built for the tensors' device, the op's limits hold and, checked
+once per op, device type and dtype, it agrees with the reference there: see `self_check`).
+Every op takes that decision from `use_compiled`.
 """
 import functools
 
@@ -22,7 +23,9 @@ __all__ = [
     "has_ops",
     "has_ops_for",
     "multi_scale_deformable_attention",
+    "set_implementation",
     "unavailable_reason",
+    "use_compiled",
 ]
 
 IMPLEMENTATIONS = ("auto", "compiled", "pytorch")
@@ -36,26 +39,43 @@ def _check_impl(impl):
         raise ValueError(f"MODEL.DETR.OPS_IMPL must be one of {IMPLEMENTATIONS}, got {impl!r}")
 
 
-def _use_compiled(impl, tensor, op_name):
-    if impl == "pytorch":
-        return False
-    if has_ops_for(tensor.device.type):
-        # "auto" runs a compiled op where it has seen it agree with the reference
-        return impl == "compiled" or self_check.trusted(op_name, tensor.device, tensor.dtype)
-    if impl == "compiled":
-        raise RuntimeError(
-            f"{op_name}(impl='compiled') cannot run on {tensor.device.type}: "
-            f"{unavailable_reason(tensor.device.type)}"
-        )
-    return False
-
-
 # the CUDA attention kernels keep a head's channels in registers, up to this many
 _CUDA_MAX_HEAD_DIM = 64
 
 
-def _cuda_kernel_fits(q_content, value, num_heads):
-    return max(q_content.shape[-1], value.shape[-1]) // num_heads <= _CUDA_MAX_HEAD_DIM
+def use_compiled(op_name, impl, tensor, head_dim=None):
+    """
+    Whether `op_name` runs compiled on `tensor`'s device and dtype, the one decision of every
+    op: "pytorch" never; "compiled" always, or a RuntimeError naming the op and why it cannot;
+    "auto" where the extension is built for the device, the op's limits hold (`head_dim`:
+    the attention's channels per head) and its first-use agreement check passed.
+    """
+    _check_impl(impl)
+    if impl == "pytorch":
+        return False
+    reason = _why_not_compiled(tensor, head_dim)
+    if reason is not None:
+        if impl == "compiled":
+            raise RuntimeError(f"{op_name}(impl='compiled') cannot run on {tensor.device.type}: {reason}")
+        return False
+    # "auto" runs a compiled op where it has seen it agree with the reference
+    return impl == "compiled" or self_check.trusted(op_name, tensor.device, tensor.dtype)
+
+
+def set_implementation(module, impl):
+    """`impl` for every op `module` runs: each of its parts with an `ops_impl` attribute takes it."""
+    _check_impl(impl)
+    for part in module.modules():
+        if hasattr(part, "ops_impl"):
+            part.ops_impl = impl
+
+
+def _why_not_compiled(tensor, head_dim):
+    if not has_ops_for(tensor.device.type):
+        return unavailable_reason(tensor.device.type)
+    if tensor.is_cuda and head_dim is not None and head_dim > _CUDA_MAX_HEAD_DIM:
+        return f"the CUDA kernel keeps at most {_CUDA_MAX_HEAD_DIM} channels per head, got {head_dim}"
+    return None
 
 
 def conditional_spatial_query(reference_points, query_scale=None, impl="auto"):
@@ -66,8 +86,7 @@ def conditional_spatial_query(reference_points, query_scale=None, impl="auto"):
         reference_points: [num_queries, batch, 2] normalized (x, y).
         query_scale: [num_queries, batch, dim] λq, or None for identity (dim 256).
     """
-    _check_impl(impl)
-    if not _use_compiled(impl, reference_points, "conditional_spatial_query"):
+    if not use_compiled("conditional_spatial_query", impl, reference_points):
         return reference.conditional_spatial_query(reference_points, query_scale)
     if query_scale is None:
         return torch.ops.conditional_detr.sine_query(reference_points, None, _DEFAULT_SINE_DIM)
@@ -85,10 +104,8 @@ def conditional_cross_attention(
     Per head: softmax(scale * (q_c . k_c + q_p . k_p) + mask) . v, see
     `reference.conditional_cross_attention` for shapes.
     """
-    _check_impl(impl)
-    if impl == "auto" and q_content.is_cuda and not _cuda_kernel_fits(q_content, value, num_heads):
-        impl = "pytorch"
-    if not _use_compiled(impl, q_content, "conditional_cross_attention"):
+    head_dim = max(q_content.shape[-1], value.shape[-1]) // num_heads
+    if not use_compiled("conditional_cross_attention", impl, q_content, head_dim):
         return reference.conditional_cross_attention(
             q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, num_heads,
             dropout_p, training,
@@ -122,7 +139,7 @@ def dropout(input, p, training=True, impl="auto"):
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return input
-    if p == 1.0 or not _use_compiled(impl, input, "dropout"):
+    if p == 1.0 or not use_compiled("dropout", impl, input):
         return F.dropout(input, p, training=True)
     rng_state = torch.randint(0, 2**62, (1,), dtype=torch.int64)
     return torch.ops.conditional_detr.dropout(input, float(p), rng_state)
@@ -143,8 +160,7 @@ def multi_scale_deformable_attention(
     Returns:
         [N, Lq, heads * C], head-major.
     """
-    _check_impl(impl)
-    if not _use_compiled(impl, value, "multi_scale_deformable_attention"):
+    if not use_compiled("multi_scale_deformable_attention", impl, value):
         return reference.multi_scale_deformable_attention(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights
         )
