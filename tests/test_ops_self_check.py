@@ -61,6 +61,39 @@ def test_wrong_kernel_is_caught_once_and_the_reference_used(monkeypatch):
     torch.testing.assert_close(attention("compiled", tensors, mask), expected * 1.5)
 
 
+@pytest.mark.parametrize("kernel", ["right", "wrong"])
+def test_a_trace_decides_as_the_eager_model_does(monkeypatch, kernel):
+    """The first use inside torch.jit.trace runs the check too (before, a trace took the compiled op unchecked)."""
+    calls = []
+    if kernel == "wrong":
+        wrong_attention_kernel(monkeypatch, calls)
+    tensors = attention_inputs(7, 23, 2, 32, "cpu", requires_grad=False)
+    mask = padding_mask(2, 23, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(lambda *t: attention("auto", t, mask), tensors, check_trace=False)
+    traced_compiled = "conditional_detr::attention_forward" in str(traced.graph)
+    assert traced_compiled == (kernel == "right")
+    assert "aten::linspace" not in str(traced.graph)  # the check's own ops stay out of the trace
+    with torch.profiler.profile() as profile:
+        attention("auto", tensors, mask)
+    eager_compiled = any(e.name == "conditional_detr::attention_forward" for e in profile.events())
+    assert eager_compiled == traced_compiled
+    torch.testing.assert_close(traced(*tensors), attention("pytorch", tensors, mask))
+
+
+def test_torch_compile_decides_as_the_eager_model_does(monkeypatch):
+    calls = []
+    wrong_attention_kernel(monkeypatch, calls)
+    tensors = attention_inputs(7, 23, 2, 32, "cpu", requires_grad=False)
+    mask = padding_mask(2, 23, "cpu")
+    compiled = torch.compile(lambda *t: attention("auto", t, mask), backend="eager", fullgraph=False)
+    with pytest.warns(RuntimeWarning, match="conditional_cross_attention disagrees"):
+        out = compiled(*tensors)
+    torch.testing.assert_close(out, attention("pytorch", tensors, mask))  # the reference, as eager would
+    assert self_check._verdicts[("conditional_cross_attention", "cpu", torch.float32)] is not None
+
+
 def test_verdicts_are_per_dtype(monkeypatch):
     calls = []
     wrong_attention_kernel(monkeypatch, calls)

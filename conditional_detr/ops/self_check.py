@@ -4,7 +4,9 @@ the PyTorch reference there: the first time it would run the op on them, one sma
 case (odd sizes, padding, points outside the maps) goes through both, forward and backward.
 On a disagreement it warns once, naming the op, device, dtype and error, and runs the
 reference from then on for that op, device and dtype; an explicit impl="compiled" is never
-second-guessed. The check takes milliseconds, once per op, device type and dtype.
+second-guessed. The check takes milliseconds, once per op, device type and dtype, and runs
+eagerly even when the first use is inside torch.jit.trace or torch.compile, so that a traced
+or compiled model decides as an eager one does.
 """
 import warnings
 
@@ -29,9 +31,7 @@ def trusted(op_name, device, dtype):
     """Whether "auto" may run the compiled `op_name` on `device` (type) with `dtype` inputs."""
     key = (op_name, device.type, dtype)
     if key not in _verdicts:
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return True  # a trace records the op; the eager run that follows checks it
-        _verdicts[key] = disagreement(op_name, device, dtype)
+        _verdicts[key] = _disagreement_outside_tracing(op_name, device, dtype)
         if _verdicts[key] is not None:
             warnings.warn(
                 f"conditional_detr: the compiled {op_name} disagrees with the PyTorch reference on "
@@ -41,6 +41,18 @@ def trusted(op_name, device, dtype):
                 stacklevel=3,
             )
     return _verdicts[key] is None
+
+
+@torch.compiler.disable
+def _disagreement_outside_tracing(op_name, device, dtype):
+    """`disagreement`, run eagerly: torch.compile does not trace into it, and a torch.jit.trace
+    in progress is paused, so that the check's own ops stay out of the traced graph."""
+    tracing_state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return disagreement(op_name, device, dtype)
+    finally:
+        torch._C._set_tracing_state(tracing_state)
 
 
 def disagreement(op_name, device, dtype):
