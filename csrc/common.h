@@ -108,7 +108,7 @@ AttentionGrads allocate_attention_grads(const at::Tensor& q_content, const at::T
                                         const at::Tensor& value, const at::Tensor& out,
                                         const AttentionShape& shape);
 
-// sine_query: checked contiguous inputs (scale undefined when absent), the allocated output,
+// conditional_spatial_query: checked contiguous inputs (scale undefined when absent), the allocated output,
 // and the number of (x, y) points.
 struct SineQueryForward {
   at::Tensor points, scale, out;
@@ -117,7 +117,7 @@ struct SineQueryForward {
 SineQueryForward prepare_sine_query(const at::Tensor& reference_points,
                                     const std::optional<at::Tensor>& query_scale, int64_t dim);
 
-// sine_query_backward: the same, with the incoming gradient in the points' dtype and the
+// _conditional_spatial_query_backward: the same, with the incoming gradient in the points' dtype and the
 // allocated input gradients (grad_scale is empty when there is no scale).
 struct SineQueryBackward {
   at::Tensor grad, points, scale, grad_points, grad_scale;
@@ -227,60 +227,5 @@ CDETR_HOST_DEVICE BilinearSample<acc_t> bilinear_sample(acc_t loc_x, acc_t loc_y
   }
   return s;
 }
-
-// CPU kernels
-at::Tensor sine_query_cpu(const at::Tensor& reference_points,
-                          const std::optional<at::Tensor>& query_scale, int64_t dim);
-std::tuple<at::Tensor, at::Tensor> sine_query_backward_cpu(
-    const at::Tensor& grad, const at::Tensor& reference_points,
-    const std::optional<at::Tensor>& query_scale, int64_t dim);
-std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
-    const at::Tensor& q_content, const at::Tensor& q_spatial, const at::Tensor& k_content,
-    const at::Tensor& k_spatial, const at::Tensor& value,
-    const std::optional<at::Tensor>& key_padding_mask, int64_t num_heads, double dropout_p,
-    const std::optional<at::Tensor>& rng_state);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q_content, const at::Tensor& q_spatial,
-    const at::Tensor& k_content, const at::Tensor& k_spatial, const at::Tensor& value,
-    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, int64_t num_heads, double dropout_p,
-    const std::optional<at::Tensor>& rng_state);
-at::Tensor multi_scale_deformable_attention_cpu(const at::Tensor& value,
-                                                const at::Tensor& spatial_shapes,
-                                                const at::Tensor& level_start_index,
-                                                const at::Tensor& sampling_locations,
-                                                const at::Tensor& attention_weights);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_scale_deformable_attention_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights);
-
-// CUDA kernels (declared here, defined only when the extension is built with CUDA)
-at::Tensor sine_query_cuda(const at::Tensor& reference_points,
-                           const std::optional<at::Tensor>& query_scale, int64_t dim);
-std::tuple<at::Tensor, at::Tensor> sine_query_backward_cuda(
-    const at::Tensor& grad, const at::Tensor& reference_points,
-    const std::optional<at::Tensor>& query_scale, int64_t dim);
-std::tuple<at::Tensor, at::Tensor> attention_forward_cuda(
-    const at::Tensor& q_content, const at::Tensor& q_spatial, const at::Tensor& k_content,
-    const at::Tensor& k_spatial, const at::Tensor& value,
-    const std::optional<at::Tensor>& key_padding_mask, int64_t num_heads, double dropout_p,
-    const std::optional<at::Tensor>& rng_state);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q_content, const at::Tensor& q_spatial,
-    const at::Tensor& k_content, const at::Tensor& k_spatial, const at::Tensor& value,
-    const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out,
-    const at::Tensor& lse, int64_t num_heads, double dropout_p,
-    const std::optional<at::Tensor>& rng_state);
-
-at::Tensor multi_scale_deformable_attention_cuda(const at::Tensor& value,
-                                                 const at::Tensor& spatial_shapes,
-                                                 const at::Tensor& level_start_index,
-                                                 const at::Tensor& sampling_locations,
-                                                 const at::Tensor& attention_weights);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_scale_deformable_attention_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights);
 
 }  // namespace conditional_detr

@@ -29,25 +29,25 @@ AttentionShape check_attention_inputs(
   const at::Tensor* tensors[] = {&q_content, &q_spatial, &k_content, &k_spatial, &value};
   const char* names[] = {"q_content", "q_spatial", "k_content", "k_spatial", "value"};
   for (int i = 0; i < 5; ++i) {
-    TORCH_CHECK(tensors[i]->dim() == 3, "conditional_attention: ", names[i],
+    TORCH_CHECK(tensors[i]->dim() == 3, "conditional_cross_attention: ", names[i],
                 " must be [length, batch, channels], got shape ", tensors[i]->sizes());
-    TORCH_CHECK(tensors[i]->device() == q_content.device(), "conditional_attention: ", names[i],
+    TORCH_CHECK(tensors[i]->device() == q_content.device(), "conditional_cross_attention: ", names[i],
                 " is on ", tensors[i]->device(), " but q_content is on ", q_content.device());
-    TORCH_CHECK(tensors[i]->scalar_type() == q_content.scalar_type(), "conditional_attention: ",
+    TORCH_CHECK(tensors[i]->scalar_type() == q_content.scalar_type(), "conditional_cross_attention: ",
                 names[i], " has dtype ", tensors[i]->scalar_type(), " but q_content has ",
                 q_content.scalar_type());
   }
   const auto dtype = q_content.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
-              "conditional_attention: expected float32, float64, float16 or bfloat16 inputs, got ",
+              "conditional_cross_attention: expected float32, float64, float16 or bfloat16 inputs, got ",
               dtype);
-  TORCH_CHECK(num_heads > 0, "conditional_attention: num_heads must be positive, got ", num_heads);
+  TORCH_CHECK(num_heads > 0, "conditional_cross_attention: num_heads must be positive, got ", num_heads);
   TORCH_CHECK(q_spatial.sizes() == q_content.sizes(),
-              "conditional_attention: q_spatial ", q_spatial.sizes(), " must match q_content ",
+              "conditional_cross_attention: q_spatial ", q_spatial.sizes(), " must match q_content ",
               q_content.sizes());
   TORCH_CHECK(k_spatial.sizes() == k_content.sizes(),
-              "conditional_attention: k_spatial ", k_spatial.sizes(), " must match k_content ",
+              "conditional_cross_attention: k_spatial ", k_spatial.sizes(), " must match k_content ",
               k_content.sizes());
   AttentionShape shape;
   shape.num_queries = q_content.size(0);
@@ -55,26 +55,26 @@ AttentionShape check_attention_inputs(
   shape.num_keys = k_content.size(0);
   shape.num_heads = num_heads;
   TORCH_CHECK(k_content.size(1) == shape.batch && value.size(1) == shape.batch,
-              "conditional_attention: batch sizes differ: queries ", shape.batch, ", keys ",
+              "conditional_cross_attention: batch sizes differ: queries ", shape.batch, ", keys ",
               k_content.size(1), ", value ", value.size(1));
   TORCH_CHECK(k_content.size(2) == q_content.size(2),
-              "conditional_attention: query channels ", q_content.size(2),
+              "conditional_cross_attention: query channels ", q_content.size(2),
               " differ from key channels ", k_content.size(2));
-  TORCH_CHECK(value.size(0) == shape.num_keys, "conditional_attention: value has ", value.size(0),
+  TORCH_CHECK(value.size(0) == shape.num_keys, "conditional_cross_attention: value has ", value.size(0),
               " keys, k_content has ", shape.num_keys);
   TORCH_CHECK(q_content.size(2) % num_heads == 0 && value.size(2) % num_heads == 0,
-              "conditional_attention: channels (", q_content.size(2), " query/key, ",
+              "conditional_cross_attention: channels (", q_content.size(2), " query/key, ",
               value.size(2), " value) must be divisible by num_heads=", num_heads);
   shape.head_dim = q_content.size(2) / num_heads;
   shape.value_head_dim = value.size(2) / num_heads;
   if (key_padding_mask.has_value()) {
     const auto& mask = *key_padding_mask;
-    TORCH_CHECK(mask.scalar_type() == at::kBool, "conditional_attention: key_padding_mask must be ",
+    TORCH_CHECK(mask.scalar_type() == at::kBool, "conditional_cross_attention: key_padding_mask must be ",
                 "bool (True = padding), got ", mask.scalar_type());
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == shape.batch && mask.size(1) == shape.num_keys,
-                "conditional_attention: key_padding_mask must be [batch, num_keys] = [",
+                "conditional_cross_attention: key_padding_mask must be [batch, num_keys] = [",
                 shape.batch, ", ", shape.num_keys, "], got ", mask.sizes());
-    TORCH_CHECK(mask.device() == q_content.device(), "conditional_attention: key_padding_mask is on ",
+    TORCH_CHECK(mask.device() == q_content.device(), "conditional_cross_attention: key_padding_mask is on ",
                 mask.device(), " but the inputs are on ", q_content.device());
   }
   return shape;
@@ -89,11 +89,11 @@ AttentionShape check_attention_backward_inputs(
                                             key_padding_mask, num_heads);
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.size(0) == shape.num_queries &&
                   out.size(1) == shape.batch && out.size(2) == value.size(2),
-              "conditional_attention backward: grad_out ", grad_out.sizes(), " and out ",
+              "conditional_cross_attention backward: grad_out ", grad_out.sizes(), " and out ",
               out.sizes(), " must be [num_queries, batch, value channels]");
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == shape.batch && lse.size(1) == num_heads &&
                   lse.size(2) == shape.num_queries,
-              "conditional_attention backward: lse must be [batch, heads, queries], got ",
+              "conditional_cross_attention backward: lse must be [batch, heads, queries], got ",
               lse.sizes());
   return shape;
 }
@@ -336,20 +336,20 @@ static int64_t cuda_version() {
 
 TORCH_LIBRARY(conditional_detr, m) {
   // λq ⊙ sinusoidal(reference points); query_scale None means λq = 1 (first decoder layer).
-  m.def("sine_query(Tensor reference_points, Tensor? query_scale, int dim) -> Tensor");
+  m.def("conditional_spatial_query(Tensor reference_points, Tensor? query_scale, int dim) -> Tensor");
   // Returns (grad_reference_points, grad_query_scale); the latter is empty without query_scale.
   m.def(
-      "sine_query_backward(Tensor grad, Tensor reference_points, Tensor? query_scale, int dim)"
+      "_conditional_spatial_query_backward(Tensor grad, Tensor reference_points, Tensor? query_scale, int dim)"
       " -> (Tensor, Tensor)");
   // Returns (output [Q, B, value channels], logsumexp [B, heads, Q] in fp32 (fp64 for fp64)).
   // rng_state is an int64 CPU tensor whose first element seeds the dropout hash.
   m.def(
-      "attention_forward(Tensor q_content, Tensor q_spatial, Tensor k_content, Tensor k_spatial,"
+      "conditional_cross_attention(Tensor q_content, Tensor q_spatial, Tensor k_content, Tensor k_spatial,"
       " Tensor value, Tensor? key_padding_mask, int num_heads, float dropout_p,"
       " Tensor? rng_state) -> (Tensor, Tensor)");
   // Returns the gradients of (q_content, q_spatial, k_content, k_spatial, value).
   m.def(
-      "attention_backward(Tensor grad_out, Tensor q_content, Tensor q_spatial, Tensor k_content,"
+      "_conditional_cross_attention_backward(Tensor grad_out, Tensor q_content, Tensor q_spatial, Tensor k_content,"
       " Tensor k_spatial, Tensor value, Tensor? key_padding_mask, Tensor out, Tensor lse,"
       " int num_heads, float dropout_p, Tensor? rng_state)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -362,7 +362,7 @@ TORCH_LIBRARY(conditional_detr, m) {
       " Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) -> Tensor");
   // Returns the gradients of (value, sampling_locations, attention_weights).
   m.def(
-      "multi_scale_deformable_attention_backward(Tensor grad_output, Tensor value,"
+      "_multi_scale_deformable_attention_backward(Tensor grad_output, Tensor value,"
       " Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations,"
       " Tensor attention_weights) -> (Tensor, Tensor, Tensor)");
   // input * keep / (1 - p), keep from the dropout hash of (rng_state[0], row-major element

@@ -58,7 +58,7 @@ def test_attention_gradcheck_with_dropout(device):
     mask = padding_mask(2, 6, device)
 
     def attention(*t):
-        return torch.ops.conditional_detr.attention_forward(*t, mask, 2, 0.3, rng_state)[0]
+        return torch.ops.conditional_detr.conditional_cross_attention(*t, mask, 2, 0.3, rng_state)[0]
 
     assert torch.autograd.gradcheck(attention, tensors)
 
@@ -259,7 +259,7 @@ def test_dropout_matches_explicit_mask(device):
     tensors = attention_inputs(9, 70, 2, 16, device, torch.float64)
     mask = padding_mask(2, 70, device)
     rng_state = torch.tensor([seed], dtype=torch.int64)
-    out = torch.ops.conditional_detr.attention_forward(*tensors, mask, heads, p, rng_state)[0]
+    out = torch.ops.conditional_detr.conditional_cross_attention(*tensors, mask, heads, p, rng_state)[0]
     keep = dropout_keep_mask(seed, 2 * heads * 9 * 70, p).to(device)
     copies = detached_copy(tensors)
     expected = attention_with_keep_mask(*copies, mask, heads, keep, p)
@@ -319,11 +319,11 @@ def test_kernel_input_checks():
     tensors = attention_inputs(4, 5, 2, 8, "cpu", requires_grad=False)
     bad_mask = torch.zeros(2, 4, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="key_padding_mask must be"):
-        torch.ops.conditional_detr.attention_forward(*tensors, bad_mask, 2, 0.0, None)
+        torch.ops.conditional_detr.conditional_cross_attention(*tensors, bad_mask, 2, 0.0, None)
     with pytest.raises(RuntimeError, match="divisible by num_heads"):
-        torch.ops.conditional_detr.attention_forward(*tensors, None, 3, 0.0, None)
+        torch.ops.conditional_detr.conditional_cross_attention(*tensors, None, 3, 0.0, None)
     with pytest.raises(RuntimeError, match="dim must be a positive multiple of 4"):
-        torch.ops.conditional_detr.sine_query(torch.rand(3, 2, 2), None, 6)
+        torch.ops.conditional_detr.conditional_spatial_query(torch.rand(3, 2, 2), None, 6)
 
 
 # ------------------------------------------------------------------------ registration
@@ -333,14 +333,14 @@ def test_kernel_input_checks():
 def test_opcheck(device):
     tensors = attention_inputs(5, 7, 2, 8, device)
     mask = padding_mask(2, 7, device)
-    torch.library.opcheck(torch.ops.conditional_detr.attention_forward,
+    torch.library.opcheck(torch.ops.conditional_detr.conditional_cross_attention,
                           (*tensors, mask, 2, 0.0, None))
-    torch.library.opcheck(torch.ops.conditional_detr.attention_forward,
+    torch.library.opcheck(torch.ops.conditional_detr.conditional_cross_attention,
                           (*tensors, None, 2, 0.2, torch.tensor([7], dtype=torch.int64)))
     points = torch.rand(5, 2, 2, device=device, requires_grad=True)
     scale = torch.randn(5, 2, 16, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.conditional_detr.sine_query, (points, scale, 16))
-    torch.library.opcheck(torch.ops.conditional_detr.sine_query, (points, None, 8))
+    torch.library.opcheck(torch.ops.conditional_detr.conditional_spatial_query, (points, scale, 16))
+    torch.library.opcheck(torch.ops.conditional_detr.conditional_spatial_query, (points, None, 8))
 
 
 def decoder_layer_module(d_model, heads):

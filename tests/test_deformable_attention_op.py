@@ -256,7 +256,7 @@ def test_input_checks_name_the_argument():
     for args, message in cases:
         with pytest.raises(RuntimeError, match=message):
             op(*args)
-    backward = torch.ops.conditional_detr.multi_scale_deformable_attention_backward
+    backward = torch.ops.conditional_detr._multi_scale_deformable_attention_backward
     with pytest.raises(RuntimeError, match="grad_output must be"):
         backward(torch.zeros(2, 5, 8), value, shapes, starts, locations, weights)
 

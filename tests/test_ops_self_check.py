@@ -24,14 +24,14 @@ def fresh_verdicts():
 
 def wrong_attention_kernel(monkeypatch, calls):
     namespace = torch.ops.conditional_detr
-    right = namespace.attention_forward
+    right = namespace.conditional_cross_attention
 
     def wrong(*args):
         calls.append(1)
         out, lse = right(*args)
         return out * 1.5, lse
 
-    monkeypatch.setattr(namespace, "attention_forward", wrong)
+    monkeypatch.setattr(namespace, "conditional_cross_attention", wrong)
 
 
 def attention(impl, tensors, mask):
@@ -72,12 +72,12 @@ def test_a_trace_decides_as_the_eager_model_does(monkeypatch, kernel):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(lambda *t: attention("auto", t, mask), tensors, check_trace=False)
-    traced_compiled = "conditional_detr::attention_forward" in str(traced.graph)
+    traced_compiled = "conditional_detr::conditional_cross_attention" in str(traced.graph)
     assert traced_compiled == (kernel == "right")
     assert "aten::linspace" not in str(traced.graph)  # the check's own ops stay out of the trace
     with torch.profiler.profile() as profile:
         attention("auto", tensors, mask)
-    eager_compiled = any(e.name == "conditional_detr::attention_forward" for e in profile.events())
+    eager_compiled = any(e.name == "conditional_detr::conditional_cross_attention" for e in profile.events())
     assert eager_compiled == traced_compiled
     torch.testing.assert_close(traced(*tensors), attention("pytorch", tensors, mask))
 
@@ -114,6 +114,6 @@ def test_a_failing_kernel_counts_as_a_disagreement(monkeypatch):
     def broken(*args):
         raise RuntimeError("no kernel image is available\nmore")
 
-    monkeypatch.setattr(torch.ops.conditional_detr, "sine_query", broken)
+    monkeypatch.setattr(torch.ops.conditional_detr, "conditional_spatial_query", broken)
     with pytest.warns(RuntimeWarning, match="it failed: no kernel image is available"):
         assert not self_check.trusted("conditional_spatial_query", torch.device("cpu"), torch.float32)

@@ -89,9 +89,9 @@ def conditional_spatial_query(reference_points, query_scale=None, impl="auto"):
     if not use_compiled("conditional_spatial_query", impl, reference_points):
         return reference.conditional_spatial_query(reference_points, query_scale)
     if query_scale is None:
-        return torch.ops.conditional_detr.sine_query(reference_points, None, _DEFAULT_SINE_DIM)
+        return torch.ops.conditional_detr.conditional_spatial_query(reference_points, None, _DEFAULT_SINE_DIM)
     dtype = torch.promote_types(reference_points.dtype, query_scale.dtype)
-    return torch.ops.conditional_detr.sine_query(
+    return torch.ops.conditional_detr.conditional_spatial_query(
         reference_points.to(dtype), query_scale.to(dtype), query_scale.shape[-1]
     )
 
@@ -120,7 +120,7 @@ def conditional_cross_attention(
     # drawn from torch's default generator, so torch.manual_seed makes dropout reproducible;
     # the kernels hash it with each element's index, forward and backward alike
     rng_state = torch.randint(0, 2**62, (1,), dtype=torch.int64) if p > 0 else None
-    out, _ = torch.ops.conditional_detr.attention_forward(
+    out, _ = torch.ops.conditional_detr.conditional_cross_attention(
         *tensors, key_padding_mask, num_heads, p, rng_state
     )
     return out
@@ -196,8 +196,8 @@ def fvcore_handles():
     """{op name: fvcore handle} for the compiled ops, counting what fvcore counts on the reference
     path; pass them to `FlopCountAnalysis(...).set_op_handle(**fvcore_handles())`."""
     return {
-        "conditional_detr::attention_forward": _attention_flops,
-        "conditional_detr::sine_query": _no_flops,
+        "conditional_detr::conditional_cross_attention": _attention_flops,
+        "conditional_detr::conditional_spatial_query": _no_flops,
         # fvcore counts neither the reference's grid_sample nor its weighted sum
         "conditional_detr::multi_scale_deformable_attention": _no_flops,
     }

@@ -54,7 +54,7 @@ def _cuda_problem():
             f"conditional_detr._C was built with CUDA {compiled_major}.{compiled % 1000 // 10} "
             f"but torch uses CUDA {torch.version.cuda}; rebuild the extension"
         )
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("conditional_detr::attention_forward", "CUDA"):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("conditional_detr::conditional_cross_attention", "CUDA"):
         return "conditional_detr._C has no CUDA kernels registered"
     return None
 
@@ -82,12 +82,12 @@ def _lse_dtype(dtype):
 
 
 def _register_fake_kernels():
-    @torch.library.register_fake("conditional_detr::sine_query")
+    @torch.library.register_fake("conditional_detr::conditional_spatial_query")
     def _(reference_points, query_scale, dim):
         torch._check(reference_points.shape[-1] == 2, lambda: "reference_points must be [..., 2]")
         return reference_points.new_empty((*reference_points.shape[:-1], dim))
 
-    @torch.library.register_fake("conditional_detr::sine_query_backward")
+    @torch.library.register_fake("conditional_detr::_conditional_spatial_query_backward")
     def _(grad, reference_points, query_scale, dim):
         grad_scale = (
             reference_points.new_empty(query_scale.shape) if query_scale is not None
@@ -95,7 +95,7 @@ def _register_fake_kernels():
         )
         return reference_points.new_empty(reference_points.shape), grad_scale
 
-    @torch.library.register_fake("conditional_detr::attention_forward")
+    @torch.library.register_fake("conditional_detr::conditional_cross_attention")
     def _(q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, num_heads,
           dropout_p, rng_state):
         num_queries, batch, _ = q_content.shape
@@ -103,7 +103,7 @@ def _register_fake_kernels():
         lse = q_content.new_empty((batch, num_heads, num_queries), dtype=_lse_dtype(q_content.dtype))
         return out, lse
 
-    @torch.library.register_fake("conditional_detr::attention_backward")
+    @torch.library.register_fake("conditional_detr::_conditional_cross_attention_backward")
     def _(grad_out, q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, out, lse,
           num_heads, dropout_p, rng_state):
         return tuple(t.new_empty(t.shape) for t in (q_content, q_spatial, k_content, k_spatial, value))
@@ -114,7 +114,7 @@ def _register_fake_kernels():
         torch._check(sampling_locations.dim() == 6, lambda: "sampling_locations must be 6-d")
         return value.new_empty((batch, sampling_locations.shape[1], num_heads * channels))
 
-    @torch.library.register_fake("conditional_detr::multi_scale_deformable_attention_backward")
+    @torch.library.register_fake("conditional_detr::_multi_scale_deformable_attention_backward")
     def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
           attention_weights):
         return tuple(value.new_empty(t.shape) for t in (value, sampling_locations, attention_weights))
@@ -132,13 +132,13 @@ def _register_autograd():
 
     def sine_query_backward(ctx, grad):
         reference_points, query_scale = ctx.saved_tensors
-        grad_points, grad_scale = torch.ops.conditional_detr.sine_query_backward(
+        grad_points, grad_scale = torch.ops.conditional_detr._conditional_spatial_query_backward(
             grad, reference_points, query_scale, ctx.dim
         )
         return grad_points, (grad_scale if query_scale is not None else None), None
 
     torch.library.register_autograd(
-        "conditional_detr::sine_query", sine_query_backward, setup_context=sine_query_setup
+        "conditional_detr::conditional_spatial_query", sine_query_backward, setup_context=sine_query_setup
     )
 
     def attention_setup(ctx, inputs, output):
@@ -154,14 +154,14 @@ def _register_autograd():
     def attention_backward(ctx, grad_out, grad_lse):
         (q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, out, lse,
          rng_state) = ctx.saved_tensors
-        grads = torch.ops.conditional_detr.attention_backward(
+        grads = torch.ops.conditional_detr._conditional_cross_attention_backward(
             grad_out, q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, out, lse,
             ctx.num_heads, ctx.dropout_p, rng_state,
         )
         return (*grads, None, None, None, None)
 
     torch.library.register_autograd(
-        "conditional_detr::attention_forward", attention_backward, setup_context=attention_setup
+        "conditional_detr::conditional_cross_attention", attention_backward, setup_context=attention_setup
     )
 
     def deformable_attention_setup(ctx, inputs, output):
@@ -169,7 +169,7 @@ def _register_autograd():
         ctx.save_for_backward(*inputs)
 
     def deformable_attention_backward(ctx, grad_output):
-        grads = torch.ops.conditional_detr.multi_scale_deformable_attention_backward(
+        grads = torch.ops.conditional_detr._multi_scale_deformable_attention_backward(
             grad_output, *ctx.saved_tensors
         )
         grad_value, grad_locations, grad_weights = grads

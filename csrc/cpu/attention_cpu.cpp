@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "vector.h"
 
 namespace conditional_detr {
 namespace {
@@ -27,36 +28,13 @@ namespace {
 constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 256;
 
-// Row loops below are compiled once per instruction set level and picked at load time (by
-// feature, not CPU model, so AMD parts get the wide versions too), because the
-// extension is built for a generic x86-64 target but the gain here comes from wide vectors.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(__APPLE__)
-#define CDETR_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CDETR_VECTOR_CLONES
-#endif
-
-#define CDETR_ALWAYS_INLINE inline __attribute__((always_inline))
+// Row loops below are compiled once per instruction set level (vector.h): the gain here
+// comes from wide vectors.
 
 // Register block of the tile products: kRows rows x kVecs vectors of C, accumulated in
 // registers across the whole reduction (6 x 2 vectors: 12 accumulators, 2 rows of B and a
-// broadcast fill AVX2's 16 registers). GCC's vector extension states the vector width
-// outright instead of hoping the loop vectorizer finds it; 32-byte vectors are native on
-// AVX2 and measured as fast as 64-byte ones on AVX-512 here (the loop is load-bound).
+// broadcast fill AVX2's 16 registers).
 constexpr int kRows = 6;
-
-template <typename T>
-struct Vec32 {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int kLanes = 32 / sizeof(T);
-};
-
-// Unaligned vector load through an out-parameter: returning a 32-byte vector by value from a
-// function compiled for baseline x86-64 would change the ABI (and GCC warns).
-template <typename V>
-CDETR_ALWAYS_INLINE void load_vec(V& v, const void* p) {
-  std::memcpy(&v, p, sizeof(V));
-}
 
 template <typename T, int kBlockRows, int kVecs>
 CDETR_ALWAYS_INLINE void gemm_block(int64_t m0, int64_t n0, int64_t depth, T alpha, const T* a,
@@ -580,8 +558,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 }
 
 TORCH_LIBRARY_IMPL(conditional_detr, CPU, m) {
-  m.impl("attention_forward", &attention_forward_cpu);
-  m.impl("attention_backward", &attention_backward_cpu);
+  m.impl("conditional_cross_attention", &attention_forward_cpu);
+  m.impl("_conditional_cross_attention_backward", &attention_backward_cpu);
 }
 
 }  // namespace conditional_detr

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "../common.h"
+#include "vector.h"
 
 namespace conditional_detr {
 namespace {
@@ -16,13 +17,8 @@ namespace {
 // thread
 constexpr int64_t kGrain = 1 << 16;
 
-// The hash's 64-bit multiplies vectorize only with AVX-512 (vpmullq): an AVX-512 clone of the
-// loop, picked at load time where the CPU has it, runs several times faster than the baseline.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define CDETR_AVX512_CLONE __attribute__((target_clones("arch=x86-64-v4", "default")))
-#else
-#define CDETR_AVX512_CLONE
-#endif
+// An AVX-512 clone of the loop (vector.h), picked at load time where the CPU has it, runs
+// several times faster than the baseline.
 
 template <typename scalar_t>
 CDETR_AVX512_CLONE void dropout_range(const scalar_t* input, scalar_t* out, int64_t begin,

@@ -19,37 +19,12 @@
 #include <vector>
 
 #include "../common.h"
+#include "vector.h"
 
 namespace conditional_detr {
 namespace {
 
-// Channel loops are compiled per instruction set level and picked at load time, as in
-// attention_cpu.cpp: the extension targets generic x86-64.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(__APPLE__)
-#define CDETR_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CDETR_VECTOR_CLONES
-#endif
-
-#define CDETR_ALWAYS_INLINE inline __attribute__((always_inline))
-
-// GCC vector extension of 32 bytes: states the vector width outright, and lets the reductions
-// below vectorize without -ffast-math.
-template <typename T>
-struct Vec32 {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int kLanes = 32 / sizeof(T);
-};
-
-template <typename V>
-CDETR_ALWAYS_INLINE void load_vec(V& v, const void* p) {
-  std::memcpy(&v, p, sizeof(V));
-}
-
-template <typename V>
-CDETR_ALWAYS_INLINE void store_vec(void* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
+// Channel loops are compiled per instruction set level (vector.h).
 
 // out[c] = sum_k weights[k] * rows[offsets[k] + c] for c < kVecs vectors, kept in registers for
 // the whole sum.
@@ -355,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_scale_deformable_attention_
 
 TORCH_LIBRARY_IMPL(conditional_detr, CPU, m) {
   m.impl("multi_scale_deformable_attention", &multi_scale_deformable_attention_cpu);
-  m.impl("multi_scale_deformable_attention_backward",
+  m.impl("_multi_scale_deformable_attention_backward",
          &multi_scale_deformable_attention_backward_cpu);
 }
 

@@ -133,8 +133,8 @@ std::tuple<at::Tensor, at::Tensor> sine_query_backward_cpu(
 }
 
 TORCH_LIBRARY_IMPL(conditional_detr, CPU, m) {
-  m.impl("sine_query", &sine_query_cpu);
-  m.impl("sine_query_backward", &sine_query_backward_cpu);
+  m.impl("conditional_spatial_query", &sine_query_cpu);
+  m.impl("_conditional_spatial_query_backward", &sine_query_backward_cpu);
 }
 
 }  // namespace conditional_detr

@@ -404,7 +404,7 @@ Params<scalar_t, acc_t> make_params(const at::Tensor& q_content, const at::Tenso
                                     const AttentionShape& s, const DropoutParams& dropout) {
   TORCH_CHECK(s.num_queries < (1ll << 31) && s.num_keys < (1ll << 31) &&
                   s.batch * s.num_heads < 65536,
-              "conditional_attention (CUDA): sizes exceed the kernel's index range");
+              "conditional_cross_attention (CUDA): sizes exceed the kernel's index range");
   Params<scalar_t, acc_t> p{};
   p.q_content = q_content.const_data_ptr<scalar_t>();
   p.q_spatial = q_spatial.const_data_ptr<scalar_t>();
@@ -429,7 +429,7 @@ Params<scalar_t, acc_t> make_params(const at::Tensor& q_content, const at::Tenso
 template <typename F>
 void dispatch_head_width(const AttentionShape& s, F&& f) {
   const int64_t width = std::max(s.head_dim, s.value_head_dim);
-  TORCH_CHECK(width <= kMaxHeadDim, "conditional_attention (CUDA): head widths up to ",
+  TORCH_CHECK(width <= kMaxHeadDim, "conditional_cross_attention (CUDA): head widths up to ",
               kMaxHeadDim, " channels are supported, got ", s.head_dim, " (query/key) and ",
               s.value_head_dim, " (value)");
   if (width <= 32) {
@@ -529,8 +529,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 }
 
 TORCH_LIBRARY_IMPL(conditional_detr, CUDA, m) {
-  m.impl("attention_forward", &attention_forward_cuda);
-  m.impl("attention_backward", &attention_backward_cuda);
+  m.impl("conditional_cross_attention", &attention_forward_cuda);
+  m.impl("_conditional_cross_attention_backward", &attention_backward_cuda);
 }
 
 }  // namespace conditional_detr

@@ -346,7 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_scale_deformable_attention_
 
 TORCH_LIBRARY_IMPL(conditional_detr, CUDA, m) {
   m.impl("multi_scale_deformable_attention", &multi_scale_deformable_attention_cuda);
-  m.impl("multi_scale_deformable_attention_backward",
+  m.impl("_multi_scale_deformable_attention_backward",
          &multi_scale_deformable_attention_backward_cuda);
 }
 

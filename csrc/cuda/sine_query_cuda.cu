@@ -130,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor> sine_query_backward_cuda(
 }
 
 TORCH_LIBRARY_IMPL(conditional_detr, CUDA, m) {
-  m.impl("sine_query", &sine_query_cuda);
-  m.impl("sine_query_backward", &sine_query_backward_cuda);
+  m.impl("conditional_spatial_query", &sine_query_cuda);
+  m.impl("_conditional_spatial_query_backward", &sine_query_backward_cuda);
 }
 
 }  // namespace conditional_detr
