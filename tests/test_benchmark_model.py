@@ -27,7 +27,7 @@ def test_tiny_case_times_both_implementations_and_writes_json(tmp_path):
         for task, batch in (("inference", 1), ("inference", 2), ("training", 2))
     ]
     for row in results:
-        assert set(row["per_second"]) == {"compiled", "pytorch"}, row["ms"]
+        assert set(row["per_second"]) == {"auto", "compiled", "pytorch"}, row["ms"]
         assert all(v > 0 for v in row["per_second"].values())
         assert all(row["peak_memory_bytes"][name] > 0 for name in row["per_second"])
         assert "speedup_vs_official" not in row
@@ -68,7 +68,7 @@ def test_a_panoptic_model_keeps_the_asked_segments_and_trains_its_mask_head_alon
     assert results[0]["task"] == "panoptic_threshold" and results[0]["segments"] == 5
     assert [(r["task"], r["batch"]) for r in results[1:]] == [("inference", 1), ("training", 2)]
     for row in results[1:]:
-        assert set(row["per_second"]) == {"compiled", "pytorch"}, row["ms"]
+        assert set(row["per_second"]) == {"auto", "compiled", "pytorch"}, row["ms"]
 
 
 class StandInOfficial:
@@ -102,5 +102,5 @@ def test_official_path_times_it_and_compares_detections(tmp_path, monkeypatch):
     assert results[0]["task"] == "official_detections"
     assert all(v < 1e-5 for v in results[0]["max_score_difference"].values())
     for row in results[1:]:
-        assert set(row["speedup_vs_official"]) == {"compiled", "pytorch"}, row["ms"]
+        assert set(row["speedup_vs_official"]) == {"auto", "compiled", "pytorch"}, row["ms"]
         assert all(v > 0 for v in row["speedup_vs_official"].values())

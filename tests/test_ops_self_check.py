@@ -82,6 +82,30 @@ def test_a_trace_decides_as_the_eager_model_does(monkeypatch, kernel):
     torch.testing.assert_close(traced(*tensors), attention("pytorch", tensors, mask))
 
 
+@pytest.mark.parametrize("kernel", ["right", "wrong"])
+def test_a_traced_detector_decides_as_the_eager_one(monkeypatch, kernel):
+    """A whole Conditional DETR traced as tools/export traces it, before any eager run, then run eagerly."""
+    from conditional_detr.tools.export import ExportableDetector
+
+    from helpers.tiny import tiny_model
+
+    calls = []
+    if kernel == "wrong":
+        wrong_attention_kernel(monkeypatch, calls)
+    exportable = ExportableDetector(tiny_model(OPS_IMPL="auto")).eval()
+    images = torch.rand(1, 3, 48, 64) * 255
+    sizes = torch.tensor([[48, 64]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(exportable, (images, sizes), check_trace=False)
+    op = "conditional_detr::conditional_cross_attention"
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        eager = exportable(images, sizes)
+    assert (op in str(traced.inlined_graph)) == any(e.name == op for e in profile.events()) == (kernel == "right")
+    for a, b in zip(traced(images, sizes), eager):
+        torch.testing.assert_close(a, b)
+
+
 def test_torch_compile_decides_as_the_eager_model_does(monkeypatch):
     calls = []
     wrong_attention_kernel(monkeypatch, calls)

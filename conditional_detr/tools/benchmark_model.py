@@ -2,7 +2,8 @@
 Whole-model speed, side by side in one process: inference images per second (batch 1 and
 a larger batch) and training steps per second (forward, backward, and each
 implementation's own optimizer step), with the peak tensor memory of each (GPU or CPU),
-for this project's model with the compiled attention and with the PyTorch path, and,
+for this project's model with each MODEL.DETR.OPS_IMPL ("auto", what a user gets; the
+compiled ops; the pure PyTorch path), and,
 given `--official PATH` (a checkout of the official Conditional DETR code, imported from
 there for the measurement only), the official model on the same weights and images.
 
@@ -50,6 +51,8 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 NUM_CLASSES = 91
 # the official panoptic model's (COCO panoptic ids up to 250)
 PANOPTIC_NUM_CLASSES = 250
+# MODEL.DETR.OPS_IMPL of each of our models: "auto" is what a user gets
+IMPLEMENTATIONS = ("auto", "compiled", "pytorch")
 
 
 def parse_args(argv=None):
@@ -92,9 +95,9 @@ def check_official_checkout(parser, path, cfg):
         if cfg.MODEL.META_ARCHITECTURE != "DETR":
             parser.error(f"--official with MODEL.MASK_ON: the official mask head (DETRsegm) is DETR's, "
                          f"but MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE}")
-        if not os.path.isfile(os.path.join(path, "models", "segmentation.py")):
-            parser.error(f"--official {path}: not a checkout of the official DETR (no models/segmentation.py), "
-                         "which MODEL.MASK_ON is measured against")
+        if not all(os.path.isfile(os.path.join(path, "models", name)) for name in ("detr.py", "segmentation.py")):
+            parser.error(f"--official {path}: not a checkout of the official DETR (no models/detr.py and "
+                         "models/segmentation.py), which MODEL.MASK_ON is measured against")
     elif not os.path.isfile(os.path.join(path, "models", "conditional_detr.py")):
         parser.error(f"--official {path}: not a checkout of the official Conditional DETR "
                      "(no models/conditional_detr.py)")
@@ -277,9 +280,9 @@ def build_systems(args, cfg):
     if args.official:
         official = OfficialModel(args.official, cfg, args.device)
         state_dict = our_state_dict_from_official(official.model)
-    for impl in ("compiled", "pytorch"):
+    for impl in IMPLEMENTATIONS:
         model = build_ours(cfg, impl, args.device)
-        if official is None and impl == "compiled":
+        if official is None and not systems:
             state_dict = model.state_dict()
         model.load_state_dict(state_dict)
         systems[impl] = model
