@@ -1,8 +1,8 @@
 """
 Runs every compiled op forward and backward once per dtype on small CUDA inputs (odd sizes,
-padding, points outside the maps) and compares each with the PyTorch reference, the cases
-of `conditional_detr.ops.self_check`: the program compute-sanitizer watches (memcheck,
-racecheck) in scripts/gpu_checks.sh. Exits 1 when an op disagrees with the reference, 0
+padding, points outside the maps) and compares each with the PyTorch reference, on the
+first-use check's cases (`conditional_detr.ops.cases`): the program compute-sanitizer
+watches (memcheck, racecheck) in scripts/gpu_checks.sh. Exits 1 when an op disagrees with the reference, 0
 otherwise; without a CUDA device it says so and exits 0.
 
     python scripts/exercise_cuda_ops.py

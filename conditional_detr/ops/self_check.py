@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from .cases import CASES, CHECKED_OPS
+
 __all__ = ["CHECKED_OPS", "disagreement", "forget", "trusted"]
 
 # largest error allowed, relative to the largest reference value, of the output and gradients
@@ -63,7 +65,7 @@ def disagreement(op_name, device, dtype):
         t = torch.rand(*shape, generator=generator) * scale + shift
         return t.to(device=device, dtype=dtype).requires_grad_()
 
-    run, tensors = _CASES[op_name](make, device)
+    run, tensors = CASES[op_name](make, device)
     tolerance = TOLERANCES.get(dtype, 1e-4)
     reference_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
@@ -83,57 +85,3 @@ def _output_and_grads(run, impl, tensors):
     out = run(impl, tensors)
     grad = torch.linspace(-1, 1, out.numel(), device=out.device, dtype=torch.float32).view_as(out)
     return [out, *torch.autograd.grad(out, tensors, grad.to(out.dtype))]
-
-
-def _cross_attention_case(make, device):
-    from . import conditional_cross_attention
-
-    queries, keys, batch, channels, heads = 5, 19, 2, 32, 4
-    tensors = [make(length, batch, channels, scale=2, shift=-1) for length in (queries, queries, keys, keys, keys)]
-    mask = torch.zeros(batch, keys, dtype=torch.bool, device=device)
-    mask[1, -6:] = True
-    return lambda impl, t: conditional_cross_attention(*t, mask, heads, impl=impl), tensors
-
-
-def _spatial_query_case(make, device):
-    from . import conditional_spatial_query
-
-    tensors = [make(5, 2, 2), make(5, 2, 32, scale=2, shift=-1)]
-    return lambda impl, t: conditional_spatial_query(t[0], t[1], impl=impl), tensors
-
-
-def _deformable_attention_case(make, device):
-    from . import multi_scale_deformable_attention
-
-    shapes = torch.tensor([[3, 5], [2, 1]], device=device)
-    start = torch.tensor([0, 15], device=device)
-    batch, queries, heads, channels, levels, points = 2, 4, 2, 8, 2, 3
-    value = make(batch, 17, heads, channels, scale=2, shift=-1)
-    locations = make(batch, queries, heads, levels, points, 2, scale=1.4, shift=-0.2)  # some outside
-    weights = make(batch, queries, heads, levels, points)
-    return (
-        lambda impl, t: multi_scale_deformable_attention(t[0], shapes, start, t[1], t[2], impl=impl),
-        [value, locations, weights],
-    )
-
-
-def _dropout_case(make, device):
-    from . import reference
-
-    rng_state = torch.tensor([20211010], dtype=torch.int64)
-
-    def run(impl, t):
-        if impl == "compiled":
-            return torch.ops.conditional_detr.dropout(t[0], 0.3, rng_state)
-        return reference.hashed_dropout(t[0], 0.3, rng_state)
-
-    return run, [make(3, 7, 37, scale=2, shift=-1)]
-
-
-_CASES = {
-    "conditional_cross_attention": _cross_attention_case,
-    "conditional_spatial_query": _spatial_query_case,
-    "multi_scale_deformable_attention": _deformable_attention_case,
-    "dropout": _dropout_case,
-}
-CHECKED_OPS = tuple(_CASES)
