@@ -296,6 +296,20 @@ def test_the_cost_benchmark_measures_the_head_side_by_side(tmp_path):
     assert json.loads(path.read_text())["speedups"]["every_query_peak_over_matched_queries_peak"]["DETR"] > 1
 
 
+def test_panoptic_inference_runs_the_head_once_per_image_for_both_outputs():
+    """The instances' queries and the panoptic segments' overlap: each query's mask is computed once."""
+    model = masked_detr(PANOPTIC_ON=True, PANOPTIC_THRESHOLD=0.0).eval()
+    generator = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.rand(3, 64, 96, generator=generator) * 255} for _ in range(2)]
+    runs = []
+    model.mask_head.register_forward_hook(lambda module, args, out: runs.append(out.shape[0]))
+    with torch.no_grad():
+        outputs = model(inputs)
+    assert len(runs) == 2  # one per image
+    assert all(0 < n <= model.num_queries for n in runs)  # each query once
+    assert outputs[0]["panoptic_seg"][1] and outputs[0]["instances"].pred_masks.shape[0] == len(outputs[0]["instances"])
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_panoptic_segmentation_in_detectron2s_format(architecture):
     # a random model's scores are low: every query kept, as a trained one keeps its confident ones

@@ -219,23 +219,27 @@ class SetPredictionDetector(nn.Module):
                 instances = instances[self.thing_classes[instances.pred_classes]]
             queries = instances.get("query_index")
             instances.remove("query_index")
-            if self.mask_on:
-                # the masks of the kept detections' queries only, set after detectron2's
-                # post-processing, which takes masks for box-relative ones
-                with precision:
-                    logits = outputs["mask_predictor"](torch.full_like(queries, i), queries)
-                instances.pred_masks = full_image_masks(logits, images.tensor.shape[-2:], image_size, (height, width))
             processed.append({"instances": instances})
+            if not self.mask_on:
+                continue
+            # the masks of the kept detections' queries and of the panoptic segments' queries,
+            # each query's once; the instances' set after detectron2's post-processing, which
+            # takes masks for box-relative ones
             if self.panoptic_on:
-                processed[-1]["panoptic_seg"] = self.panoptic_seg(outputs, i, image_size, (height, width), precision)
+                panoptic, scores, labels = panoptic_queries(outputs["pred_logits"][i], self.class_loss, self.panoptic_threshold)
+                queries = torch.cat([queries, panoptic])
+            unique, inverse = torch.unique(queries, return_inverse=True)
+            with precision:
+                logits = outputs["mask_predictor"](torch.full_like(unique, i), unique)[inverse]
+            instances.pred_masks = full_image_masks(
+                logits[: len(instances)], images.tensor.shape[-2:], image_size, (height, width)
+            )
+            if self.panoptic_on:
+                processed[-1]["panoptic_seg"] = panoptic_segmentation(
+                    scores, labels, logits[len(instances):], image_size, (height, width), self.thing_classes,
+                    self.panoptic_min_area,
+                )
         return processed
-
-    def panoptic_seg(self, outputs, i, image_size, output_size, precision):
-        """Image `i`'s (segment ids, segments), detectron2's "panoptic_seg", from the masks of its kept queries."""
-        queries, scores, labels = panoptic_queries(outputs["pred_logits"][i], self.class_loss, self.panoptic_threshold)
-        with precision:
-            logits = outputs["mask_predictor"](torch.full_like(queries, i), queries)
-        return panoptic_segmentation(scores, labels, logits, image_size, output_size, self.thing_classes, self.panoptic_min_area)
 
     def prepare_targets(self, batched_inputs, image_sizes):
         """detectron2 instances -> labels, normalized cxcywh boxes and, with MODEL.MASK_ON, [n, h, w] bool masks."""
