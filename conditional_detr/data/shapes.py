@@ -800,14 +800,28 @@ def load_shapes_panoptic_split(split: str, root: Optional[str] = None, params: S
     return records
 
 
-def _register(name: str, load, **metadata):
-    # Registering again replaces: another root or other parameters.
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-    if name in MetadataCatalog.list():
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, load)
-    MetadataCatalog.get(name).set(**metadata)
+def _register_splits(prefix: str, root: str, load, panoptic: bool = False, **metadata) -> Tuple[str, ...]:
+    """
+    Register `{prefix}_{split}` of every split under `root`: its dicts from `load(split, name)`,
+    its metadata `metadata` with the split's "json_file" and "image_root" (and, `panoptic`,
+    "panoptic_root" and "panoptic_json"). Registering again replaces: another root or other
+    parameters.
+    """
+    names = []
+    for split in SPLITS:
+        name = f"{prefix}_{split}"
+        json_file, image_root = split_paths(root, split)
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+        if name in MetadataCatalog.list():
+            MetadataCatalog.remove(name)
+        DatasetCatalog.register(name, lambda split=split, name=name: load(split, name))
+        split_dir = os.path.dirname(json_file)
+        if panoptic:
+            metadata.update(panoptic_root=os.path.join(split_dir, _PANOPTIC), panoptic_json=os.path.join(split_dir, _PANOPTIC_JSON))
+        MetadataCatalog.get(name).set(json_file=json_file, image_root=image_root, **metadata)
+        names.append(name)
+    return tuple(names)
 
 
 def register_shapes_datasets(
@@ -825,24 +839,17 @@ def register_shapes_datasets(
         the registered dataset names.
     """
     root = shapes_root(root)
-    names = []
-    for split in SPLITS:
-        name = f"{prefix}_{split}"
-        json_file, image_root = split_paths(root, split)
-        _register(
-            name,
-            lambda split=split, name=name: load_shapes_split(split, root, params, name),
-            thing_classes=list(params.categories),
-            # Set here too, not only when the data is loaded, so that an evaluator
-            # built before the first load maps category ids right.
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(params.categories))},
-            json_file=json_file,
-            image_root=image_root,
-            evaluator_type="coco",
-            shapes_params=dataclasses.asdict(params),
-        )
-        names.append(name)
-    return tuple(names)
+    return _register_splits(
+        prefix,
+        root,
+        lambda split, name: load_shapes_split(split, root, params, name),
+        thing_classes=list(params.categories),
+        # Set here too, not only when the data is loaded, so that an evaluator
+        # built before the first load maps category ids right.
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(params.categories))},
+        evaluator_type="coco",
+        shapes_params=dataclasses.asdict(params),
+    )
 
 
 def register_shapes_panoptic_datasets(
@@ -861,25 +868,17 @@ def register_shapes_panoptic_datasets(
     root = shapes_root(root, "shapes_panoptic")
     classes = [*params.categories, *stuff_classes(params)]
     num_things = len(params.categories)
-    names = []
-    for split in SPLITS:
-        name = f"{prefix}_{split}"
-        json_file, image_root = split_paths(root, split)
-        _register(
-            name,
-            lambda split=split: load_shapes_panoptic_split(split, root, params),
-            thing_classes=classes,
-            stuff_classes=classes,
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(num_things)},
-            stuff_dataset_id_to_contiguous_id={i + 1: i for i in range(num_things, len(classes))},
-            json_file=json_file,
-            image_root=image_root,
-            panoptic_root=os.path.join(os.path.dirname(json_file), _PANOPTIC),
-            panoptic_json=os.path.join(os.path.dirname(json_file), _PANOPTIC_JSON),
-            evaluator_type="coco_panoptic_seg",
-            label_divisor=1000,
-            ignore_label=255,
-            shapes_params=dataclasses.asdict(params),
-        )
-        names.append(name)
-    return tuple(names)
+    return _register_splits(
+        prefix,
+        root,
+        lambda split, name: load_shapes_panoptic_split(split, root, params),
+        panoptic=True,
+        thing_classes=classes,
+        stuff_classes=classes,
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(num_things)},
+        stuff_dataset_id_to_contiguous_id={i + 1: i for i in range(num_things, len(classes))},
+        evaluator_type="coco_panoptic_seg",
+        label_divisor=1000,
+        ignore_label=255,
+        shapes_params=dataclasses.asdict(params),
+    )
