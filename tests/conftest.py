@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules; what they import lives in `helpers/`."""
 import os
+import shutil
 import sys
 
 import pytest
@@ -25,9 +26,26 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory):
+def module_folder(tmp_path_factory):
+    """
+    Makes folders for the files a module's tests share (checkpoints, datasets) and removes
+    them after the module's last test: kept for the whole run they would add up to GBs.
+    """
+    folders = []
+
+    def make(name):
+        folders.append(tmp_path_factory.mktemp(name))
+        return folders[-1]
+
+    yield make
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def shapes_root(module_folder):
     """A tiny copy of the embedded shapes dataset, drawn once per module and registered."""
-    root = str(tmp_path_factory.mktemp("datasets") / "shapes")
+    root = str(module_folder("datasets") / "shapes")
     old = os.environ.get("DETECTRON2_DATASETS")
     os.environ["DETECTRON2_DATASETS"] = os.path.dirname(root)
     register_tiny_shapes(root)

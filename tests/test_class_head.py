@@ -31,11 +31,11 @@ def tiny_model(num_classes=5, *opts):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def source(module_folder):
     """A checkpoint of a 5-class model saved with its class names, and the model."""
     torch.manual_seed(0)
     model = tiny_model(5)
-    folder = tmp_path_factory.mktemp("source")
+    folder = module_folder("source")
     ConditionalDETRCheckpointer(model, str(folder), class_names=SHAPES).save("shapes")
     return str(folder / "shapes.pth"), model.state_dict()
 

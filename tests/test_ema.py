@@ -17,8 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    json_file, image_root = write_coco_dataset(str(tmp_path_factory.mktemp("ema_data")), num_images=4)
+def dataset(module_folder):
+    json_file, image_root = write_coco_dataset(str(module_folder("ema_data")), num_images=4)
     return ["DATASETS.COCO_INSTANCES", repr((("ema_data", json_file, image_root),)),
             "DATASETS.TRAIN", "('ema_data',)", "DATASETS.TEST", "('ema_data',)", "MODEL.DETR.NUM_CLASSES", "3"]
 

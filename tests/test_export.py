@@ -30,11 +30,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
-def exported(request, tmp_path_factory):
+def exported(request, module_folder):
     config, opts = MODELS[request.param]
     config = os.path.join(QUICK_SCHEDULES, config)
     opts = ["MODEL.DEVICE", "cpu", *opts]
-    folder = tmp_path_factory.mktemp(request.param)
+    folder = module_folder(request.param)
     # class scores spread apart (not saturated), so that rounding does not decide the top-k order
     torch.manual_seed(0)
     model = build_model(get_config(config, opts))

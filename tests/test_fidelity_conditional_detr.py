@@ -27,8 +27,8 @@ def reference_io():
 
 
 @pytest.fixture(scope="module")
-def converted_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("converted") / "tiny.pth"
+def converted_checkpoint(module_folder):
+    path = module_folder("converted") / "tiny.pth"
     convert_official.main([str(reference_file("official_r18_tiny.pth")), str(path), "--num-classes", "91"])
     return path
 

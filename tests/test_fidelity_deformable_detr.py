@@ -40,10 +40,10 @@ def reference_io():
 
 
 @pytest.fixture(scope="module")
-def official_checkpoints(tmp_path_factory):
+def official_checkpoints(module_folder):
     """One official-format checkpoint file per variant."""
     variants = torch.load(reference_file("official_deformable_r18_tiny.pth"), map_location="cpu")
-    folder = tmp_path_factory.mktemp("official")
+    folder = module_folder("official")
     paths = {}
     for variant in DEFORMABLE_VARIANTS:
         paths[variant] = folder / f"{variant}.pth"
@@ -52,8 +52,8 @@ def official_checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def converted_checkpoints(official_checkpoints, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("converted")
+def converted_checkpoints(official_checkpoints, module_folder):
+    folder = module_folder("converted")
     paths = {}
     for variant, official in official_checkpoints.items():
         paths[variant] = folder / f"{variant}.pth"

@@ -36,8 +36,8 @@ def official_path():
 
 
 @pytest.fixture(scope="module")
-def model(official_path, tmp_path_factory):
-    path = tmp_path_factory.mktemp("converted") / "detr_tiny.pth"
+def model(official_path, module_folder):
+    path = module_folder("converted") / "detr_tiny.pth"
     convert_official.main([str(official_path), str(path), "--num-classes", "91"])
     return load_converted(path, tiny_detr_fixture_cfg())
 

@@ -33,16 +33,16 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def conditional_detr(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hf") / "conditional-detr"
+def conditional_detr(module_folder):
+    folder = module_folder("hf") / "conditional-detr"
     return build_hf_model("ConditionalDetr", folder), folder
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
-def built(request, tmp_path_factory):
+def built(request, module_folder):
     """transformers' model, its save_pretrained folder, this project's config and the format."""
     settings, config, source_format = MODELS[request.param]
-    folder = tmp_path_factory.mktemp("hf") / request.param
+    folder = module_folder("hf") / request.param
     return build_hf_model(request.param.split("-")[0], folder, **settings), folder, config, source_format
 
 

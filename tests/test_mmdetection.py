@@ -48,17 +48,17 @@ def our_model(config, weights, ops_impl="pytorch"):
 
 
 @pytest.fixture(scope="module")
-def conditional_detr(tmp_path_factory):
+def conditional_detr(module_folder):
     mmdet_model = build_mmdet_model(CONDITIONAL_DETR)
-    path = mmdet_checkpoint(mmdet_model, tmp_path_factory.mktemp("mmdet") / "conditional_detr.pth")
+    path = mmdet_checkpoint(mmdet_model, module_folder("mmdet") / "conditional_detr.pth")
     return mmdet_model, path
 
 
 @pytest.fixture(scope="module", params=list(MODELS), ids=lambda config: config.split("/")[1].split("_")[0])
-def built(request, tmp_path_factory):
+def built(request, module_folder):
     """MMDetection's model of a config, its checkpoint file, this project's config and the format."""
     mmdet_model = build_mmdet_model(request.param)
-    path = mmdet_checkpoint(mmdet_model, tmp_path_factory.mktemp("mmdet") / "model.pth")
+    path = mmdet_checkpoint(mmdet_model, module_folder("mmdet") / "model.pth")
     return (mmdet_model, path, *MODELS[request.param])
 
 

@@ -27,8 +27,10 @@ def make_sample(index):
 
 
 def received(mapper, indices):
-    # batch_size=None: the worker applies collate_fn, here the mapper, to each index
-    return list(DataLoader(list(indices), num_workers=1, batch_size=None, collate_fn=mapper))
+    # batch_size=None: the worker applies collate_fn, here the mapper, to each index; a stuck
+    # worker (shared memory full) fails the test instead of hanging the run
+    loader = DataLoader(list(indices), num_workers=1, batch_size=None, collate_fn=mapper, timeout=120)
+    return list(loader)
 
 
 def test_worker_samples_equal_the_mappers_and_share_only_large_tensors():

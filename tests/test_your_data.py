@@ -30,9 +30,9 @@ def run_train_net(*argv):
 
 
 @pytest.fixture(scope="module")
-def route(tmp_path_factory):
+def route(module_folder):
     """A checkpoint trained on the 5 shapes, and "your data": circle, rectangle as "box", star."""
-    root = tmp_path_factory.mktemp("your_data")
+    root = module_folder("your_data")
     register_shapes_datasets(
         root=str(root / "shapes"), params=ShapesParams(image_size=(64, 64), num_train=8, num_val=4, object_size=(12, 40), max_objects=3)
     )
