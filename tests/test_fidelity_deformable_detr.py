@@ -109,9 +109,10 @@ def test_outputs_detections_and_losses_match(converted_checkpoints, reference_io
 
 def test_invalid_proposals_are_the_official_unit_boxes(converted_checkpoints, reference_io):
     model = load_converted(converted_checkpoints["two_stage"], tiny_deformable_fixture_cfg("two_stage"))
-    boxes = run(model, reference_io)["enc_outputs"]["pred_boxes"]
-    invalid = (boxes == 1).all(-1).sum(1)
-    assert invalid.tolist() == [897, 1099]
+    ours = run(model, reference_io)["enc_outputs"]["pred_boxes"]
+    official = reference_io["two_stage"]["enc_outputs"]["pred_boxes"]
+    assert torch.equal((ours == 1).all(-1), (official == 1).all(-1))
+    assert (official == 1).all(-1).sum(1).min() > 0  # padding and border positions in each image
 
 
 @pytest.mark.parametrize("variant", DEFORMABLE_VARIANTS)

@@ -20,10 +20,28 @@ def _alias_renamed_torch_names():
     sys.modules.setdefault("torch._overrides", torch.overrides)
 
 
+def _forget_other_checkouts(path):
+    # the official repositories share top-level names (main, models, util): a module of that
+    # name imported from another checkout must not stand in for this one's
+    tops = {
+        os.path.splitext(entry)[0] for entry in os.listdir(path)
+        if entry.endswith(".py") or os.path.isdir(os.path.join(path, entry))
+    }
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None) or ""
+        if name.split(".")[0] in tops and not os.path.abspath(file).startswith(path + os.sep):
+            del sys.modules[name]
+
+
 def import_official(path, *module_names):
-    """The modules `module_names` of the checkout at `path` (its top-level packages), in order."""
+    """
+    The modules `module_names` of the checkout at `path` (its top-level packages), in order;
+    modules of those packages imported earlier from another checkout are dropped first.
+    """
     _alias_renamed_torch_names()
-    sys.path.insert(0, os.path.abspath(path))
+    path = os.path.abspath(path)
+    _forget_other_checkouts(path)
+    sys.path.insert(0, path)
     try:
         return [importlib.import_module(name) for name in module_names]
     finally:

@@ -1,4 +1,5 @@
 """The official implementations' reference outputs, and configs of their architectures."""
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,17 +10,24 @@ from detectron2.modeling import build_model
 
 from conditional_detr import add_conditional_detr_config
 
-from .paths import REFERENCE_DIR
+from .paths import REFERENCE_DIR, SCRIPTS
+
+sys.path.insert(0, SCRIPTS)
+import make_reference_fixtures  # noqa: E402  (a script beside the package)
 
 
 def reference_file(name):
-    """The path of a reference output; the calling test skips, naming the file, where it is missing."""
+    """
+    The path of a reference output; the calling test skips where it is missing, naming the
+    file and the command that writes it.
+    """
     path = Path(REFERENCE_DIR) / name
     if not path.exists():
+        flag, repository = make_reference_fixtures.writer_of(name)
         pytest.skip(
-            f"official reference output {name} not found in {REFERENCE_DIR}: the official implementations' "
-            "outputs live beside the repository in shared/reference; set CONDITIONAL_DETR_REFERENCE to the "
-            "folder that holds them"
+            f"official reference output {name} not found in {REFERENCE_DIR}: write it with "
+            f"`python scripts/make_reference_fixtures.py --{flag} <checkout of {repository}> --output DIR` "
+            "and set CONDITIONAL_DETR_REFERENCE=DIR (docs/fidelity.md)"
         )
     return path
 

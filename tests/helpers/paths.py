@@ -3,6 +3,7 @@ import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = os.path.join(REPO, "configs")
+SCRIPTS = os.path.join(REPO, "scripts")
 QUICK_SCHEDULES = os.path.join(CONFIGS, "quick_schedules")
 BASE_CONFIG = os.path.join(CONFIGS, "Base-ConditionalDETR.yaml")
 INSTANT_CONFIG = os.path.join(QUICK_SCHEDULES, "conditional_detr_instant_test.yaml")

@@ -1,0 +1,1 @@
+"""The official implementations' reference outputs, written from checkouts of their repositories."""
