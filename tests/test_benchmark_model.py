@@ -96,7 +96,7 @@ def test_official_path_times_it_and_compares_detections(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark_model, "OfficialModel", StandInOfficial)
     monkeypatch.setattr(benchmark_model, "our_state_dict_from_official", lambda model: model.state_dict())
     results = benchmark_model.main([
-        "--config-file", INSTANT_CONFIG, "--device", "cpu", "--quick", "--repeats", "1",
+        "--config-file", INSTANT_CONFIG, "--device", "cpu", "--quick", "--repeats", "2",
         "--inference-size", "64", "96", "--train-size", "64", "80", "--official", str(checkout),
     ])
     assert results[0]["task"] == "official_detections"
@@ -104,3 +104,8 @@ def test_official_path_times_it_and_compares_detections(tmp_path, monkeypatch):
     for row in results[1:]:
         assert set(row["speedup_vs_official"]) == {"auto", "compiled", "pytorch"}, row["ms"]
         assert all(v > 0 for v in row["speedup_vs_official"].values())
+        # the spread beside the median: fastest and slowest round, lowest and highest round's speedup
+        for name, (fastest, slowest) in row["ms_range"].items():
+            assert fastest <= row["ms"][name] <= slowest
+        for name, (lowest, highest) in row["speedup_vs_official_range"].items():
+            assert 0 < lowest <= highest

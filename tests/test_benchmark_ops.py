@@ -25,6 +25,15 @@ def test_interleaved_medians_reports_errors_per_callable():
     assert str(results["refuses"]) == "no kernel for this dtype"
 
 
+def test_interleaved_times_alternate_the_callables_round_by_round():
+    calls = []
+    results = benchmarking.interleaved_times(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu", repeats=3, warmup=2
+    )
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-ups, then one of each per round
+    assert [len(results[name]) for name in "ab"] == [3, 3] and min(results["a"] + results["b"]) >= 0
+
+
 def test_peak_memory_on_cpu_follows_allocations_and_frees():
     def two_live_at_most():
         a = torch.empty(1_000_000)  # 4 MB
@@ -46,6 +55,9 @@ def test_cpu_is_named_with_its_vector_instructions():
     model, capability = name.rsplit(", ", 1)
     assert model.strip() and capability == torch.backends.cpu.get_cpu_capability()
     assert benchmarking.machine_header("cpu")["device"] == name
+    features = benchmarking.machine_header("cpu")["vector_instructions"]
+    if features is not None:  # /proc/cpuinfo read: the features it lists, in the fixed order
+        assert features == [f for f in benchmarking.VECTOR_FEATURES if f in features]
 
 
 @pytest.mark.slow

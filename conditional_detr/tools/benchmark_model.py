@@ -31,6 +31,7 @@ import copy
 import io
 import json
 import os
+import statistics
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from PIL import Image
 from ..config import get_config
 from ..checkpoint.official import DETR_PANOPTIC, convert_state_dict
 from ..solver import build_optimizer
-from .benchmarking import interleaved_medians, machine_header, peak_memory_bytes
+from .benchmarking import interleaved_times, machine_header, peak_memory_bytes
 from .official_checkout import import_official
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -394,31 +395,46 @@ def compare_panoptic(systems, official, images, device):
 
 
 def measure(fns, args, task, dtype_name, batch, size):
-    milliseconds = interleaved_medians(fns, args.device, args.repeats, args.warmup)
-    row = {"task": task, "dtype": dtype_name, "batch": batch, "size": list(size), "ms": {}, "per_second": {}}
-    for name, ms in milliseconds.items():
+    """
+    Median milliseconds and throughput of each system, the fastest and slowest round beside
+    the median, and the speedup over the official model: of the medians, and its lowest and
+    highest among the rounds (each round's systems ran one after another).
+    """
+    times = interleaved_times(fns, args.device, args.repeats, args.warmup)
+    row = {"task": task, "dtype": dtype_name, "batch": batch, "size": list(size), "ms": {}, "ms_range": {},
+           "per_second": {}}
+    for name, ms in times.items():
         if isinstance(ms, Exception):
             row["ms"][name] = f"error: {ms}"
             continue
-        row["ms"][name] = ms
+        row["ms"][name] = statistics.median(ms)
+        row["ms_range"][name] = [min(ms), max(ms)]
         # images per second for inference, steps per second for training
-        row["per_second"][name] = (batch if task == "inference" else 1) * 1e3 / ms
+        row["per_second"][name] = (batch if task == "inference" else 1) * 1e3 / row["ms"][name]
     row["peak_memory_bytes"] = {
-        name: peak_memory_bytes(fns[name], args.device)
-        for name, ms in milliseconds.items() if not isinstance(ms, Exception)
+        name: peak_memory_bytes(fns[name], args.device) for name in row["ms_range"]
     }
     if "official" in row["per_second"]:
+        official = times["official"]
         row["speedup_vs_official"] = {
             name: row["per_second"][name] / row["per_second"]["official"]
             for name in row["per_second"] if name != "official"
+        }
+        row["speedup_vs_official_range"] = {
+            name: [min(r), max(r)]
+            for name in row["speedup_vs_official"]
+            for r in [[theirs / ours for theirs, ours in zip(official, times[name])]]
         }
     return row
 
 
 def print_table(results, header):
-    print(f"{header['device']} ({header['device_type']}, {header['threads']} threads), torch {header['torch']}")
-    print(f"{'task':<10} {'dtype':<5} {'batch':>5}  {'size':<9} {'implementation':<10} {'ms':>10} {'per s':>8} "
-          f"{'vs official':>11} {'peak MiB':>9}")
+    features = header.get("vector_instructions")
+    limits = ", ".join(f"{k}={v}" for k, v in header.get("isa_limits", {}).items())
+    print(f"{header['device']} ({header['device_type']}, {header['threads']} threads), torch {header['torch']}"
+          + (f", CPU features: {' '.join(features)}" if features else "") + (f", limited by {limits}" if limits else ""))
+    print(f"{'task':<10} {'dtype':<5} {'batch':>5}  {'size':<9} {'implementation':<10} {'ms':>10} "
+          f"{'(min-max)':>15} {'per s':>8} {'vs official':>11} {'(min-max)':>13} {'peak MiB':>9}")
     for row in results:
         if row["task"] == "official_detections":
             differences = ", ".join(f"{k} {v:.1e}" for k, v in row["max_score_difference"].items())
@@ -435,11 +451,15 @@ def print_table(results, header):
             per_second = row["per_second"].get(name)
             speedup = row.get("speedup_vs_official", {}).get(name)
             peak = row["peak_memory_bytes"].get(name)
+            ms_range = row["ms_range"].get(name)
+            speedup_range = row.get("speedup_vs_official_range", {}).get(name)
             print(
                 f"{row['task']:<10} {row['dtype']:<5} {row['batch']:>5}  {'x'.join(map(str, row['size'])):<9} "
                 f"{name:<10} {ms if isinstance(ms, str) else f'{ms:10.1f}':>10} "
+                f"{'' if ms_range is None else f'({ms_range[0]:.0f}-{ms_range[1]:.0f})':>15} "
                 f"{'' if per_second is None else f'{per_second:8.2f}':>8} "
                 f"{'' if speedup is None else f'{speedup:10.2f}x':>11} "
+                f"{'' if speedup_range is None else f'({speedup_range[0]:.2f}-{speedup_range[1]:.2f})':>13} "
                 f"{'' if peak is None else f'{peak / 2**20:9.0f}':>9}"
             )
 

@@ -18,11 +18,12 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def interleaved_medians(fns, device, repeats, warmup):
+def interleaved_times(fns, device, repeats, warmup):
     """
-    Median milliseconds of each named callable, timed in turn within every repeat, so that
-    a change in machine load mid-run affects all of them alike. A callable that raises a
-    RuntimeError in warm-up (e.g. an SDPA backend refusing a dtype) gets its error instead.
+    Milliseconds of each named callable in every repeat, timed in turn within the repeat, so
+    that a change in machine load mid-run affects all of them alike (round i of one callable
+    ran beside round i of the others). A callable that raises a RuntimeError in warm-up (e.g.
+    an SDPA backend refusing a dtype) gets its error instead of a list.
     """
     results, live = {}, {}
     for name, fn in fns.items():
@@ -40,8 +41,16 @@ def interleaved_medians(fns, device, repeats, warmup):
             fn()
             synchronize(device)
             times[name].append((time.perf_counter() - start) * 1e3)
-    results.update({name: statistics.median(t) for name, t in times.items()})
+    results.update(times)
     return results
+
+
+def interleaved_medians(fns, device, repeats, warmup):
+    """The median of `interleaved_times` of each callable (or its warm-up error)."""
+    return {
+        name: t if isinstance(t, Exception) else statistics.median(t)
+        for name, t in interleaved_times(fns, device, repeats, warmup).items()
+    }
 
 
 def forward_and_backward_medians(impls, forward, forward_backward, device, repeats, warmup):
@@ -138,11 +147,34 @@ def processor_name(device):
     return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
 
 
+# the CPU features that decide how fast the model runs (float32 width, bfloat16 and int8 arithmetic)
+VECTOR_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile")
+
+
+def vector_instructions():
+    """Which of VECTOR_FEATURES the CPU has (/proc/cpuinfo), in that order; None where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return None
+    return [feature for feature in VECTOR_FEATURES if feature in flags]
+
+
+# what caps the instructions torch and oneDNN use below what the CPU has (e.g. AVX2 on an AVX-512 CPU)
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def machine_header(device, **fields):
-    """What the numbers were measured on, printed and written with them."""
+    """
+    What the numbers were measured on, printed and written with them: compare a figure with
+    another machine's only where the vector instructions match.
+    """
     return {
         "device": processor_name(device),
         "device_type": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "vector_instructions": vector_instructions() if device == "cpu" else None,
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
         **fields,
     }
 
