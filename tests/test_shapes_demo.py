@@ -78,12 +78,14 @@ def test_panoptic_demo_prints_and_writes_panoptic_quality_and_mask_ap(shapes_roo
             assert image.width > image.height  # truth | predictions
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_the_demo_trains_in_bfloat16_only_where_it_is_native(monkeypatch, native):
+@pytest.mark.parametrize("native, capability", [(True, "AVX512"), (False, "AVX512"), (False, "AVX2")])
+def test_the_demo_trains_in_bfloat16_only_where_it_is_native(monkeypatch, native, capability):
     from conditional_detr.tools import shapes_demo
 
+    # an AVX-512 BF16 CPU whose torch is held at AVX2 (ATEN_CPU_CAPABILITY) has no native bfloat16
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+        monkeypatch.setattr(torch.cpu, probe, lambda: native or capability == "AVX2", raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     cfg = get_config(shapes_demo.DEFAULT_CONFIG, ["MODEL.DEVICE", "cpu"])
     assert cfg.SOLVER.AMP.ENABLED and cfg.SOLVER.AMP.PRECISION == "bfloat16"
     note = shapes_demo.bfloat16_only_where_native(cfg)

@@ -164,6 +164,9 @@ def native_bfloat16(device):
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
+        # torch held below AVX-512 (ATEN_CPU_CAPABILITY=avx2) computes bfloat16 without those instructions
+        if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+            return False
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
     return False
