@@ -131,6 +131,10 @@ def add_conditional_detr_config(cfg):
     # Compute each frozen BatchNorm inside the convolution before it (weight and bias
     # scaled on the fly): fewer passes over the features, outputs equal up to rounding.
     cfg.MODEL.BACKBONE.FOLD_FROZEN_BATCHNORM = True
+    # In inference, the backbone compiled by inductor with frozen weights
+    # (modeling/compiled_backbone.py): faster per image, compiled again for each new input
+    # size, so for fixed sizes (a deployment, a benchmark).
+    cfg.MODEL.BACKBONE.COMPILE_FOR_INFERENCE = False
 
     # What loading MODEL.WEIGHTS does with a class head whose classes are not the model's
     # (one with the model's classes always loads whole): "keep" (load it; another class

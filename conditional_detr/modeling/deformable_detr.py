@@ -140,7 +140,7 @@ class DeformableDETR(SetPredictionDetector):
 
     def multi_scale_features(self, images: ImageList):
         """The projected levels, their padding masks and positions, finest first, and the backbone's features by name."""
-        features = self.backbone(images.tensor)
+        features = self.run_backbone(images.tensor)
         padded_size = images.tensor.shape[-2:]
         srcs = [proj(features[name]) for proj, name in zip(self.input_proj, self.feature_names)]
         for proj in self.input_proj[len(srcs):]:

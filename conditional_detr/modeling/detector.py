@@ -18,6 +18,7 @@ from ..checkpoint.formats import check_fits, recognize as recognize_format
 from ..config_checks import check_detector_keys, check_shared_keys
 from ..data.datasets import thing_classes
 from .backbone import build_resnet_like_torchvision, features_with_padding_masks
+from .compiled_backbone import FrozenWeightsCompiler
 from .box_ops import box_xyxy_to_cxcywh
 from .criterion import SetCriterion
 from .mask_head import MASK_FEATURES, AttentionMap, MaskHeadSmallConv, instance_masks
@@ -122,6 +123,7 @@ class SetPredictionDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(cfg.MODEL.PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
         self.memory_format = torch.channels_last if cfg.MODEL.BACKBONE.CHANNELS_LAST else torch.contiguous_format
+        self.backbone_compiler = FrozenWeightsCompiler() if cfg.MODEL.BACKBONE.COMPILE_FOR_INFERENCE else None
         # inference under autocast (TEST.AMP), post-processing in float32
         self.inference_dtype = None
         if cfg.TEST.AMP.ENABLED:
@@ -150,7 +152,27 @@ class SetPredictionDetector(nn.Module):
                     "do, or convert it once with python -m conditional_detr.tools.convert_official"
                 ) from e
             check_fits(self, state_dict, f"this {source_format.repository} state dict")
+        self.forget_compiled_backbone()
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def run_backbone(self, images):
+        """The backbone's features of a batch tensor (compiled in inference with MODEL.BACKBONE.COMPILE_FOR_INFERENCE)."""
+        if self.backbone_compiler is None:
+            return self.backbone(images)
+        return self.backbone_compiler(self.backbone, images)
+
+    def forget_compiled_backbone(self):
+        # the compiled backbone holds the weights as constants: compiled again at the next inference
+        if getattr(self, "backbone_compiler", None) is not None:
+            self.backbone_compiler.forget()
+
+    def train(self, mode=True):
+        self.forget_compiled_backbone()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.forget_compiled_backbone()
+        return super()._apply(fn, *args, **kwargs)
 
     def init_class_head(self, class_embed):
         if self.class_loss == "focal":
@@ -375,7 +397,7 @@ class SingleLevelDetector(SetPredictionDetector):
         return self.query_embed.weight, 1
 
     def forward_outputs(self, images: ImageList, lazy_masks=False):
-        all_features = features_with_padding_masks(self.backbone, images)
+        all_features = features_with_padding_masks(self.run_backbone, images)
         features, mask = all_features[self.feature_name]
         pos = self.position_embedding(mask).to(features.dtype)
         queries, num_groups = self.object_queries()
