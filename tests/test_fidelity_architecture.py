@@ -11,18 +11,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from conditional_detr.checkpoint.official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict
 
-from helpers.official import reference_file, resnet_cfg
+from helpers.official import official_keys, resnet_cfg
 
 OFFICIAL_PARAMETERS = {50: 43_418_401, 101: 62_358_305}
 COCO_ID_CLASS_HEAD_EXTRA = 11 * 257  # 91 - 80 logits, each with 256 weights and a bias
-
-
-def official_keys(depth):
-    shapes = {}
-    for line in reference_file(f"official_r{depth}_keys.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        shapes[key] = torch.Size(eval(shape))
-    return shapes
 
 
 def parameter_count(model):
@@ -40,7 +32,7 @@ def test_parameter_count(depth, num_classes):
 
 @pytest.mark.parametrize("depth,dilation", [(50, 1), (50, 2), (101, 1), (101, 2)])
 def test_converted_official_keys_and_shapes_match(depth, dilation):
-    shapes = official_keys(depth)
+    shapes = official_keys(f"official_r{depth}_keys.txt")
     fake_official = {k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()}
     converted = convert_state_dict(fake_official, num_classes=80)
     model_state = build_model(resnet_cfg(depth, 80, dilation)).state_dict()

@@ -15,7 +15,7 @@ from conditional_detr.tools import convert_official
 
 from helpers.official import (
     DEFORMABLE_VARIANTS, assert_same_detections, assert_same_losses, deformable_resnet_cfg, layers,
-    load_converted, postprocessed, reference_file, run, tiny_deformable_fixture_cfg, tiny_fixture_cfg,
+    load_converted, official_keys, postprocessed, reference_file, run, tiny_deformable_fixture_cfg, tiny_fixture_cfg,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,14 +134,6 @@ def test_official_deformable_checkpoint_refused_by_conditional_detr(official_che
         ConditionalDETRCheckpointer(model).load(str(official_checkpoints["plain"]))
 
 
-def official_r50_keys(variant):
-    shapes = {}
-    for line in reference_file(OFFICIAL_KEY_FILES[variant]).read_text().splitlines():
-        key, shape = line.split("\t")
-        shapes[key] = torch.Size(eval(shape))
-    return shapes
-
-
 @pytest.mark.parametrize("variant", DEFORMABLE_VARIANTS)
 def test_full_size_parameter_counts_keys_and_shapes(variant):
     model = build_model(deformable_resnet_cfg(50, 91, variant))
@@ -149,7 +141,7 @@ def test_full_size_parameter_counts_keys_and_shapes(variant):
     total = sum(p.numel() for p in model.parameters())
     assert (trainable, total) == OFFICIAL_R50_PARAMETERS[variant]
 
-    shapes = official_r50_keys(variant)
+    shapes = official_keys(OFFICIAL_KEY_FILES[variant])
     fake_official = {k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()}
     converted = official_formats.convert_state_dict(fake_official, num_classes=91)
     model_state = model.state_dict()
@@ -159,7 +151,7 @@ def test_full_size_parameter_counts_keys_and_shapes(variant):
 
 
 def test_converter_maps_every_class_head_to_80_classes():
-    shapes = official_r50_keys("two_stage")
+    shapes = official_keys(OFFICIAL_KEY_FILES["two_stage"])
     fake_official = {k: torch.randn(s) for k, s in shapes.items()}
     converted = official_formats.convert_state_dict(fake_official, num_classes=80)
     class_keys = class_heads.class_head_keys(converted)

@@ -18,7 +18,7 @@ from conditional_detr.tools import convert_official
 
 from helpers.official import (
     assert_same_detections, assert_same_losses, detr_resnet_cfg, layers, load_converted,
-    postprocessed, reference_file, run, tiny_detr_fixture_cfg, tiny_fixture_cfg,
+    official_keys, postprocessed, reference_file, run, tiny_detr_fixture_cfg, tiny_fixture_cfg,
 )
 
 OFFICIAL_DETR_R50_PARAMETERS = 41_524_768  # 92 logits
@@ -113,14 +113,6 @@ def test_checkpointer_names_class_counts_and_formats(official_path, tmp_path):
         ConditionalDETRCheckpointer(build_model(tiny_fixture_cfg())).load(str(official_path))
 
 
-def official_detr_r50_keys():
-    shapes = {}
-    for line in reference_file("official_detr_r50_keys.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        shapes[key] = torch.Size(eval(shape))
-    return shapes
-
-
 @pytest.mark.parametrize("num_classes", [91, 80])
 def test_r50_parameter_count(num_classes):
     model = build_model(detr_resnet_cfg(50, num_classes))
@@ -131,7 +123,7 @@ def test_r50_parameter_count(num_classes):
 
 @pytest.mark.parametrize("num_classes", [91, 80])
 def test_converted_r50_keys_and_shapes_match(num_classes):
-    fake_official = {k: torch.zeros(s, dtype=torch.float16) for k, s in official_detr_r50_keys().items()}
+    fake_official = {k: torch.zeros(s, dtype=torch.float16) for k, s in official_keys("official_detr_r50_keys.txt").items()}
     converted = official_formats.convert_state_dict(fake_official, num_classes=num_classes)
     model_state = build_model(detr_resnet_cfg(50, num_classes)).state_dict()
     assert set(converted) == set(model_state)

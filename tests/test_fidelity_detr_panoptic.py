@@ -13,7 +13,9 @@ from conditional_detr.checkpoint import ConditionalDETRCheckpointer, formats
 from conditional_detr.checkpoint import official as official_formats
 from conditional_detr.tools import convert_checkpoint
 
-from helpers.official import assert_same_losses, detr_resnet_cfg, layers, reference_file, run, shrink_to_tiny_fixture
+from helpers.official import (
+    assert_same_losses, detr_resnet_cfg, official_keys, reference_file, run, shrink_to_tiny_fixture,
+)
 
 PANOPTIC_CLASSES = 250  # COCO panoptic ids, "no object" after them
 OFFICIAL_DETR_R50_PANOPTIC_PARAMETERS = 42_899_288
@@ -83,16 +85,8 @@ def test_a_detection_model_refuses_it_by_name(official_path):
         ConditionalDETRCheckpointer(build_model(cfg)).load(str(official_path))
 
 
-def official_r50_panoptic_keys():
-    shapes = {}
-    for line in reference_file("official_detr_panoptic_r50_keys.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        shapes[key] = torch.Size(eval(shape))
-    return shapes
-
-
 def test_r50_takes_every_key_of_the_official_panoptic_model():
-    shapes = official_r50_panoptic_keys()
+    shapes = official_keys("official_detr_panoptic_r50_keys.txt")
     assert len(shapes) == 490
     fake_official = {k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()}
     converted = official_formats.DETR_PANOPTIC.convert(fake_official, num_classes=PANOPTIC_CLASSES)

@@ -3,7 +3,6 @@ Hugging Face transformers checkpoints: save_pretrained folders of transformers' 
 DETR, DETR and Deformable DETR (plain, box refinement, two-stage), built on the fly with
 random weights, loaded by MODEL.WEIGHTS and the converter, give transformers' own outputs.
 """
-import inspect
 
 import pytest
 import torch

@@ -211,7 +211,7 @@ def test_each_detector_trains_its_head_on_the_shapes_masks_and_evaluates_segm_ap
     import train_net
 
     from helpers.paths import DEFORMABLE_INSTANT_CONFIG
-    from helpers.training import PANOPTIC_NUM_CLASSES, cli_args, instant_opts, read_metrics
+    from helpers.training import cli_args, instant_opts, read_metrics
 
     config = DEFORMABLE_INSTANT_CONFIG if architecture == "DeformableDETR" else INSTANT_CONFIG
     opts = list(INSTANT_MASK_OPTS)

@@ -21,7 +21,7 @@ from conditional_detr.checkpoint.catalog import CONVERTED_NUM_CLASSES
 from conditional_detr.checkpoint import class_heads
 from conditional_detr.checkpoint import official as official_formats
 
-from helpers.official import reference_file, tiny_fixture_cfg
+from helpers.official import official_keys, reference_file, tiny_fixture_cfg
 
 TINY_NAME = "Tiny-R18"
 TINY_CONFIG = "test/tiny_r18.yaml"
@@ -275,9 +275,8 @@ def test_deformable_detr_checkpoint_saved_by_hand_loads_into_its_config(tmp_path
     # an official-format file with the official keys and shapes, as the share page gives it
     generator = torch.Generator().manual_seed(0)
     official = {}
-    for line in reference_file("official_deformable_r50_two_stage_keys.txt").read_text().splitlines():
-        key, shape = line.split("\t")
-        official[key] = torch.randn(eval(shape), generator=generator)
+    for key, shape in official_keys("official_deformable_r50_two_stage_keys.txt").items():
+        official[key] = torch.randn(shape, generator=generator)
     saved_by_user = tmp_path / "cache" / "official" / (name + ".pth")
     saved_by_user.parent.mkdir(parents=True)
     torch.save({"model": official}, saved_by_user)

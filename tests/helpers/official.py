@@ -1,4 +1,5 @@
 """The official implementations' reference outputs, and configs of their architectures."""
+import json
 import sys
 from pathlib import Path
 
@@ -30,6 +31,15 @@ def reference_file(name):
             "and set CONDITIONAL_DETR_REFERENCE=DIR (docs/fidelity.md)"
         )
     return path
+
+
+def official_keys(name):
+    """{key: torch.Size} of a reference `*_keys.txt`: every key and shape of a full-size official checkpoint."""
+    shapes = {}
+    for line in reference_file(name).read_text().splitlines():
+        key, shape = line.split("\t")
+        shapes[key] = torch.Size(json.loads(shape))
+    return shapes
 
 
 def resnet_cfg(depth=50, num_classes=91, dilation=1):
