@@ -45,6 +45,7 @@ def test_shapes_demo_writes_metrics_and_pictures(shapes_root, tmp_path):
     assert results["train_seconds"] > 0 and results["iterations"] == 2
     assert results["training_precision"] == "float32"
     assert results["processor"].endswith(torch.backends.cpu.get_cpu_capability())
+    assert "vector_instructions" in results and isinstance(results["isa_limits"], dict)
     assert len(results["visualizations"]) == 2
     for name in results["visualizations"]:
         with Image.open(out / name) as image:
