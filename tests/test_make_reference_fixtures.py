@@ -82,7 +82,7 @@ def test_a_folder_that_is_not_the_checkout_is_named(tmp_path, capsys):
 def test_every_fixture_the_tests_read_has_a_writer():
     names = set()
     for test in Path(REPO, "tests").glob("test_*.py"):
-        names |= set(re.findall(r"reference_file\(\"([^\"{]+)\"\)", test.read_text()))
+        names |= set(re.findall(r"(?:reference_file|official_keys)\(\"([^\"{]+)\"\)", test.read_text()))
     assert len(names) > 10
     for name in names:
         flag, repository = make_reference_fixtures.writer_of(name)
