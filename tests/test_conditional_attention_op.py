@@ -350,7 +350,8 @@ def decoder_layer_module(d_model, heads):
     class LayerWithSpatialQuery(nn.Module):
         def __init__(self):
             super().__init__()
-            self.layer = ConditionalDecoderLayer(d_model, heads, 2 * d_model, 0.0, False, "compiled")
+            self.layer = ConditionalDecoderLayer(d_model, heads, 2 * d_model, 0.0, False)
+            ops.set_implementation(self.layer, "compiled")
             self.query_scale = nn.Linear(d_model, d_model)
 
         def forward(self, tgt, memory, mask, pos, query_pos, reference_points):

@@ -105,21 +105,21 @@ class ConditionalCrossAttention(nn.Module):
     """
     The paper's conditional cross-attention: per head, the attention logit is the
     content dot-product plus the spatial dot-product, then `out_proj`.
-    Runs the compiled op or its PyTorch reference according to `impl`.
+    Runs the compiled op or its PyTorch reference according to `ops_impl`.
     """
 
-    def __init__(self, d_model, nhead, dropout=0.0, impl="auto"):
+    ops_impl = "auto"  # the model's MODEL.DETR.OPS_IMPL, set by ops.set_implementation
+
+    def __init__(self, d_model, nhead, dropout=0.0):
         super().__init__()
-        ops._check_impl(impl)
         self.nhead = nhead
         self.dropout = dropout
-        self.impl = impl
         self.out_proj = nn.Linear(d_model, d_model)
         nn.init.constant_(self.out_proj.bias, 0.0)
 
     def forward(self, q_content, q_spatial, k_content, k_spatial, value, key_padding_mask=None):
         out = ops.conditional_cross_attention(
             q_content, q_spatial, k_content, k_spatial, value, key_padding_mask, self.nhead,
-            dropout_p=self.dropout, training=self.training, impl=self.impl,
+            dropout_p=self.dropout, training=self.training, impl=self.ops_impl,
         )
         return self.out_proj(out)

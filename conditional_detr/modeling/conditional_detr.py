@@ -23,7 +23,7 @@ class ConditionalDecoderLayer(nn.Module):
     object query's positional projection to the content query and key (`is_first`).
     """
 
-    def __init__(self, d_model, nhead, dim_feedforward, dropout, is_first, ops_impl="auto"):
+    def __init__(self, d_model, nhead, dim_feedforward, dropout, is_first):
         super().__init__()
         self.is_first = is_first
 
@@ -40,7 +40,7 @@ class ConditionalDecoderLayer(nn.Module):
         self.ca_kpos_proj = nn.Linear(d_model, d_model)
         self.ca_v_proj = nn.Linear(d_model, d_model)
         self.ca_qpos_sine_proj = nn.Linear(d_model, d_model)
-        self.cross_attn = ConditionalCrossAttention(d_model, nhead, dropout, ops_impl)
+        self.cross_attn = ConditionalCrossAttention(d_model, nhead, dropout)
 
         add_feed_forward_and_norms(self, d_model, dim_feedforward, dropout, num_residuals=3)
 
@@ -129,8 +129,10 @@ class ConditionalDecoder(nn.Module):
       head) or "full" (d_model x d_model).
     """
 
+    ops_impl = "auto"  # for the spatial query op, set by ops.set_implementation
+
     def __init__(
-        self, d_model, nhead, num_layers, dim_feedforward, dropout, ops_impl="auto",
+        self, d_model, nhead, num_layers, dim_feedforward, dropout,
         reference_points="predicted", spatial_query="CSQ", transformation="diagonal",
         num_queries=None,
     ):
@@ -145,7 +147,7 @@ class ConditionalDecoder(nn.Module):
         if spatial_query in ("CSQ-C", "CSQ-T", "CSQ-P") and transformation != "diagonal":
             raise ValueError(f"spatial_query {spatial_query!r} uses no transformation form; got {transformation!r}")
         self.layers = nn.ModuleList(
-            ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, i == 0, ops_impl)
+            ConditionalDecoderLayer(d_model, nhead, dim_feedforward, dropout, i == 0)
             for i in range(num_layers)
         )
         self.norm = LayerNorm(d_model)
@@ -158,7 +160,6 @@ class ConditionalDecoder(nn.Module):
         self.ref_point_head = MLP(d_model, d_model, 2, 2) if reference_points == "predicted" else None
         # unnormalized, as the paper's s; the meta-architecture spreads them over the image
         self.reference_point_embed = nn.Embedding(num_queries, 2) if reference_points == "learned" else None
-        self.ops_impl = ops_impl
 
     def forward(self, tgt, memory, memory_key_padding_mask, pos, query_pos, num_groups=1):
         """
@@ -237,7 +238,7 @@ class ConditionalDETR(SingleLevelDetector):
         def build_decoder(args):
             return ConditionalDecoder(
                 args.HIDDEN_DIM, args.NHEADS, args.DEC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT,
-                args.OPS_IMPL, reference_points, spatial_query, transformation,
+                reference_points, spatial_query, transformation,
                 args.NUM_OBJECT_QUERIES,
             )
 

@@ -19,7 +19,9 @@ class MultiScaleDeformableAttention(nn.Module):
     `attention_weights`, `value_proj` and `output_proj`.
     """
 
-    def __init__(self, d_model=256, num_levels=4, num_heads=8, num_points=4, ops_impl="auto"):
+    ops_impl = "auto"  # the model's MODEL.DETR.OPS_IMPL, set by ops.set_implementation
+
+    def __init__(self, d_model=256, num_levels=4, num_heads=8, num_points=4):
         super().__init__()
         if d_model % num_heads != 0:
             raise ValueError(f"d_model {d_model} must be divisible by the head count {num_heads}")
@@ -27,7 +29,6 @@ class MultiScaleDeformableAttention(nn.Module):
         self.num_levels = num_levels
         self.num_heads = num_heads
         self.num_points = num_points
-        self.ops_impl = ops_impl
 
         self.sampling_offsets = nn.Linear(d_model, num_heads * num_levels * num_points * 2)
         self.attention_weights = nn.Linear(d_model, num_heads * num_levels * num_points)

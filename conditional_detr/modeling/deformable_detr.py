@@ -100,7 +100,7 @@ class DeformableDETR(SetPredictionDetector):
         self.transformer = DeformableTransformer(
             hidden_dim, args.NHEADS, args.ENC_LAYERS, args.DEC_LAYERS, args.DIM_FEEDFORWARD, args.DROPOUT,
             num_levels, deformable.ENC_N_POINTS, deformable.DEC_N_POINTS, self.two_stage,
-            self.num_queries, args.OPS_IMPL,
+            self.num_queries,
         )
         if not self.two_stage:
             self.query_embed = nn.Embedding(self.num_queries, hidden_dim * 2)

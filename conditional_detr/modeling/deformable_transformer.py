@@ -33,9 +33,9 @@ def pixel_centres(size, device, offset=0.5):
 class DeformableEncoderLayer(nn.Module):
     """Post-norm: deformable self-attention from every position, then the feed-forward block."""
 
-    def __init__(self, d_model, dim_feedforward, dropout, num_levels, nhead, num_points, ops_impl):
+    def __init__(self, d_model, dim_feedforward, dropout, num_levels, nhead, num_points):
         super().__init__()
-        self.self_attn = MultiScaleDeformableAttention(d_model, num_levels, nhead, num_points, ops_impl)
+        self.self_attn = MultiScaleDeformableAttention(d_model, num_levels, nhead, num_points)
         self.dropout1 = Dropout(dropout)
         self.norm1 = LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -84,10 +84,11 @@ class DeformableDecoderLayer(nn.Module):
     The official names: norm2 follows the self-attention, norm1 the cross-attention.
     """
 
-    def __init__(self, d_model, dim_feedforward, dropout, num_levels, nhead, num_points, ops_impl):
+    ops_impl = "auto"  # for the self-attention's dropout, set by ops.set_implementation
+
+    def __init__(self, d_model, dim_feedforward, dropout, num_levels, nhead, num_points):
         super().__init__()
-        self.ops_impl = ops_impl  # for the self-attention's dropout
-        self.cross_attn = MultiScaleDeformableAttention(d_model, num_levels, nhead, num_points, ops_impl)
+        self.cross_attn = MultiScaleDeformableAttention(d_model, num_levels, nhead, num_points)
         self.dropout1 = Dropout(dropout)
         self.norm1 = LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
@@ -176,14 +177,14 @@ class DeformableTransformer(nn.Module):
 
     def __init__(self, d_model=256, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=1024, dropout=0.1, num_levels=4, enc_points=4, dec_points=4,
-                 two_stage=False, num_queries=300, ops_impl="auto"):
+                 two_stage=False, num_queries=300):
         super().__init__()
         self.d_model = d_model
         self.two_stage = two_stage
         self.num_queries = num_queries
         layer_args = dict(
             d_model=d_model, dim_feedforward=dim_feedforward, dropout=dropout, num_levels=num_levels,
-            nhead=nhead, ops_impl=ops_impl,
+            nhead=nhead,
         )
         self.encoder = DeformableEncoder(num_encoder_layers, num_points=enc_points, **layer_args)
         self.decoder = DeformableDecoder(num_decoder_layers, num_points=dec_points, **layer_args)
