@@ -20,8 +20,8 @@ class FrozenWeightsCompiler:
     Runs a module eagerly, or, in inference (eval mode, autograd off, not inside a trace or
     another compilation), compiled with frozen weights: a copy of the module at its first
     inference, compiled. `forget` drops the copy, and the detector calls it whenever its
-    weights may change (a switch of mode, a state dict loaded, a move to another device or
-    dtype); the next inference copies and compiles the new weights.
+    weights may change (a switch to training, a state dict loaded, a move to another device
+    or dtype); the next inference copies and compiles the new weights.
     """
 
     def __init__(self):

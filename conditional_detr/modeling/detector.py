@@ -167,7 +167,8 @@ class SetPredictionDetector(nn.Module):
             self.backbone_compiler.forget()
 
     def train(self, mode=True):
-        self.forget_compiled_backbone()
+        if mode:  # training changes the weights; eval() keeps what was compiled for them
+            self.forget_compiled_backbone()
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):

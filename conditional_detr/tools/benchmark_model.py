@@ -420,11 +420,10 @@ def measure(fns, args, task, dtype_name, batch, size):
             name: row["per_second"][name] / row["per_second"]["official"]
             for name in row["per_second"] if name != "official"
         }
-        row["speedup_vs_official_range"] = {
-            name: [min(r), max(r)]
-            for name in row["speedup_vs_official"]
-            for r in [[theirs / ours for theirs, ours in zip(official, times[name])]]
-        }
+        row["speedup_vs_official_range"] = {}
+        for name in row["speedup_vs_official"]:
+            rounds = [theirs / ours for theirs, ours in zip(official, times[name])]
+            row["speedup_vs_official_range"][name] = [min(rounds), max(rounds)]
     return row
 
 

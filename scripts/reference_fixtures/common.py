@@ -152,8 +152,9 @@ def write_checkpoint(path, state_dict):
 
 
 def write_args(path, args):
+    """The argument namespace (or a dict of them by name) as the stored *_args.json."""
     with open(path, "w") as f:
-        json.dump(vars(args), f, indent=1, sort_keys=True)
+        json.dump(args if isinstance(args, dict) else vars(args), f, indent=1, sort_keys=True)
 
 
 def write_tiny_fixture(progress, stem, state, args, io):

@@ -8,7 +8,6 @@ pure-PyTorch core `ms_deform_attn_core_pytorch` instead (never this project's op
 would become circular). The official backbone hard-codes ResNet-50's C3-C5 channels: for
 ResNet-18 only those numbers change, to 128/256/512.
 """
-import json
 import re
 import sys
 import types
@@ -20,7 +19,8 @@ from conditional_detr.tools.official_checkout import import_official
 
 from .common import (
     FOCAL_PRIOR_BIAS, SEED, TINY_OPTIONS, Checkout, detached, image_sizes, normal, random_images,
-    random_targets, randomize_frozen_batch_norm, round_to_float16, write_keys,
+    random_targets, randomize_frozen_batch_norm, round_to_float16, weighted_terms, write_args,
+    write_keys,
 )
 
 MARKER = "models/deformable_detr.py"
@@ -94,30 +94,28 @@ def allow_basic_block_resnets(backbone):
 
 
 def tiny(checkout, progress):
-    models, states, arguments, io_ = {}, {}, {}, {}
+    built, states, arguments = {}, {}, {}  # by variant: (model, criterion, postprocessors), float16 state, args
     for variant, options in VARIANTS.items():
         torch.manual_seed(SEED)
         model, criterion, postprocessors, args = checkout.build(TINY_OPTIONS + ["--num_queries", "30"] + options)
         randomize(model, torch.Generator().manual_seed(SEED))
-        if variant != "plain":  # the parts every variant has hold the same values
-            plain = models["plain"].state_dict()
+        if variant != "plain":  # the parts every variant has hold the same values, stored once
+            plain = built["plain"][0].state_dict()
             model.load_state_dict({k: plain[k] if SHARED.match(k) else v for k, v in model.state_dict().items()})
         states[variant] = round_to_float16(model)
-        if variant != "plain":  # stored once
+        if variant != "plain":
             states[variant] = {k: states["plain"][k] if SHARED.match(k) else v for k, v in states[variant].items()}
-        models[variant], arguments[variant] = model, vars(args)
-        io_[variant] = (model, criterion, postprocessors)
+        built[variant], arguments[variant] = (model, criterion, postprocessors), vars(args)
 
     generator = torch.Generator().manual_seed(SEED)
     images = random_images([(301, 457), (389, 318)], generator)
     targets = random_targets([[1, 18, 90], [3, 62]], generator)
     io_ = {
         "images_uint8_rgb": images, "target_sizes": image_sizes(images), "targets_coco_ids": targets,
-        **{variant: variant_io(checkout, *parts, images, targets) for variant, parts in io_.items()},
+        **{variant: variant_io(checkout, *parts, images, targets) for variant, parts in built.items()},
     }
     torch.save({variant: {"model": state} for variant, state in states.items()}, progress.path("official_deformable_r18_tiny.pth"))
-    with open(progress.path("official_deformable_r18_tiny_args.json"), "w") as f:
-        json.dump(arguments, f, indent=1, sort_keys=True)
+    write_args(progress.path("official_deformable_r18_tiny_args.json"), arguments)
     torch.save(io_, progress.path("official_deformable_r18_tiny_io.pth"))
     progress.wrote("official_deformable_r18_tiny.pth", "official_deformable_r18_tiny_args.json",
                    "official_deformable_r18_tiny_io.pth")
@@ -175,7 +173,7 @@ def variant_io(checkout, model, criterion, postprocessors, images, targets):
     result = {
         "pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"], "aux_outputs": outputs["aux_outputs"],
         "postprocess": postprocessors["bbox"](outputs, image_sizes(images)),
-        "losses": {k: v.item() for k, v in losses.items() if k in criterion.weight_dict},
+        "losses": weighted_terms(criterion, losses),
         "log_terms": {k: v.item() for k, v in losses.items() if k not in criterion.weight_dict},
         "weight_dict": dict(criterion.weight_dict),
         "train_equals_eval": all_equal(outputs, train_outputs),
