@@ -5,9 +5,11 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "common.h"
+#include "cpu/vector.h"
 
 #ifdef WITH_CUDA
 #include <cuda.h>
@@ -334,6 +336,9 @@ static int64_t cuda_version() {
 #endif
 }
 
+// The instruction set level the CPU kernels' vector loops run at (cpu/vector.h).
+static std::string cpu_vector_level() { return vector_level_name(vector_level()); }
+
 TORCH_LIBRARY(conditional_detr, m) {
   // λq ⊙ sinusoidal(reference points); query_scale None means λq = 1 (first decoder layer).
   m.def("conditional_spatial_query(Tensor reference_points, Tensor? query_scale, int dim) -> Tensor");
@@ -369,6 +374,7 @@ TORCH_LIBRARY(conditional_detr, m) {
   // index); its backward is the same op on the gradient with the same rng_state.
   m.def("dropout(Tensor input, float p, Tensor rng_state) -> Tensor");
   m.def("cuda_version() -> int", &cuda_version);
+  m.def("cpu_vector_level() -> str", &cpu_vector_level);
 }
 
 }  // namespace conditional_detr

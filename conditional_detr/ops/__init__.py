@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from . import reference, self_check
-from ._extension import has_ops, has_ops_for, unavailable_reason
+from ._extension import cpu_vector_level, has_ops, has_ops_for, unavailable_reason
 
 __all__ = [
     "IMPLEMENTATIONS",
     "conditional_cross_attention",
     "conditional_spatial_query",
+    "cpu_vector_level",
     "dropout",
     "fvcore_handles",
     "has_ops",

@@ -77,6 +77,15 @@ def unavailable_reason(device_type="cpu"):
     return _reasons.get(device_type, f"the extension has no kernels for device type {device_type!r}")
 
 
+def cpu_vector_level():
+    """
+    The instruction set level the compiled CPU kernels run at: "x86-64-v4" (AVX-512),
+    "x86-64-v3" (AVX2) or "baseline", the CPU's highest capped where torch is held lower
+    (ATEN_CPU_CAPABILITY); None when the extension is not built.
+    """
+    return torch.ops.conditional_detr.cpu_vector_level() if has_ops() else None
+
+
 def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -431,7 +431,8 @@ def print_table(results, header):
     features = header.get("vector_instructions")
     limits = ", ".join(f"{k}={v}" for k, v in header.get("isa_limits", {}).items())
     print(f"{header['device']} ({header['device_type']}, {header['threads']} threads), torch {header['torch']}"
-          + (f", CPU features: {' '.join(features)}" if features else "") + (f", limited by {limits}" if limits else ""))
+          + (f", CPU features: {' '.join(features)}" if features else "") + (f", limited by {limits}" if limits else "")
+          + (f", compiled ops at {header['ops_vector_level']}" if header.get("ops_vector_level") else ""))
     print(f"{'task':<10} {'dtype':<5} {'batch':>5}  {'size':<9} {'implementation':<10} {'ms':>10} "
           f"{'(min-max)':>15} {'per s':>8} {'vs official':>11} {'(min-max)':>13} {'peak MiB':>9}")
     for row in results:

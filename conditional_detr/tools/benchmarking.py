@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from conditional_detr import ops
+
 
 def synchronize(device):
     if device == "cuda":
@@ -175,6 +177,7 @@ def machine_header(device, **fields):
         "device_type": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
         "vector_instructions": vector_instructions() if device == "cpu" else None,
         "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
+        "ops_vector_level": ops.cpu_vector_level() if device == "cpu" else None,
         **fields,
     }
 

@@ -231,7 +231,7 @@ def main(argv=None):
         "device": cfg.MODEL.DEVICE,
         "processor": processor_name(cfg.MODEL.DEVICE),
         # what the speed depends on: the CPU's vector instructions, and any cap on torch's use of them
-        **{k: v for k, v in machine_header(cfg.MODEL.DEVICE).items() if k in ("vector_instructions", "isa_limits")},
+        **{k: v for k, v in machine_header(cfg.MODEL.DEVICE).items() if k in ("vector_instructions", "isa_limits", "ops_vector_level")},
         "training_precision": cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else "float32",
         "torch_threads": torch.get_num_threads(),
         "config_file": os.path.abspath(args.config_file),

@@ -118,11 +118,10 @@ CDETR_ALWAYS_INLINE void gemm_body(int64_t m, int64_t n, int64_t depth, T alpha,
 // threaded BLAS from inside at::parallel_for lets its thread pool fight ours. There is no
 // transposed-A variant on purpose: GCC 12's loop vectorizer turns the column reads of such a
 // loop into loads that run past the end of A.
-CDETR_VECTOR_CLONES
-void gemm_tile(int64_t m, int64_t n, int64_t depth, float alpha, const float* a, int64_t lda,
-               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm_body<float>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
-}
+CDETR_VECTOR_LEVELS(void, gemm_tile, gemm_body<float>,
+                    (int64_t m, int64_t n, int64_t depth, float alpha, const float* a, int64_t lda,
+                     const float* b, int64_t ldb, float beta, float* c, int64_t ldc),
+                    (m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc))
 
 void gemm_tile(int64_t m, int64_t n, int64_t depth, double alpha, const double* a, int64_t lda,
                const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
@@ -173,8 +172,7 @@ acc_t mask_and_max(acc_t* row, const acc_t* key_bias, int64_t n) {
   return best;
 }
 
-CDETR_VECTOR_CLONES
-float mask_and_max(float* row, const float* key_bias, int64_t n) {
+CDETR_ALWAYS_INLINE float mask_and_max_vectors(float* row, const float* key_bias, int64_t n) {
   using V = Vec32<float>::type;
   constexpr int kWidth = Vec32<float>::kLanes;
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -194,6 +192,9 @@ float mask_and_max(float* row, const float* key_bias, int64_t n) {
   return best;
 }
 
+CDETR_VECTOR_LEVELS(float, mask_and_max, mask_and_max_vectors,
+                    (float* row, const float* key_bias, int64_t n), (row, key_bias, n))
+
 // row = exp(row - shift); returns the sum.
 template <typename acc_t>
 acc_t exp_and_sum(acc_t* row, int64_t n, acc_t shift) {
@@ -205,8 +206,7 @@ acc_t exp_and_sum(acc_t* row, int64_t n, acc_t shift) {
   return sum;
 }
 
-CDETR_VECTOR_CLONES
-float exp_and_sum(float* row, int64_t n, float shift) {
+CDETR_ALWAYS_INLINE float exp_and_sum_lanes(float* row, int64_t n, float shift) {
   float lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
@@ -225,27 +225,26 @@ float exp_and_sum(float* row, int64_t n, float shift) {
   return sum;
 }
 
+CDETR_VECTOR_LEVELS(float, exp_and_sum, exp_and_sum_lanes, (float* row, int64_t n, float shift),
+                    (row, n, shift))
+
 // Backward, one key's row of a transposed tile: row[i] = exp(row[i] - lse[i]) over queries i.
 template <typename acc_t>
-void exp_minus_lse(acc_t* row, const acc_t* lse, int64_t n) {
+CDETR_ALWAYS_INLINE void exp_minus_lse(acc_t* row, const acc_t* lse, int64_t n) {
   for (int64_t i = 0; i < n; ++i) row[i] = exp_approx(row[i] - lse[i]);
 }
 
-CDETR_VECTOR_CLONES
-void exp_minus_lse(float* row, const float* lse, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) row[i] = exp_approx(row[i] - lse[i]);
-}
+CDETR_VECTOR_LEVELS(void, exp_minus_lse, exp_minus_lse<float>,
+                    (float* row, const float* lse, int64_t n), (row, lse, n))
 
 // dS = P (dP - D) in place of dP, along one key's row of a transposed tile.
 template <typename acc_t>
-void softmax_grad(const acc_t* p, acc_t* dp, const acc_t* delta, int64_t n) {
+CDETR_ALWAYS_INLINE void softmax_grad(const acc_t* p, acc_t* dp, const acc_t* delta, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - delta[i]);
 }
 
-CDETR_VECTOR_CLONES
-void softmax_grad(const float* p, float* dp, const float* delta, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dp[i] = p[i] * (dp[i] - delta[i]);
-}
+CDETR_VECTOR_LEVELS(void, softmax_grad, softmax_grad<float>,
+                    (const float* p, float* dp, const float* delta, int64_t n), (p, dp, delta, n))
 
 // Multiplies row[j] by keep_scale or 0 according to the dropout hash of element
 // first + j * stride (stride K walks a query column of the [queries, keys] matrix).

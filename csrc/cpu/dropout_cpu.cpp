@@ -17,19 +17,40 @@ namespace {
 // thread
 constexpr int64_t kGrain = 1 << 16;
 
-// An AVX-512 clone of the loop (vector.h), picked at load time where the CPU has it, runs
-// several times faster than the baseline.
-
 template <typename scalar_t>
-CDETR_AVX512_CLONE void dropout_range(const scalar_t* input, scalar_t* out, int64_t begin,
-                                      int64_t end, uint64_t seed, uint32_t threshold,
-                                      at::opmath_type<scalar_t> keep_scale) {
+CDETR_ALWAYS_INLINE void dropout_range_body(const scalar_t* input, scalar_t* out, int64_t begin,
+                                            int64_t end, uint64_t seed, uint32_t threshold,
+                                            at::opmath_type<scalar_t> keep_scale) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = begin; i < end; ++i) {
     const bool keep = dropout_hash(seed, i) >= threshold;
     out[i] = keep ? static_cast<scalar_t>(static_cast<acc_t>(input[i]) * keep_scale)
                   : static_cast<scalar_t>(0);
   }
+}
+
+// An AVX-512 build of the loop runs several times faster than the baseline (the hash's 64-bit
+// multiplies vectorize only with vpmullq); AVX2 gains nothing over baseline here, so there are
+// two builds, chosen as vector.h chooses.
+#if CDETR_LEVEL_BUILDS
+template <typename scalar_t>
+__attribute__((target("arch=x86-64-v4"))) void dropout_range_x86_64_v4(
+    const scalar_t* input, scalar_t* out, int64_t begin, int64_t end, uint64_t seed,
+    uint32_t threshold, at::opmath_type<scalar_t> keep_scale) {
+  dropout_range_body<scalar_t>(input, out, begin, end, seed, threshold, keep_scale);
+}
+#endif
+
+template <typename scalar_t>
+void dropout_range(const scalar_t* input, scalar_t* out, int64_t begin, int64_t end, uint64_t seed,
+                   uint32_t threshold, at::opmath_type<scalar_t> keep_scale) {
+#if CDETR_LEVEL_BUILDS
+  if (vector_level() == VectorLevel::kX86_64_V4) {
+    dropout_range_x86_64_v4<scalar_t>(input, out, begin, end, seed, threshold, keep_scale);
+    return;
+  }
+#endif
+  dropout_range_body<scalar_t>(input, out, begin, end, seed, threshold, keep_scale);
 }
 
 template <typename scalar_t>

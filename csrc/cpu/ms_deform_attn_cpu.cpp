@@ -69,11 +69,9 @@ CDETR_ALWAYS_INLINE void weighted_rows_body(const T* rows, const int64_t* offset
   }
 }
 
-CDETR_VECTOR_CLONES
-void weighted_rows(const float* rows, const int64_t* offsets, const float* weights, int64_t count,
-                   int64_t channels, float* out) {
-  weighted_rows_body<float>(rows, offsets, weights, count, channels, out);
-}
+CDETR_VECTOR_LEVELS(void, weighted_rows, weighted_rows_body<float>,
+                    (const float* rows, const int64_t* offsets, const float* weights, int64_t count, int64_t channels, float* out),
+                    (rows, offsets, weights, count, channels, out))
 
 void weighted_rows(const double* rows, const int64_t* offsets, const double* weights,
                    int64_t count, int64_t channels, double* out) {
@@ -118,11 +116,9 @@ CDETR_ALWAYS_INLINE void corner_backward_body(const T* g, const T* const* r, T* 
   }
 }
 
-CDETR_VECTOR_CLONES
-void corner_backward(const float* g, const float* const* r, float* const* grad_rows,
-                     const float* scales, int64_t channels, float* dots) {
-  corner_backward_body<float>(g, r, grad_rows, scales, channels, dots);
-}
+CDETR_VECTOR_LEVELS(void, corner_backward, corner_backward_body<float>,
+                    (const float* g, const float* const* r, float* const* grad_rows, const float* scales, int64_t channels, float* dots),
+                    (g, r, grad_rows, scales, channels, dots))
 
 void corner_backward(const double* g, const double* const* r, double* const* grad_rows,
                      const double* scales, int64_t channels, double* dots) {

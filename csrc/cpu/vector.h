@@ -1,27 +1,62 @@
 // What the CPU kernels share to use wide vectors from an extension built for generic x86-64:
-// per-instruction-set clones of a loop, picked at load time by feature (not CPU model, so AMD
-// parts get the wide versions too), and GCC's vector extension, which states the vector width
-// outright instead of hoping the loop vectorizer finds it (and lets reductions vectorize
-// without -ffast-math).
+// per-instruction-set builds of a loop, picked at run time by feature (not CPU model, so AMD
+// parts get the wide versions too) and capped where torch itself is held lower, and GCC's
+// vector extension, which states the vector width outright instead of hoping the loop
+// vectorizer finds it (and lets reductions vectorize without -ffast-math).
 #pragma once
 
 #include <cstring>
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(__APPLE__)
-#define CDETR_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CDETR_VECTOR_CLONES
-#endif
-
-// Loops whose gain is AVX-512 alone (the dropout hash's 64-bit multiplies vectorize only with
-// vpmullq): one wide clone beside the baseline.
-#if defined(__GNUC__) && defined(__x86_64__)
-#define CDETR_AVX512_CLONE __attribute__((target_clones("arch=x86-64-v4", "default")))
-#else
-#define CDETR_AVX512_CLONE
-#endif
-
 #define CDETR_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace conditional_detr {
+
+// The instruction set levels the loops are built for.
+enum class VectorLevel { kBaseline = 0, kX86_64_V3 = 1, kX86_64_V4 = 2 };
+
+// The level the loops run at: the highest the CPU has, capped at the level torch's own kernels
+// run at (ATEN_CPU_CAPABILITY=avx2 or default holds these to AVX2 or baseline x86-64 too).
+// Decided once, at the first call.
+VectorLevel vector_level();
+
+// "x86-64-v4", "x86-64-v3" or "baseline".
+const char* vector_level_name(VectorLevel level);
+
+}  // namespace conditional_detr
+
+// GCC on x86-64 builds a function for a given instruction set level (other compilers and
+// processors get the baseline build alone).
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__) && !defined(__APPLE__)
+#define CDETR_LEVEL_BUILDS 1
+#else
+#define CDETR_LEVEL_BUILDS 0
+#endif
+
+#if CDETR_LEVEL_BUILDS
+#define CDETR_LEVEL_BUILD(ret, name, level, body, params, args) \
+  __attribute__((target("arch=" level))) ret name params { return body args; }
+
+// Defines `ret name params` running `body args` built for AVX-512 (x86-64-v4), for AVX2
+// (x86-64-v3) and for baseline x86-64, choosing by vector_level() at each call (a predictable
+// branch; the loops inside run for hundreds of cycles). body is an always-inline function: the
+// compiler inlines it into each build and vectorizes it for that build's instructions.
+#define CDETR_VECTOR_LEVELS(ret, name, body, params, args)                 \
+  CDETR_LEVEL_BUILD(ret, name##_x86_64_v4, "x86-64-v4", body, params, args) \
+  CDETR_LEVEL_BUILD(ret, name##_x86_64_v3, "x86-64-v3", body, params, args) \
+  ret name params {                                                        \
+    switch (::conditional_detr::vector_level()) {                          \
+      case ::conditional_detr::VectorLevel::kX86_64_V4:                    \
+        return name##_x86_64_v4 args;                                      \
+      case ::conditional_detr::VectorLevel::kX86_64_V3:                    \
+        return name##_x86_64_v3 args;                                      \
+      default:                                                             \
+        return body args;                                                  \
+    }                                                                      \
+  }
+#else
+#define CDETR_VECTOR_LEVELS(ret, name, body, params, args) \
+  ret name params { return body args; }
+#endif
 
 namespace conditional_detr {
 
