@@ -12,6 +12,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data.build import _train_loader_from_config
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -230,10 +231,11 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         check_panoptic_files(cfg.DATASETS.TRAIN)
-        check_instance_masks(cfg, cfg.DATASETS.TRAIN)
-        loader = build_detection_train_loader(
-            cfg, mapper=loader_mapper(cfg, is_train=True), **train_loader_prefetch(cfg)
-        )
+        # detectron2's own reading of the datasets, checked before the loader is built from it
+        # (a second read of COCO's annotations would cost a minute and gigabytes)
+        loader_args = _train_loader_from_config(cfg, loader_mapper(cfg, is_train=True))
+        check_instance_masks(cfg, loader_args["dataset"])
+        loader = build_detection_train_loader(**loader_args, **train_loader_prefetch(cfg))
         check_num_classes(cfg, cfg.DATASETS.TRAIN)  # the datasets are loaded now: no extra read
         return loader
 

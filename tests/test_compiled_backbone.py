@@ -1,6 +1,7 @@
 """
 MODEL.BACKBONE.COMPILE_FOR_INFERENCE: inference through the backbone compiled with frozen
-weights gives the eager outputs, follows new weights, and training stays eager.
+weights gives the eager outputs, follows new weights (loaded or changed in place) without a
+second copy of them, and training stays eager.
 """
 import copy
 
@@ -38,6 +39,16 @@ def test_compiled_inference_gives_the_eager_detections_and_follows_new_weights(c
     inputs = [{"image": torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)}]
     assert_same(detect(compiled, inputs), detect(eager, inputs))
     assert compiled.backbone_compiler.compiled is not None
+    # the compiled module reads the model's own weights: no second copy of them
+    compiled_weights = compiled.backbone_compiler.compiled._orig_mod.state_dict()
+    assert all(v.data_ptr() == compiled_weights[k].data_ptr() for k, v in compiled.backbone.state_dict().items())
+
+    # weights changed in place, as an average of the weights is between evaluations: followed
+    with torch.no_grad():
+        for model in (compiled, eager):
+            for p in model.backbone.parameters():
+                p.mul_(0.9)
+    assert_same(detect(compiled, inputs), detect(eager, inputs))
 
     # new weights: the frozen ones are forgotten, the next inference compiles the new ones
     state = {k: v + 0.05 * torch.randn_like(v) if k.startswith("backbone.") and v.is_floating_point() else v

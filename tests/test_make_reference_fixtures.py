@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.official import make_reference_fixtures
+from helpers.official import fixture_script
 from helpers.paths import REFERENCE_DIR, REPO
-from reference_fixtures import official_conditional_detr
-from reference_fixtures.common import Checkout
+
+make_reference_fixtures = fixture_script()  # puts scripts/ on the import path
+from reference_fixtures import official_conditional_detr  # noqa: E402
+from reference_fixtures.common import Checkout  # noqa: E402
 
 FAKE_CHECKOUT = os.path.join(REPO, "tests", "data", "fake_conditional_detr_checkout")
 OFFICIAL_CHECKOUTS = os.environ.get("CONDITIONAL_DETR_OFFICIAL_CHECKOUTS")

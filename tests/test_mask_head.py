@@ -231,19 +231,42 @@ def test_each_detector_trains_its_head_on_the_shapes_masks_and_evaluates_segm_ap
     assert results and all("segmentation" in r for r in results)
 
 
-def test_a_dataset_without_masks_stops_before_training(tmp_path):
+@pytest.mark.parametrize(
+    "annotation, refused",
+    [
+        ({"bbox": [0, 0, 4, 4], "category_id": 0}, r"MODEL.MASK_ON, but 1 of the 2 annotations of DATASETS.TRAIN "
+         r"\('mask_check'\) carry no mask \('segmentation'\), the first of image 'b.png'"),
+        ({"bbox": [0, 0, 4, 4], "category_id": 0, "segmentation": {"size": [8, 8], "counts": "0"}},
+         r"DATASETS.TRAIN \('mask_check'\) has RLE masks \(image 'b.png'\), which INPUT.MASK_FORMAT 'polygon'"),
+        ({"bbox": [0, 0, 4, 4], "category_id": 0, "segmentation": [[0, 0, 4, 0, 0, 4]]}, None),
+    ],
+    ids=["no mask", "rle for polygons", "polygons"],
+)
+def test_masks_are_checked_before_training_on_the_loader_s_one_read(annotation, refused):
     from detectron2.data import DatasetCatalog
 
-    from conditional_detr.data.datasets import check_instance_masks
+    from conditional_detr.engine import Trainer
 
-    name = "boxes_only_for_the_mask_check"
-    DatasetCatalog.register(name, lambda: [{"annotations": [{"bbox": [0, 0, 4, 4], "category_id": 0}]}])
+    polygon = {"bbox": [0, 0, 4, 4], "category_id": 0, "segmentation": [[0, 0, 4, 0, 4, 4]]}
+    reads = []
+
+    def records():
+        reads.append(1)
+        return [{"file_name": name, "image_id": i, "height": 8, "width": 8, "annotations": [a]}
+                for i, (name, a) in enumerate([("a.png", polygon), ("b.png", annotation)])]
+
+    DatasetCatalog.register("mask_check", records)
     try:
-        cfg = get_config(opts=["MODEL.MASK_ON", True])
-        with pytest.raises(ValueError, match=rf"MODEL.MASK_ON, but 1 of the 1 annotations of dataset '{name}' carry no mask"):
-            check_instance_masks(cfg, [name])
+        cfg = get_config(opts=["MODEL.MASK_ON", True, "INPUT.MASK_FORMAT", "polygon", "DATASETS.TRAIN", ("mask_check",),
+                               "MODEL.DETR.NUM_CLASSES", 1])
+        if refused is None:
+            Trainer.build_train_loader(cfg)
+        else:
+            with pytest.raises(ValueError, match=refused):
+                Trainer.build_train_loader(cfg)
+        assert len(reads) == 1
     finally:
-        DatasetCatalog.remove(name)
+        DatasetCatalog.remove("mask_check")
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

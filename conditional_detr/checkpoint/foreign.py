@@ -7,7 +7,7 @@ import re
 
 from .class_heads import coco_class_names
 
-__all__ = ["ForeignFormat", "rename_keys"]
+__all__ = ["ForeignFormat", "rename_keys", "template_renames"]
 
 
 def rename_keys(state_dict, renames, source, architecture, lacking="this project's"):
@@ -30,6 +30,30 @@ def rename_keys(state_dict, renames, source, architecture, lacking="this project
                 "have; it cannot load this checkpoint"
             )
     return renamed
+
+
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def template_renames(pairs, fields):
+    """
+    Renames both ways, for `rename_keys`, from (foreign, official) key templates: literal text
+    with {field}s, each the regular expression `fields` gives it, matched from the key's start
+    (the rest of the key is kept). Returns (foreign -> official, official -> foreign), each in
+    the order of `pairs`, so that a specific pair listed before a general one wins both ways.
+    """
+
+    def pattern(template):
+        parts = _FIELD.split(template)  # literal, field, literal, ...
+        return "^" + "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>{fields[p]})" for i, p in enumerate(parts))
+
+    def replacement(template):
+        parts = _FIELD.split(template)
+        return "".join(p.replace("\\", "\\\\") if i % 2 == 0 else f"\\g<{p}>" for i, p in enumerate(parts))
+
+    to_official = [(pattern(foreign), replacement(official)) for foreign, official in pairs]
+    to_foreign = [(pattern(official), replacement(foreign)) for foreign, official in pairs]
+    return to_official, to_foreign
 
 
 class ForeignFormat:

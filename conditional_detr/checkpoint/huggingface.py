@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from .foreign import ForeignFormat, rename_keys
+from .foreign import ForeignFormat, rename_keys, template_renames
 from .huggingface_config import check_settings
 from .official import OFFICIAL_BACKBONE_PREFIX, convert_state_dict, to_official_backbone_key
 
@@ -28,82 +28,55 @@ __all__ = [
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
-# (pattern, replacement): transformers' on-disk names -> the official ones, which this project keeps
-_COMMON_RENAMES = [
-    (r"^model\.backbone\.conv_encoder\.model\.", OFFICIAL_BACKBONE_PREFIX),
-    (r"^model\.input_projection\.", "input_proj."),
-    (r"^model\.query_position_embeddings\.", "query_embed."),
-    (r"^model\.(en|de)coder\.layers\.(\d+)\.self_attn\.out_proj\.", r"transformer.\1coder.layers.\2.self_attn.out_proj."),
-    (r"^model\.(en|de)coder\.layers\.(\d+)\.fc([12])\.", r"transformer.\1coder.layers.\2.linear\3."),
-    (r"^model\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"transformer.encoder.layers.\1.norm1."),
-    (r"^model\.encoder\.layers\.(\d+)\.final_layer_norm\.", r"transformer.encoder.layers.\1.norm2."),
-    (r"^model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm1."),
-    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
-    (r"^model\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"transformer.decoder.layers.\1.norm3."),
-    (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
-    (r"^class_labels_classifier\.", "class_embed."),
-    (r"^bbox_predictor\.", "bbox_embed."),
+# (transformers' on-disk key, official key) templates, which rename both ways (the project's
+# backbone names are made official first); a specific pair is listed before a general one
+_FIELDS = {
+    "side": "en|de",
+    "layer": r"\d+",
+    "linear": "1|2",
+    "projection": r"(?:sa|ca)_\w+_proj",
+    "decoder_part": "query_scale|ref_point_head",
+    "head": "class_embed|bbox_embed",
+    "transformer_part": "level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm",
+    "end": r"\.|$",
+}
+_COMMON_NAMES = [
+    ("model.backbone.conv_encoder.model.", OFFICIAL_BACKBONE_PREFIX),
+    ("model.input_projection.", "input_proj."),
+    ("model.query_position_embeddings.", "query_embed."),
+    ("model.{side}coder.layers.{layer}.self_attn.out_proj.", "transformer.{side}coder.layers.{layer}.self_attn.out_proj."),
+    ("model.{side}coder.layers.{layer}.fc{linear}.", "transformer.{side}coder.layers.{layer}.linear{linear}."),
+    ("model.encoder.layers.{layer}.self_attn_layer_norm.", "transformer.encoder.layers.{layer}.norm1."),
+    ("model.encoder.layers.{layer}.final_layer_norm.", "transformer.encoder.layers.{layer}.norm2."),
+    ("model.decoder.layers.{layer}.self_attn_layer_norm.", "transformer.decoder.layers.{layer}.norm1."),
+    ("model.decoder.layers.{layer}.encoder_attn_layer_norm.", "transformer.decoder.layers.{layer}.norm2."),
+    ("model.decoder.layers.{layer}.final_layer_norm.", "transformer.decoder.layers.{layer}.norm3."),
+    ("model.decoder.layernorm.", "transformer.decoder.norm."),
+    ("class_labels_classifier.", "class_embed."),
+    ("bbox_predictor.", "bbox_embed."),
 ]
 # Conditional DETR's decoder: its attention's projections one by one
-_CONDITIONAL_DETR_RENAMES = [
-    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.out_proj\.", r"transformer.decoder.layers.\1.cross_attn.out_proj."),
-    (r"^model\.decoder\.layers\.(\d+)\.((sa|ca)_\w+_proj)\.", r"transformer.decoder.layers.\1.\2."),
-    (r"^model\.decoder\.(query_scale|ref_point_head)\.", r"transformer.decoder.\1."),
-] + _COMMON_RENAMES
+_CONDITIONAL_DETR_NAMES = [
+    ("model.decoder.layers.{layer}.encoder_attn.out_proj.", "transformer.decoder.layers.{layer}.cross_attn.out_proj."),
+    ("model.decoder.layers.{layer}.{projection}.", "transformer.decoder.layers.{layer}.{projection}."),
+    ("model.decoder.{decoder_part}.", "transformer.decoder.{decoder_part}."),
+] + _COMMON_NAMES
 # DETR's decoder: torch's multi-head attention for the cross-attention too
-_DETR_RENAMES = [
-    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.out_proj\.", r"transformer.decoder.layers.\1.multihead_attn.out_proj."),
-] + _COMMON_RENAMES
+_DETR_NAMES = [
+    ("model.decoder.layers.{layer}.encoder_attn.out_proj.", "transformer.decoder.layers.{layer}.multihead_attn.out_proj."),
+] + _COMMON_NAMES
 # Deformable DETR: deformable attention in the encoder and as the decoder's cross-attention,
 # whose norms are in the official order (cross-attention norm1, self-attention norm2)
-_DEFORMABLE_DETR_RENAMES = [
-    (r"^model\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm2."),
-    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn_layer_norm\.", r"transformer.decoder.layers.\1.norm1."),
-    (r"^model\.decoder\.layers\.(\d+)\.encoder_attn\.", r"transformer.decoder.layers.\1.cross_attn."),
-    (r"^model\.encoder\.layers\.(\d+)\.self_attn\.", r"transformer.encoder.layers.\1.self_attn."),
-    (r"^model\.decoder\.(class_embed|bbox_embed)\.", r"transformer.decoder.\1."),
-    (r"^model\.input_proj\.", "input_proj."),
-    (r"^model\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)(\.|$)", r"transformer.\1\2"),
-    (r"^(class_embed|bbox_embed)\.", r"\1."),
-] + _COMMON_RENAMES
-# and back: the official names -> transformers' on-disk ones (the project's backbone names are
-# made official first)
-_TO_TRANSFORMERS_COMMON = [
-    (r"^backbone\.0\.body\.", "model.backbone.conv_encoder.model."),
-    (r"^query_embed\.", "model.query_position_embeddings."),
-    (r"^transformer\.(en|de)coder\.layers\.(\d+)\.self_attn\.out_proj\.", r"model.\1coder.layers.\2.self_attn.out_proj."),
-    (r"^transformer\.(en|de)coder\.layers\.(\d+)\.linear([12])\.", r"model.\1coder.layers.\2.fc\3."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.norm1\.", r"model.encoder.layers.\1.self_attn_layer_norm."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.norm2\.", r"model.encoder.layers.\1.final_layer_norm."),
-]
-_TO_TRANSFORMERS_SINGLE_LEVEL = [
-    (r"^input_proj\.", "model.input_projection."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm1\.", r"model.decoder.layers.\1.self_attn_layer_norm."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm2\.", r"model.decoder.layers.\1.encoder_attn_layer_norm."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm3\.", r"model.decoder.layers.\1.final_layer_norm."),
-    (r"^transformer\.decoder\.norm\.", "model.decoder.layernorm."),
-    (r"^class_embed\.", "class_labels_classifier."),
-    (r"^bbox_embed\.", "bbox_predictor."),
-] + _TO_TRANSFORMERS_COMMON
-_TO_CONDITIONAL_DETR = [
-    (r"^transformer\.decoder\.layers\.(\d+)\.cross_attn\.out_proj\.", r"model.decoder.layers.\1.encoder_attn.out_proj."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.((sa|ca)_\w+_proj)\.", r"model.decoder.layers.\1.\2."),
-    (r"^transformer\.decoder\.(query_scale|ref_point_head)\.", r"model.decoder.\1."),
-] + _TO_TRANSFORMERS_SINGLE_LEVEL
-_TO_DETR = [
-    (r"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.out_proj\.", r"model.decoder.layers.\1.encoder_attn.out_proj."),
-] + _TO_TRANSFORMERS_SINGLE_LEVEL
-_TO_DEFORMABLE_DETR = [
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm2\.", r"model.decoder.layers.\1.self_attn_layer_norm."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm1\.", r"model.decoder.layers.\1.encoder_attn_layer_norm."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norm3\.", r"model.decoder.layers.\1.final_layer_norm."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.cross_attn\.", r"model.decoder.layers.\1.encoder_attn."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.self_attn\.", r"model.encoder.layers.\1.self_attn."),
-    (r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"model.decoder.\1."),
-    (r"^input_proj\.", "model.input_proj."),
-    (r"^transformer\.(level_embed|reference_points|enc_output|enc_output_norm|pos_trans|pos_trans_norm)(\.|$)", r"model.\1\2"),
-    (r"^(class_embed|bbox_embed)\.", r"\1."),
-] + _TO_TRANSFORMERS_COMMON
+_DEFORMABLE_DETR_NAMES = [
+    ("model.decoder.layers.{layer}.self_attn_layer_norm.", "transformer.decoder.layers.{layer}.norm2."),
+    ("model.decoder.layers.{layer}.encoder_attn_layer_norm.", "transformer.decoder.layers.{layer}.norm1."),
+    ("model.decoder.layers.{layer}.encoder_attn.", "transformer.decoder.layers.{layer}.cross_attn."),
+    ("model.encoder.layers.{layer}.self_attn.", "transformer.encoder.layers.{layer}.self_attn."),
+    ("model.decoder.{head}.", "transformer.decoder.{head}."),
+    ("model.input_proj.", "input_proj."),
+    ("model.{transformer_part}{end}", "transformer.{transformer_part}{end}"),
+    ("{head}.", "{head}."),
+] + _COMMON_NAMES
 _IN_PROJ = re.compile(r"^transformer\.(en|de)coder\.layers\.(\d+)\.(self_attn|multihead_attn)\.in_proj_(weight|bias)$")
 _UNPACKED = {"self_attn": "self_attn", "multihead_attn": "encoder_attn"}
 
@@ -195,9 +168,10 @@ class HuggingFaceFormat(ForeignFormat):
     repository = "huggingface/transformers"
     source = "transformers"
 
-    def __init__(self, name, architecture, markers, renames, to_transformers, model_type, complete=None):
+    def __init__(self, name, architecture, markers, names, model_type, complete=None):
+        renames, self._to_transformers = template_renames(names, _FIELDS)
         super().__init__(name, architecture, markers, renames)
-        self._to_transformers, self._complete = to_transformers, complete
+        self._complete = complete
         self.model_type = model_type  # config.json's, and its model class's name
         self.model_class = architecture.replace("DETR", "Detr") + "ForObjectDetection"
 
@@ -249,17 +223,17 @@ class HuggingFaceFormat(ForeignFormat):
 
 CONDITIONAL_DETR = HuggingFaceFormat(
     "hf_conditional_detr", "ConditionalDETR",
-    ("model.decoder.layers.0.ca_qpos_sine_proj.weight", "class_labels_classifier.weight"), _CONDITIONAL_DETR_RENAMES,
-    _TO_CONDITIONAL_DETR, "conditional_detr",
+    ("model.decoder.layers.0.ca_qpos_sine_proj.weight", "class_labels_classifier.weight"), _CONDITIONAL_DETR_NAMES,
+    "conditional_detr",
 )
 DETR = HuggingFaceFormat(
-    "hf_detr", "DETR", ("model.decoder.layers.0.encoder_attn.q_proj.weight", "class_labels_classifier.weight"), _DETR_RENAMES,
-    _TO_DETR, "detr",
+    "hf_detr", "DETR", ("model.decoder.layers.0.encoder_attn.q_proj.weight", "class_labels_classifier.weight"), _DETR_NAMES,
+    "detr",
 )
 DEFORMABLE_DETR = HuggingFaceFormat(
     "hf_deformable_detr", "DeformableDETR",
-    ("model.decoder.layers.0.encoder_attn.sampling_offsets.weight", "model.level_embed"), _DEFORMABLE_DETR_RENAMES,
-    _TO_DEFORMABLE_DETR, "deformable_detr", _complete_deformable_detr,
+    ("model.decoder.layers.0.encoder_attn.sampling_offsets.weight", "model.level_embed"), _DEFORMABLE_DETR_NAMES,
+    "deformable_detr", _complete_deformable_detr,
 )
 FORMATS = (CONDITIONAL_DETR, DETR, DEFORMABLE_DETR)
 

@@ -140,26 +140,29 @@ def check_num_classes(cfg, dataset_names):
             )
 
 
-def check_instance_masks(cfg, dataset_names):
+def check_instance_masks(cfg, records):
     """
-    With MODEL.MASK_ON, stop before training when a dataset's annotations carry no masks
-    ("segmentation"), or RLE masks that INPUT.MASK_FORMAT "polygon" cannot take. Reads the
-    datasets' records (the loader reads them again: a mask model's run can afford it).
+    With MODEL.MASK_ON, stop before training when the training records' annotations carry no
+    masks ("segmentation"), or RLE masks that INPUT.MASK_FORMAT "polygon" cannot take.
+    `records`: the dataset dicts the train loader reads (read once, for both).
     """
     if not cfg.MODEL.MASK_ON:
         return
-    for name in dataset_names:
-        annotations = [a for record in DatasetCatalog.get(name) for a in record.get("annotations", ())]
-        without = sum("segmentation" not in a for a in annotations)
-        if without:
-            raise ValueError(
-                f"MODEL.MASK_ON, but {without} of the {len(annotations)} annotations of dataset {name!r} carry no "
-                "mask ('segmentation'): train the mask head on a dataset with instance masks, or set MODEL.MASK_ON False"
-            )
-        if cfg.INPUT.MASK_FORMAT == "polygon" and any(isinstance(a["segmentation"], dict) for a in annotations):
-            raise ValueError(
-                f"dataset {name!r} has RLE masks, which INPUT.MASK_FORMAT 'polygon' cannot take: set INPUT.MASK_FORMAT bitmask"
-            )
+    datasets = ", ".join(repr(name) for name in cfg.DATASETS.TRAIN)
+    annotated = [(record, a) for record in records for a in record.get("annotations", ())]
+    without = [record for record, a in annotated if "segmentation" not in a]
+    if without:
+        raise ValueError(
+            f"MODEL.MASK_ON, but {len(without)} of the {len(annotated)} annotations of DATASETS.TRAIN ({datasets}) "
+            f"carry no mask ('segmentation'), the first of image {without[0].get('file_name', '?')!r}: train the "
+            "mask head on a dataset with instance masks, or set MODEL.MASK_ON False"
+        )
+    rle = next((record for record, a in annotated if isinstance(a["segmentation"], dict)), None)
+    if cfg.INPUT.MASK_FORMAT == "polygon" and rle is not None:
+        raise ValueError(
+            f"DATASETS.TRAIN ({datasets}) has RLE masks (image {rle.get('file_name', '?')!r}), which "
+            "INPUT.MASK_FORMAT 'polygon' cannot take: set INPUT.MASK_FORMAT bitmask"
+        )
 
 
 def thing_classes(cfg):

@@ -5,9 +5,11 @@ with their bias, ReLU and residual additions). The same outputs; on a 2-core AMD
 Conditional DETR R50 inference at 800x1216 takes 11% less time (8% with torch held at AVX2;
 docs/speed.md), after about 4 s of compilation for each new input size, so it pays where the
 sizes repeat (a deployment, a benchmark), not on COCO's varied ones. Training, and inference
-with autograd on, run the backbone eagerly.
+with autograd on, run the backbone eagerly. The compiled code holds its own prepacked weights
+beside the module's; no other copy is made.
 """
 import copy
+import itertools
 
 import torch
 import torch._inductor.config as inductor_config
@@ -18,24 +20,28 @@ __all__ = ["FrozenWeightsCompiler"]
 class FrozenWeightsCompiler:
     """
     Runs a module eagerly, or, in inference (eval mode, autograd off, not inside a trace or
-    another compilation), compiled with frozen weights: a copy of the module at its first
-    inference, compiled. `forget` drops the copy, and the detector calls it whenever its
-    weights may change (a switch to training, a state dict loaded, a move to another device
-    or dtype); the next inference copies and compiles the new weights.
+    another compilation), compiled with frozen weights. Compiled code freezes the weights it
+    saw, so it is compiled again whenever they may have changed: a weight changed in place
+    (an average of the weights updated between evaluations, a state dict copied in) or
+    replaced (a move to another device or dtype), seen from the weights' version counters,
+    and whenever the detector calls `forget` (a switch to training, a state dict loaded).
     """
 
     def __init__(self):
         self.compiled = None
+        self.weight_versions = None
 
     def __call__(self, module, *args):
         inference = not module.training and not torch.is_grad_enabled()
         if not inference or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return module(*args)
-        if self.compiled is None:
-            # a snapshot of the weights: compiled code is cached by the module's parameter
-            # objects, and weights changed in place would reuse code frozen on the old values.
+        versions = weight_versions(module)
+        if self.compiled is None or versions != self.weight_versions:
+            # compiled code is cached by the module's and its weights' objects: new objects for
+            # each compilation, so that changed weights never reuse code frozen on old values.
             # Static shapes: frozen convolutions are prepacked for one input size.
-            self.compiled = torch.compile(copy.deepcopy(module), dynamic=False)
+            self.compiled = torch.compile(alias(module), dynamic=False)
+            self.weight_versions = versions
         with inductor_config.patch(freezing=True):
             return self.compiled(*args)
 
@@ -46,4 +52,22 @@ class FrozenWeightsCompiler:
         return FrozenWeightsCompiler()  # a copy's weights are its own
 
     def __getstate__(self):
-        return {"compiled": None}
+        return {"compiled": None, "weight_versions": None}
+
+
+def weights(module):
+    return itertools.chain(module.parameters(), module.buffers())
+
+
+def weight_versions(module):
+    """Which tensors the weights are and how often each was changed in place."""
+    return tuple((id(t), t._version) for t in weights(module))
+
+
+def alias(module):
+    """A copy of `module` whose parameters and buffers are new tensor objects over the same
+    memory (no second copy of the weights)."""
+    memo = {}
+    for t in weights(module):
+        memo[id(t)] = torch.nn.Parameter(t.detach(), requires_grad=False) if isinstance(t, torch.nn.Parameter) else t.detach()
+    return copy.deepcopy(module, memo)

@@ -13,8 +13,15 @@ from conditional_detr import add_conditional_detr_config
 
 from .paths import REFERENCE_DIR, SCRIPTS
 
-sys.path.insert(0, SCRIPTS)
-import make_reference_fixtures  # noqa: E402  (a script beside the package)
+
+def fixture_script():
+    """scripts/make_reference_fixtures.py as a module (a script beside the package, imported
+    only when asked for: its folder goes on the import path then)."""
+    if SCRIPTS not in sys.path:
+        sys.path.insert(0, SCRIPTS)
+    import make_reference_fixtures
+
+    return make_reference_fixtures
 
 
 def reference_file(name):
@@ -24,7 +31,7 @@ def reference_file(name):
     """
     path = Path(REFERENCE_DIR) / name
     if not path.exists():
-        flag, repository = make_reference_fixtures.writer_of(name)
+        flag, repository = fixture_script().writer_of(name)
         pytest.skip(
             f"official reference output {name} not found in {REFERENCE_DIR}: write it with "
             f"`python scripts/make_reference_fixtures.py --{flag} <checkout of {repository}> --output DIR` "
