@@ -1,7 +1,7 @@
 """
 MODEL.BACKBONE.COMPILE_FOR_INFERENCE: inference through the backbone compiled with frozen
-weights gives the eager outputs, follows new weights (loaded or changed in place) without a
-second copy of them, and training stays eager.
+weights gives the eager outputs, follows new weights (loaded or changed in place, however
+often), and training stays eager.
 """
 import copy
 
@@ -39,9 +39,6 @@ def test_compiled_inference_gives_the_eager_detections_and_follows_new_weights(c
     inputs = [{"image": torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)}]
     assert_same(detect(compiled, inputs), detect(eager, inputs))
     assert compiled.backbone_compiler.compiled is not None
-    # the compiled module reads the model's own weights: no second copy of them
-    compiled_weights = compiled.backbone_compiler.compiled._orig_mod.state_dict()
-    assert all(v.data_ptr() == compiled_weights[k].data_ptr() for k, v in compiled.backbone.state_dict().items())
 
     # weights changed in place, as an average of the weights is between evaluations: followed
     with torch.no_grad():
@@ -72,3 +69,17 @@ def test_training_and_inference_with_autograd_run_the_backbone_eagerly():
     assert model.backbone_compiler.compiled is None
     # a copy (the benchmark's training models) compiles its own weights
     assert copy.deepcopy(model).backbone_compiler is not model.backbone_compiler
+
+
+def test_weights_changed_more_often_than_torch_compile_keeps_code_for_are_still_compiled():
+    from torch._dynamo.utils import counters
+
+    model = build(INSTANT_CONFIG, True)
+    inputs = [{"image": torch.randint(0, 256, (3, 64, 80), dtype=torch.uint8)}]
+    limit = torch._dynamo.config.recompile_limit  # code kept per code object, then eager
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(limit + 1):
+        with torch.no_grad():
+            next(model.backbone.parameters()).mul_(0.99)
+        detect(model, inputs)
+    assert counters["stats"]["unique_graphs"] - graphs == limit + 1

@@ -8,7 +8,6 @@ sizes repeat (a deployment, a benchmark), not on COCO's varied ones. Training, a
 with autograd on, run the backbone eagerly. The compiled code holds its own prepacked weights
 beside the module's; no other copy is made.
 """
-import copy
 import itertools
 
 import torch
@@ -37,10 +36,8 @@ class FrozenWeightsCompiler:
             return module(*args)
         versions = weight_versions(module)
         if self.compiled is None or versions != self.weight_versions:
-            # compiled code is cached by the module's and its weights' objects: new objects for
-            # each compilation, so that changed weights never reuse code frozen on old values.
             # Static shapes: frozen convolutions are prepacked for one input size.
-            self.compiled = torch.compile(alias(module), dynamic=False)
+            self.compiled = torch.compile(fresh_caller(module), dynamic=False)
             self.weight_versions = versions
         with inductor_config.patch(freezing=True):
             return self.compiled(*args)
@@ -55,6 +52,21 @@ class FrozenWeightsCompiler:
         return {"compiled": None, "weight_versions": None}
 
 
+def fresh_caller(module):
+    """
+    A function calling `module`, with a code object of its own. torch.compile keeps what it
+    compiled per code object (up to 8 versions, then runs eagerly): compiling a new function
+    each time the weights change starts from an empty cache, so that code frozen on the old
+    weights is never reused, and goes when its function goes.
+    """
+
+    def call(*args):
+        return module(*args)
+
+    call.__code__ = call.__code__.replace()
+    return call
+
+
 def weights(module):
     return itertools.chain(module.parameters(), module.buffers())
 
@@ -62,12 +74,3 @@ def weights(module):
 def weight_versions(module):
     """Which tensors the weights are and how often each was changed in place."""
     return tuple((id(t), t._version) for t in weights(module))
-
-
-def alias(module):
-    """A copy of `module` whose parameters and buffers are new tensor objects over the same
-    memory (no second copy of the weights)."""
-    memo = {}
-    for t in weights(module):
-        memo[id(t)] = torch.nn.Parameter(t.detach(), requires_grad=False) if isinstance(t, torch.nn.Parameter) else t.detach()
-    return copy.deepcopy(module, memo)
