@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.slow
 def test_tiny_case_times_both_implementations_and_writes_json(tmp_path):
     path = tmp_path / "model.json"
-    results = benchmark_model.main([
+    results, = benchmark_model.main([
         "--config-file", INSTANT_CONFIG, "--device", "cpu", "--dtype", "fp32", "bf16", "--quick",
         "--repeats", "1", "--inference-size", "64", "96", "--inference-batch", "2",
         "--train-size", "64", "80", "--json", str(path),
@@ -61,7 +61,7 @@ def test_a_mask_head_is_measured_against_the_official_detr(tmp_path):
 
 @pytest.mark.slow
 def test_a_panoptic_model_keeps_the_asked_segments_and_trains_its_mask_head_alone(tmp_path):
-    results = benchmark_model.main([
+    results, = benchmark_model.main([
         "--config-file", INSTANT_CONFIG, "--device", "cpu", "--quick", "--repeats", "1", "--inference-batch", "1",
         "--inference-size", "64", "96", "--train-size", "64", "80", "--panoptic-segments", "5", *MASK_OPTS,
     ])
@@ -89,16 +89,22 @@ class StandInOfficial:
 
 
 @pytest.mark.slow
-def test_official_path_times_it_and_compares_detections(tmp_path, monkeypatch):
+def test_official_path_times_it_and_compares_detections_in_each_run(tmp_path, monkeypatch, capsys):
     checkout = tmp_path / "official"
     (checkout / "models").mkdir(parents=True)
     (checkout / "models" / "conditional_detr.py").write_text("")
     monkeypatch.setattr(benchmark_model, "OfficialModel", StandInOfficial)
     monkeypatch.setattr(benchmark_model, "our_state_dict_from_official", lambda model: model.state_dict())
-    results = benchmark_model.main([
-        "--config-file", INSTANT_CONFIG, "--device", "cpu", "--quick", "--repeats", "2",
-        "--inference-size", "64", "96", "--train-size", "64", "80", "--official", str(checkout),
+    path = tmp_path / "runs.json"
+    runs = benchmark_model.main([
+        "--config-file", INSTANT_CONFIG, "--device", "cpu", "--quick", "--repeats", "2", "--runs", "2",
+        "--inference-size", "64", "96", "--train-size", "64", "80", "--official", str(checkout), "--json", str(path),
     ])
+    assert len(runs) == 2 and json.loads(path.read_text())["runs"] == json.loads(json.dumps(runs))
+    # every run's speedups side by side, one line per task and implementation
+    summary = capsys.readouterr().out.split("vs official in each of 2 runs:")[1].strip().splitlines()
+    assert len(summary) == 3 * 3 and all(line.count("x (") == 2 for line in summary)
+    results = runs[1]
     assert results[0]["task"] == "official_detections"
     assert all(v < 1e-5 for v in results[0]["max_score_difference"].values())
     for row in results[1:]:

@@ -16,10 +16,12 @@ one more), and a training step of the mask head with the detector frozen
 (MODEL.DETR.TRAIN_MASK_HEAD_ONLY; the official --frozen_weights), each training image
 with a box-shaped mask per object.
 Every repeat runs the implementations in turn and the median is kept, so that a change of
-load weighs on all of them alike. Prints a table and writes JSON.
+load weighs on all of them alike. Prints a table and writes JSON. `--runs N` runs the whole
+benchmark N times, one after another, prints each run's speedups side by side and keeps
+every run in the JSON ("runs"): a goal holds only where it holds in every run.
 
     python -m conditional_detr.tools.benchmark_model [--config-file F] [--device cpu|cuda]
-        [--dtype fp32 bf16] [--official PATH] [--json PATH] [--quick] [KEY VALUE ...]
+        [--dtype fp32 bf16] [--official PATH] [--runs N] [--json PATH] [--quick] [KEY VALUE ...]
 
 Inference runs at --inference-size (default 800x1216), pre- and post-processing included;
 training at --train-size (default 512x683) with --train-batch images (default 2), each
@@ -71,14 +73,16 @@ def parse_args(argv=None):
                         help="MODEL.MASK_ON: the queries the panoptic post-processing keeps (default 20)")
     parser.add_argument("--repeats", type=int, default=None, help="default 5 (CPU) or 20 (CUDA)")
     parser.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
+    parser.add_argument("--runs", type=int, default=1, help="the whole benchmark this many times (default 1)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("opts", default=[], nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     for name in ("inference_size", "train_size"):
         if min(getattr(args, name)) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.train_batch <= 0:
-        parser.error(f"--train-batch must be positive, got {args.train_batch}")
+    for name in ("train_batch", "runs"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     args.cfg = get_config(args.config_file, args.opts)
     if args.official:
         check_official_checkout(parser, args.official, args.cfg)
@@ -464,19 +468,41 @@ def print_table(results, header):
             )
 
 
+def print_runs(runs):
+    """Each timed row's speedups over the official model, run by run (lowest-highest round)."""
+    print(f"\nvs official in each of {len(runs)} runs:")
+    for rows in zip(*runs):
+        if "speedup_vs_official" not in rows[0]:
+            continue
+        row = rows[0]
+        for name in row["speedup_vs_official"]:
+            each = " / ".join(
+                f"{r['speedup_vs_official'][name]:.2f}x ({r['speedup_vs_official_range'][name][0]:.2f}-"
+                f"{r['speedup_vs_official_range'][name][1]:.2f})" for r in rows
+            )
+            print(f"{row['task']:<10} {row['dtype']:<5} {row['batch']:>5}  {name:<10} {each}")
+
+
 def main(argv=None):
+    """Returns each run's results (one list of rows per run)."""
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
-    results = benchmark(args)
     header = machine_header(args.device, config_file=os.path.relpath(args.config_file, _REPO),
                             official=bool(args.official), repeats=args.repeats)
-    print_table(results, header)
+    runs = []
+    for run in range(args.runs):
+        if args.runs > 1:
+            print(f"\nrun {run + 1} of {args.runs}")
+        runs.append(benchmark(args))
+        print_table(runs[-1], header)
+    if args.runs > 1:
+        print_runs(runs)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({**header, "results": results}, f, indent=2)
-    return results
+            json.dump({**header, **({"results": runs[0]} if args.runs == 1 else {"runs": runs})}, f, indent=2)
+    return runs
 
 
 if __name__ == "__main__":
