@@ -49,9 +49,14 @@ SCRIPT = textwrap.dedent(
     inputs = torch.load(sys.argv[1])
     results = {}
     attention_inputs = [t.requires_grad_() for t in inputs["attention"]]
-    out = ops.conditional_cross_attention(*attention_inputs, inputs["attention_mask"], 4, impl="compiled")
-    out.square().sum().backward()
-    results["attention"] = [out.detach(), *(t.grad for t in attention_inputs)]
+    for dropout_p in (0.0, 0.1):  # the attention weights' dropout: the hash's mask at every level
+        rng_state = torch.tensor([99])
+        out, _ = torch.ops.conditional_detr.conditional_cross_attention(
+            *attention_inputs, inputs["attention_mask"], 4, dropout_p, rng_state)
+        out.square().sum().backward()
+        results[f"attention_dropout_{dropout_p}"] = [out.detach(), *(t.grad for t in attention_inputs)]
+        for t in attention_inputs:
+            t.grad = None
 
     value, locations, weights = [t.requires_grad_() for t in inputs["deformable"]]
     shapes = torch.tensor([[40, 60], [20, 30]])
@@ -97,7 +102,7 @@ def test_the_level_follows_torch_and_every_level_agrees(tmp_path):
         outputs = runs[capability][1]
         for name, tensors in baseline.items():
             for i, (expected, actual) in enumerate(zip(tensors, outputs[name])):
-                if name.startswith("dropout"):  # the mask is the hash's, the same at every level
+                if name.startswith("dropout_"):  # the mask is the hash's, the same at every level
                     assert torch.equal(actual, expected), (capability, name)
                 else:
                     error = (actual - expected).abs().max() / expected.abs().max()

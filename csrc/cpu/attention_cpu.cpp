@@ -36,12 +36,12 @@ constexpr int64_t kKeyBlock = 256;
 // broadcast fill AVX2's 16 registers).
 constexpr int kRows = 6;
 
-template <typename T, int kBlockRows, int kVecs>
+template <typename T, int kBlockRows, int kVecs, int kBytes>
 CDETR_ALWAYS_INLINE void gemm_block(int64_t m0, int64_t n0, int64_t depth, T alpha, const T* a,
                                     int64_t lda, const T* b, int64_t ldb, T beta, T* c,
                                     int64_t ldc) {
-  using V = typename Vec32<T>::type;
-  constexpr int kLanes = Vec32<T>::kLanes;
+  using V = typename Vec<T, kBytes>::type;
+  constexpr int kLanes = Vec<T, kBytes>::kLanes;
   V acc[kBlockRows][kVecs];
 #pragma GCC unroll 8
   for (int r = 0; r < kBlockRows; ++r) {
@@ -89,25 +89,25 @@ CDETR_ALWAYS_INLINE void gemm_edge(int64_t m0, int64_t m1, int64_t n0, int64_t n
   }
 }
 
-template <typename T>
+template <typename T, int kBytes>
 CDETR_ALWAYS_INLINE void gemm_body(int64_t m, int64_t n, int64_t depth, T alpha, const T* a,
                                    int64_t lda, const T* b, int64_t ldb, T beta, T* c,
                                    int64_t ldc) {
-  constexpr int kLanes = Vec32<T>::kLanes;
+  constexpr int kLanes = Vec<T, kBytes>::kLanes;
   int64_t n0 = 0;
   for (; n0 + 2 * kLanes <= n; n0 += 2 * kLanes) {
     int64_t m0 = 0;
     for (; m0 + kRows <= m; m0 += kRows) {
-      gemm_block<T, kRows, 2>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+      gemm_block<T, kRows, 2, kBytes>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
     }
-    for (; m0 < m; ++m0) gemm_block<T, 1, 2>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+    for (; m0 < m; ++m0) gemm_block<T, 1, 2, kBytes>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
   }
   for (; n0 + kLanes <= n; n0 += kLanes) {
     int64_t m0 = 0;
     for (; m0 + kRows <= m; m0 += kRows) {
-      gemm_block<T, kRows, 1>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+      gemm_block<T, kRows, 1, kBytes>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
     }
-    for (; m0 < m; ++m0) gemm_block<T, 1, 1>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+    for (; m0 < m; ++m0) gemm_block<T, 1, 1, kBytes>(m0, n0, depth, alpha, a, lda, b, ldb, beta, c, ldc);
   }
   gemm_edge<T>(0, m, n0, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -118,14 +118,16 @@ CDETR_ALWAYS_INLINE void gemm_body(int64_t m, int64_t n, int64_t depth, T alpha,
 // threaded BLAS from inside at::parallel_for lets its thread pool fight ours. There is no
 // transposed-A variant on purpose: GCC 12's loop vectorizer turns the column reads of such a
 // loop into loads that run past the end of A.
-CDETR_VECTOR_LEVELS(void, gemm_tile, gemm_body<float>,
-                    (int64_t m, int64_t n, int64_t depth, float alpha, const float* a, int64_t lda,
-                     const float* b, int64_t ldb, float beta, float* c, int64_t ldc),
-                    (m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc))
+// Baseline x86-64 gets 16-byte vectors: with 32-byte ones GCC builds each broadcast of A in
+// memory, half a vector at a time, and the loads that follow stall (ten times slower).
+CDETR_LEVEL_DISPATCH(, void, gemm_tile, (gemm_body<float, 32>), (gemm_body<float, 16>),
+                     (int64_t m, int64_t n, int64_t depth, float alpha, const float* a, int64_t lda,
+                      const float* b, int64_t ldb, float beta, float* c, int64_t ldc),
+                     (m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc))
 
 void gemm_tile(int64_t m, int64_t n, int64_t depth, double alpha, const double* a, int64_t lda,
                const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  gemm_body<double>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_body<double, 32>(m, n, depth, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // dst[c][r] = src[r][c] for a rows x cols tile.
@@ -249,14 +251,21 @@ CDETR_VECTOR_LEVELS(void, softmax_grad, softmax_grad<float>,
 // Multiplies row[j] by keep_scale or 0 according to the dropout hash of element
 // first + j * stride (stride K walks a query column of the [queries, keys] matrix).
 template <typename acc_t>
-void apply_dropout(acc_t* row, int64_t n, const DropoutParams& dropout, uint64_t first,
-                   uint64_t stride = 1) {
+CDETR_ALWAYS_INLINE void apply_dropout(acc_t* row, int64_t n, const DropoutParams& dropout,
+                                       uint64_t first, uint64_t stride = 1) {
   const acc_t keep_scale = static_cast<acc_t>(dropout.keep_scale);
   for (int64_t j = 0; j < n; ++j) {
     const bool keep = dropout_hash(dropout.seed, first + j * stride) >= dropout.threshold;
     row[j] = keep ? row[j] * keep_scale : acc_t(0);
   }
 }
+
+// The hash's 64-bit multiplies vectorize with AVX-512 (the x86-64-v4 build is several times
+// faster than the baseline loop).
+CDETR_VECTOR_LEVELS(void, apply_dropout, apply_dropout<float>,
+                    (float* row, int64_t n, const DropoutParams& dropout, uint64_t first,
+                     uint64_t stride = 1),
+                    (row, n, dropout, first, stride))
 
 struct Inputs {
   at::Tensor q_content, q_spatial, k_content, k_spatial, value;

@@ -33,40 +33,52 @@ const char* vector_level_name(VectorLevel level);
 #endif
 
 #if CDETR_LEVEL_BUILDS
-#define CDETR_LEVEL_BUILD(ret, name, level, body, params, args) \
-  __attribute__((target("arch=" level))) ret name params { return body args; }
+#define CDETR_LEVEL_BUILD(prefix, ret, name, level, body, params, args) \
+  prefix __attribute__((target("arch=" level))) ret name params { return body args; }
 
-// Defines `ret name params` running `body args` built for AVX-512 (x86-64-v4), for AVX2
-// (x86-64-v3) and for baseline x86-64, choosing by vector_level() at each call (a predictable
-// branch; the loops inside run for hundreds of cycles). body is an always-inline function: the
-// compiler inlines it into each build and vectorizes it for that build's instructions.
-#define CDETR_VECTOR_LEVELS(ret, name, body, params, args)                 \
-  CDETR_LEVEL_BUILD(ret, name##_x86_64_v4, "x86-64-v4", body, params, args) \
-  CDETR_LEVEL_BUILD(ret, name##_x86_64_v3, "x86-64-v3", body, params, args) \
-  ret name params {                                                        \
-    switch (::conditional_detr::vector_level()) {                          \
-      case ::conditional_detr::VectorLevel::kX86_64_V4:                    \
-        return name##_x86_64_v4 args;                                      \
-      case ::conditional_detr::VectorLevel::kX86_64_V3:                    \
-        return name##_x86_64_v3 args;                                      \
-      default:                                                             \
-        return body args;                                                  \
-    }                                                                      \
+// Defines `ret name params` running `body args` built for AVX-512 (x86-64-v4) and for AVX2
+// (x86-64-v3), and `baseline_body args` for baseline x86-64, choosing by vector_level() at each
+// call (a predictable branch; the loops inside run for hundreds of cycles). The bodies are
+// always-inline functions: the compiler inlines each into its build and vectorizes it for that
+// build's instructions. prefix is empty or a template head, such as
+// `template <typename scalar_t>`, whose parameters the arguments deduce.
+#define CDETR_LEVEL_DISPATCH(prefix, ret, name, body, baseline_body, params, args)  \
+  CDETR_LEVEL_BUILD(prefix, ret, name##_x86_64_v4, "x86-64-v4", body, params, args) \
+  CDETR_LEVEL_BUILD(prefix, ret, name##_x86_64_v3, "x86-64-v3", body, params, args) \
+  prefix ret name params {                                                         \
+    switch (::conditional_detr::vector_level()) {                                  \
+      case ::conditional_detr::VectorLevel::kX86_64_V4:                            \
+        return name##_x86_64_v4 args;                                              \
+      case ::conditional_detr::VectorLevel::kX86_64_V3:                            \
+        return name##_x86_64_v3 args;                                              \
+      default:                                                                     \
+        return baseline_body args;                                                 \
+    }                                                                              \
   }
 #else
-#define CDETR_VECTOR_LEVELS(ret, name, body, params, args) \
-  ret name params { return body args; }
+#define CDETR_LEVEL_DISPATCH(prefix, ret, name, body, baseline_body, params, args) \
+  prefix ret name params { return baseline_body args; }
 #endif
+
+// The same body at every level.
+#define CDETR_VECTOR_LEVELS_WITH(prefix, ret, name, body, params, args) \
+  CDETR_LEVEL_DISPATCH(prefix, ret, name, body, body, params, args)
+#define CDETR_VECTOR_LEVELS(ret, name, body, params, args) \
+  CDETR_LEVEL_DISPATCH(, ret, name, body, body, params, args)
 
 namespace conditional_detr {
 
-// 32-byte vectors: native on AVX2, and measured as fast as 64-byte ones on AVX-512 in these
-// load-bound loops.
-template <typename T>
-struct Vec32 {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int kLanes = 32 / sizeof(T);
+// kBytes-byte vectors of T.
+template <typename T, int kBytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(kBytes)));
+  static constexpr int kLanes = kBytes / sizeof(T);
 };
+
+// 32-byte vectors: native on AVX2, and measured as fast as 64-byte ones on AVX-512 in these
+// load-bound loops. Baseline x86-64 computes them as two 16-byte halves.
+template <typename T>
+using Vec32 = Vec<T, 32>;
 
 // Unaligned vector load and store through memory: returning a 32-byte vector by value from a
 // function compiled for baseline x86-64 would change the ABI (and GCC warns).
