@@ -89,22 +89,16 @@ class StandInOfficial:
 
 
 @pytest.mark.slow
-def test_official_path_times_it_and_compares_detections_in_each_run(tmp_path, monkeypatch, capsys):
+def test_official_path_times_it_and_compares_detections(tmp_path, monkeypatch):
     checkout = tmp_path / "official"
     (checkout / "models").mkdir(parents=True)
     (checkout / "models" / "conditional_detr.py").write_text("")
     monkeypatch.setattr(benchmark_model, "OfficialModel", StandInOfficial)
     monkeypatch.setattr(benchmark_model, "our_state_dict_from_official", lambda model: model.state_dict())
-    path = tmp_path / "runs.json"
-    runs = benchmark_model.main([
-        "--config-file", INSTANT_CONFIG, "--device", "cpu", "--quick", "--repeats", "2", "--runs", "2",
-        "--inference-size", "64", "96", "--train-size", "64", "80", "--official", str(checkout), "--json", str(path),
+    results, = benchmark_model.main([
+        "--config-file", INSTANT_CONFIG, "--device", "cpu", "--quick", "--repeats", "2",
+        "--inference-size", "64", "96", "--train-size", "64", "80", "--official", str(checkout),
     ])
-    assert len(runs) == 2 and json.loads(path.read_text())["runs"] == json.loads(json.dumps(runs))
-    # every run's speedups side by side, one line per task and implementation
-    summary = capsys.readouterr().out.split("vs official in each of 2 runs:")[1].strip().splitlines()
-    assert len(summary) == 3 * 3 and all(line.count("x (") == 2 for line in summary)
-    results = runs[1]
     assert results[0]["task"] == "official_detections"
     assert all(v < 1e-5 for v in results[0]["max_score_difference"].values())
     for row in results[1:]:
@@ -115,3 +109,22 @@ def test_official_path_times_it_and_compares_detections_in_each_run(tmp_path, mo
             assert fastest <= row["ms"][name] <= slowest
         for name, (lowest, highest) in row["speedup_vs_official_range"].items():
             assert 0 < lowest <= highest
+
+
+@pytest.mark.slow
+def test_each_run_is_a_process_of_its_own_and_every_run_is_written(tmp_path, capsys):
+    path = tmp_path / "runs.json"
+    runs = benchmark_model.main([
+        "--config-file", INSTANT_CONFIG, "--device", "cpu", "--quick", "--repeats", "1", "--runs", "2",
+        "--inference-size", "64", "96", "--train-size", "64", "80", "--json", str(path),
+        "MODEL.DETR.DEC_LAYERS", "1",  # config overrides come last; the runs get them too
+    ])
+    written = json.loads(path.read_text())
+    assert len(runs) == 2 and written["runs"] == runs and "results" not in written
+    assert all([r["task"] for r in run] == ["inference", "inference", "training"] for run in runs)
+    assert capsys.readouterr().out.count("run 2 of 2") == 1
+
+
+def test_a_run_s_command_keeps_every_option_but_runs_and_json():
+    argv = ["--runs", "3", "--json=out.json", "--official", "x", "--json", "y.json", "MODEL.A", "1"]
+    assert benchmark_model.without_options(argv, {"--runs": 1, "--json": 1}) == ["--official", "x", "MODEL.A", "1"]

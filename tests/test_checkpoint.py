@@ -166,3 +166,21 @@ def test_dict_without_tensors_is_not_a_checkpoint(model, tmp_path):
     torch.save({"model": {"lr": 0.1}}, path)
     with pytest.raises(ValueError, match=r"settings\.pth: not a checkpoint: expected a state dict of tensors"):
         ConditionalDETRCheckpointer(model).load(str(path))
+
+
+def test_key_templates_rename_both_ways_the_first_matching_pair_winning():
+    from conditional_detr.checkpoint.foreign import rename_keys, template_renames
+
+    pairs = [
+        ("model.layers.{layer}.norm_a.", "layers.{layer}.norm2."),  # specific, before the general pair
+        ("model.layers.{layer}.{part}.", "layers.{layer}.{part}."),
+        ("model.{extra}{end}", "{extra}{end}"),
+    ]
+    fields = {"layer": r"\d+", "part": r"\w+", "extra": "scale|bias", "end": r"\.|$"}
+    to_official, to_foreign = template_renames(pairs, fields)
+    foreign = {"model.layers.3.norm_a.weight": 1, "model.layers.10.fc1.bias": 2, "model.scale": 3, "model.bias.x": 4}
+    official = rename_keys(foreign, to_official, "test", "Model")
+    assert official == {"layers.3.norm2.weight": 1, "layers.10.fc1.bias": 2, "scale": 3, "bias.x": 4}
+    assert rename_keys(official, to_foreign, "test", "Model") == foreign
+    with pytest.raises(ValueError, match="'model.other'"):
+        rename_keys({"model.other": 0}, to_official, "test", "Model")

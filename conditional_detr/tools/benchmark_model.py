@@ -18,7 +18,8 @@ with a box-shaped mask per object.
 Every repeat runs the implementations in turn and the median is kept, so that a change of
 load weighs on all of them alike. Prints a table and writes JSON. `--runs N` runs the whole
 benchmark N times, one after another, prints each run's speedups side by side and keeps
-every run in the JSON ("runs"): a goal holds only where it holds in every run.
+every run in the JSON ("runs"), each run in a process of its own: a goal holds only where it
+holds in every run.
 
     python -m conditional_detr.tools.benchmark_model [--config-file F] [--device cpu|cuda]
         [--dtype fp32 bf16] [--official PATH] [--runs N] [--json PATH] [--quick] [KEY VALUE ...]
@@ -34,6 +35,9 @@ import io
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -483,26 +487,59 @@ def print_runs(runs):
             print(f"{row['task']:<10} {row['dtype']:<5} {row['batch']:>5}  {name:<10} {each}")
 
 
+def separate_runs(args, argv):
+    """
+    Each run of `--runs` in a process of its own, as a user's: within one process a run leaves
+    the allocator holding memory that the next run's models reuse, which speeds up the official
+    model's inference more than ours (docs/speed.md#the-allocator), so later runs would not
+    measure what the first does. Returns each run's results.
+    """
+    argv = list(argv)
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        for run in range(args.runs):
+            print(f"\nrun {run + 1} of {args.runs}", flush=True)
+            path = os.path.join(folder, f"run{run}.json")
+            # options before argv: its config overrides, if any, come last
+            command = [sys.executable, "-m", "conditional_detr.tools.benchmark_model", "--runs", "1", "--json", path, *argv]
+            subprocess.run(command, check=True)
+            with open(path) as f:
+                runs.append(json.load(f)["results"])
+    return runs
+
+
 def main(argv=None):
     """Returns each run's results (one list of rows per run)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     header = machine_header(args.device, config_file=os.path.relpath(args.config_file, _REPO),
                             official=bool(args.official), repeats=args.repeats)
-    runs = []
-    for run in range(args.runs):
-        if args.runs > 1:
-            print(f"\nrun {run + 1} of {args.runs}")
-        runs.append(benchmark(args))
-        print_table(runs[-1], header)
-    if args.runs > 1:
+    if args.runs == 1:
+        runs = [benchmark(args)]
+        print_table(runs[0], header)
+    else:
+        runs = separate_runs(args, without_options(argv, {"--runs": 1, "--json": 1}))
         print_runs(runs)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({**header, **({"results": runs[0]} if args.runs == 1 else {"runs": runs})}, f, indent=2)
     return runs
+
+
+def without_options(argv, options):
+    """`argv` without the given options and their values ({option: number of values})."""
+    kept, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+        elif arg in options:
+            skip = options[arg]
+        elif arg.split("=", 1)[0] not in options:
+            kept.append(arg)
+    return kept
 
 
 if __name__ == "__main__":
