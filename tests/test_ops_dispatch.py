@@ -71,3 +71,13 @@ def test_a_head_too_wide_for_the_cuda_kernel_is_refused_by_name(monkeypatch):
     with pytest.raises(RuntimeError, match="conditional_cross_attention.*at most 64 channels per head, got 128"):
         ops.use_compiled("conditional_cross_attention", "compiled", cuda_like, head_dim=128)
     assert not ops.use_compiled("conditional_cross_attention", "auto", cuda_like, head_dim=128)
+
+
+@pytest.mark.skipif(not ops.has_ops_for("cpu"), reason="compiled CPU ops unavailable")
+def test_auto_takes_the_faster_pytorch_attention_where_the_cpu_kernels_run_their_baseline_build(monkeypatch):
+    tensor = torch.zeros(2, 2)
+    assert ops.use_compiled("conditional_cross_attention", "auto", tensor, head_dim=8)
+    monkeypatch.setattr(ops, "cpu_vector_level", lambda: "baseline")  # no AVX2, or torch held there
+    assert not ops.use_compiled("conditional_cross_attention", "auto", tensor, head_dim=8)
+    assert ops.use_compiled("conditional_cross_attention", "compiled", tensor, head_dim=8)
+    assert ops.use_compiled("dropout", "auto", tensor)  # faster than F.dropout at every level

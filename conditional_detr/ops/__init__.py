@@ -42,6 +42,10 @@ def _check_impl(impl):
 
 # the CUDA attention kernels keep a head's channels in registers, up to this many
 _CUDA_MAX_HEAD_DIM = 64
+# ops whose CPU kernels, built for baseline x86-64 (a CPU without AVX2, or torch held there by
+# ATEN_CPU_CAPABILITY), are slower than the PyTorch path (the attention's forward 22 against
+# 13 ms at R50's shapes, docs/ops.md#instruction-set-levels): "auto" takes the PyTorch path there
+_SLOWER_AT_BASELINE = ("conditional_cross_attention",)
 
 
 def use_compiled(op_name, impl, tensor, head_dim=None):
@@ -49,7 +53,8 @@ def use_compiled(op_name, impl, tensor, head_dim=None):
     Whether `op_name` runs compiled on `tensor`'s device and dtype, the one decision of every
     op: "pytorch" never; "compiled" always, or a RuntimeError naming the op and why it cannot;
     "auto" where the extension is built for the device, the op's limits hold (`head_dim`:
-    the attention's channels per head) and its first-use agreement check passed.
+    the attention's channels per head), its CPU kernel is the faster path at the CPU's
+    instruction set level, and its first-use agreement check passed.
     """
     _check_impl(impl)
     if impl == "pytorch":
@@ -59,8 +64,12 @@ def use_compiled(op_name, impl, tensor, head_dim=None):
         if impl == "compiled":
             raise RuntimeError(f"{op_name}(impl='compiled') cannot run on {tensor.device.type}: {reason}")
         return False
+    if impl == "compiled":
+        return True
+    if op_name in _SLOWER_AT_BASELINE and tensor.device.type == "cpu" and cpu_vector_level() == "baseline":
+        return False
     # "auto" runs a compiled op where it has seen it agree with the reference
-    return impl == "compiled" or self_check.trusted(op_name, tensor.device, tensor.dtype)
+    return self_check.trusted(op_name, tensor.device, tensor.dtype)
 
 
 def set_implementation(module, impl):

@@ -5,9 +5,11 @@ autograd formulas, which live in Python as in PyTorch's extension template.
 """
 import torch
 
-__all__ = ["has_ops", "has_ops_for", "unavailable_reason"]
+__all__ = ["cpu_vector_level", "has_ops", "has_ops_for", "unavailable_reason"]
 
 _loaded = False
+# the level of the CPU kernels' vector loops, fixed for the process (None: not built)
+_cpu_vector_level = None
 # device type -> None when the compiled ops run there, else the reason they do not
 _reasons = {"cpu": "the extension has not been loaded yet", "cuda": "the extension has not been loaded yet"}
 
@@ -39,6 +41,8 @@ def _load():
     _register_autograd()
     _reasons["cpu"] = None
     _reasons["cuda"] = _cuda_problem()
+    global _cpu_vector_level
+    _cpu_vector_level = torch.ops.conditional_detr.cpu_vector_level()
 
 
 def _cuda_problem():
@@ -83,7 +87,8 @@ def cpu_vector_level():
     "x86-64-v3" (AVX2) or "baseline", the CPU's highest capped where torch is held lower
     (ATEN_CPU_CAPABILITY); None when the extension is not built.
     """
-    return torch.ops.conditional_detr.cpu_vector_level() if has_ops() else None
+    _load()
+    return _cpu_vector_level
 
 
 def _lse_dtype(dtype):
