@@ -167,6 +167,16 @@ def vector_instructions():
 ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
+def instruction_sets(device):
+    """The instructions the numbers depend on: the CPU's, any cap on torch's and oneDNN's use of
+    them, and the level this project's compiled CPU kernels run at."""
+    return {
+        "vector_instructions": vector_instructions() if device == "cpu" else None,
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
+        "ops_vector_level": ops.cpu_vector_level() if device == "cpu" else None,
+    }
+
+
 def machine_header(device, **fields):
     """
     What the numbers were measured on, printed and written with them: compare a figure with
@@ -175,9 +185,7 @@ def machine_header(device, **fields):
     return {
         "device": processor_name(device),
         "device_type": device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "vector_instructions": vector_instructions() if device == "cpu" else None,
-        "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
-        "ops_vector_level": ops.cpu_vector_level() if device == "cpu" else None,
+        **instruction_sets(device),
         **fields,
     }
 

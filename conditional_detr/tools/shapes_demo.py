@@ -44,7 +44,7 @@ except ImportError as e:
 from .. import data  # noqa: F401 (registers shapes_train / shapes_val)
 from ..data.dataset_mapper import DetrDatasetMapper
 from ..engine import Trainer, get_config
-from .benchmarking import machine_header, processor_name
+from .benchmarking import instruction_sets, processor_name
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(_REPO, "configs", "quick_schedules", "conditional_detr_groups_shapes.yaml")
@@ -230,8 +230,8 @@ def main(argv=None):
         "images_per_batch": cfg.SOLVER.IMS_PER_BATCH,
         "device": cfg.MODEL.DEVICE,
         "processor": processor_name(cfg.MODEL.DEVICE),
-        # what the speed depends on: the CPU's vector instructions, and any cap on torch's use of them
-        **{k: v for k, v in machine_header(cfg.MODEL.DEVICE).items() if k in ("vector_instructions", "isa_limits", "ops_vector_level")},
+        # what the speed depends on: the CPU's vector instructions, and any cap on their use
+        **instruction_sets(cfg.MODEL.DEVICE),
         "training_precision": cfg.SOLVER.AMP.PRECISION if cfg.SOLVER.AMP.ENABLED else "float32",
         "torch_threads": torch.get_num_threads(),
         "config_file": os.path.abspath(args.config_file),
